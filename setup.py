@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ccm-wsgi",
+    version="0.1.0",
+    description="Claude Code Multiplexer: share a Claude subscription with a small team over HTTP",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ccm_wsgi", "ccm_wsgi.*"]),
+    package_data={"ccm_wsgi": ["pricing.json"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "gevent>=24.2",
+        "flask>=3.0",
+        "urllib3>=2.2",
+        "keyring>=25.0",
+        "click>=8.1",
+        "pysocks>=1.7.1",
+        "brotli>=1.1",
+        "zstandard>=0.22",
+    ],
+    extras_require={
+        "gunicorn": ["gunicorn>=23.0"],
+        "test": [
+            "gunicorn>=23.0",
+            "pytest>=8.0",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "anthropic>=0.40",
+            "trustme>=1.1",
+            "ruff>=0.6",
+        ],
+    },
+    entry_points={"console_scripts": ["ccm-wsgi=ccm_wsgi.cli:main"]},
+)
