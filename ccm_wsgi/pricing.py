@@ -1,0 +1,164 @@
+"""USD cost of a usage bucket: sing-box's price table plus the config's own prices.
+
+The table (reference §8.8) ships as package data (`pricing.json`) so a price change is a data edit,
+not a code change. Config `pricing` entries are tried before it, so they override or extend it.
+Claude Code keeps moving to models newer than any table (claude-opus-5-5, ...): instead of
+sing-box's blanket "Sonnet 4" fallback, a model whose name says opus/sonnet/haiku is priced at the
+newest known price of that family, and each such guess is logged once per model so the operator
+knows to add a config price. Anything else still falls back to Sonnet 4 standard, as sing-box does.
+
+Arithmetic is exact (Decimal) and rounding is Go's `math.Round(x*100)/100` on the decimal value
+(half away from zero), so `0.125` becomes `0.13` and float noise never flips a cent (§8.7).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, replace
+from decimal import ROUND_HALF_UP, Decimal
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Price
+
+LONG_CONTEXT = 1_000_000
+_MILLION = Decimal(1_000_000)
+_CENT = Decimal("0.01")
+_FAMILIES = ("opus", "sonnet", "haiku")
+_RATE_KEYS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """USD per million tokens."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal
+    cache_write_5m: Decimal
+    cache_write_1h: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    name: str
+    regex: re.Pattern[str]
+    standard: Rates
+    premium: Rates | None  # for a context window of 1M or more
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    rows: tuple[Row, ...]
+    fallback: Row
+    families: dict[str, Row]
+
+
+def _dec(value: Any) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise TypeError(f"price must be a number, not {value!r}")
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+
+
+def _rates(source: Any) -> Rates:
+    """Rates from a pricing.json mapping or from anything with the config `Price` attributes."""
+    get = source.get if isinstance(source, dict) else functools.partial(getattr, source)
+    return Rates(*(_dec(get(key)) for key in _RATE_KEYS))
+
+
+@functools.cache
+def _table() -> _Table:
+    doc = json.loads(resources.files(__package__).joinpath("pricing.json").read_text("utf-8"))
+    rows = tuple(
+        Row(m["name"], re.compile(m["pattern"]), _rates(m), _rates(m["premium"]) if m.get("premium") else None)
+        for m in doc["models"]
+    )
+    by_name = {row.name: row for row in rows}
+    fallback = replace(by_name[doc["fallback"]], premium=None)  # sing-box: standard even for a 1M window
+    return _Table(rows, fallback, {family: by_name[name] for family, name in doc["families"].items()})
+
+
+def _override_row(price: Price, log: logging.Logger) -> Row:
+    pattern = price.pattern
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        log.error("pricing pattern %r is not a valid regular expression (%s); matching it literally", pattern, exc)
+        regex = re.compile(re.escape(pattern))
+    premium = getattr(price, "premium", None)
+    return Row(f"config pattern {pattern!r}", regex, _rates(price), _rates(premium) if premium else None)
+
+
+class Pricing:
+    """Picks a price row for a model and computes the cost of a bucket (one cost function for all)."""
+
+    def __init__(self, overrides: tuple[Price, ...] = (), log: logging.Logger | None = None) -> None:
+        self.log = log or logging.getLogger(__name__)
+        table = _table()
+        self._rows = tuple(_override_row(p, self.log) for p in overrides) + table.rows
+        self._fallback = table.fallback
+        self._families = table.families
+        self._memo: dict[str, Row] = {}
+
+    def row(self, model: str) -> Row:
+        """The first matching row: config prices, then the table, then a family guess or the fallback."""
+        row = self._memo.get(model)
+        if row is None:
+            row = self._memo[model] = self._lookup(model)
+        return row
+
+    def _lookup(self, model: str) -> Row:
+        for row in self._rows:
+            if row.regex.search(model):
+                return row
+        lowered = model.lower()
+        family = next((f for f in _FAMILIES if f in lowered), None)
+        row = self._families[family] if family else self._fallback
+        how = f"the newest {family} price ({row.name})" if family else f"{row.name} standard (sing-box's default)"
+        self.log.warning("model %r is not in the price table; priced as %s", model, how)
+        return row
+
+    def rates(self, model: str, context_window: int) -> Rates:
+        row = self.row(model)
+        return row.premium if row.premium is not None and context_window >= LONG_CONTEXT else row.standard
+
+    def cost(
+        self,
+        model: str,
+        context_window: int,
+        in_: int,
+        out: int,
+        cache_read: int,
+        cache_creation: int,
+        c5m: int,
+        c1h: int,
+    ) -> float:
+        """Unrounded USD. Cache writes without a 5m/1h split (legacy data) are priced at the 5m rate,
+        also when a bucket mixes legacy and split data (§15 #12)."""
+        r = self.rates(model, context_window)
+        legacy = max(0, cache_creation - c5m - c1h)
+        total = (
+            in_ * r.input
+            + out * r.output
+            + cache_read * r.cache_read
+            + (c5m + legacy) * r.cache_write_5m
+            + c1h * r.cache_write_1h
+        )
+        return float(total / _MILLION)
+
+
+def round_cents(x: float) -> float:
+    """Go's math.Round(x*100)/100 on the decimal value of x: half away from zero, no float drift."""
+    if not math.isfinite(x):
+        return x
+    return float(Decimal(repr(x)).quantize(_CENT, rounding=ROUND_HALF_UP))
+
+
+def sum_cents(values: list[float]) -> float:
+    """A summary figure: the sum of already rounded costs, rounded again (§8.9)."""
+    return round_cents(math.fsum(values))

@@ -1,0 +1,204 @@
+"""`ccm-wsgi usage`: who used what, by week, in tokens and dollars.
+
+It reads the same state the server folds (usage file plus the journal lines not yet folded) under a
+shared lock and never writes anything, so it is safe to run against a live server. Costs come from
+the store's own cost rules (`Stats.cost`, `sum_cents`), and `--json` goes through the store's one
+serialiser, so the table, the JSON and the file always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from .pricing import LONG_CONTEXT, Pricing, sum_cents
+from .usage import Bucket, Stats, Totals, UsageFileError, dumps, format_time, load_totals, render, week_key
+
+log = logging.getLogger("ccm_wsgi.report")
+
+ANONYMOUS = "-"  # requests without a user name (a service with no users) are only in bucket totals
+_HEADERS = ("User", "Model", "Requests", "Messages", "Input", "Output", "Cache read", "Cache write", "USD")
+
+
+@dataclass(slots=True)
+class Target:
+    label: str
+    path: str
+    pricing: Pricing
+
+
+@dataclass(slots=True)
+class Row:
+    user: str
+    model: str
+    stats: Stats
+    usd: float
+
+
+class ReportError(Exception):
+    """A problem that ends the report with exit code 1; the message says what to do."""
+
+
+def run(config_path: str | None = None, usages_file: str | None = None, as_json: bool = False) -> int:
+    """Print the report for `-c CONFIG` (every usages_path in it) or `-f FILE`; returns the exit code."""
+    try:
+        targets = _config_targets(config_path) if config_path else [_file_target(usages_file or "")]
+    except ReportError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    status = 0
+    loaded: list[tuple[Target, Totals]] = []
+    for target in targets:
+        try:
+            loaded.append((target, load_totals(target.path, log)))
+        except FileNotFoundError:
+            print(f"{target.label}: no usage file at {target.path} (nothing recorded yet?)", file=sys.stderr)
+            status = 1
+        except (UsageFileError, OSError) as exc:
+            print(f"{target.label}: {exc}", file=sys.stderr)
+            status = 1
+    if as_json:
+        _print_json(loaded, several=config_path is not None and len(targets) > 1)
+    else:
+        for i, (target, totals) in enumerate(loaded):
+            if i:
+                print()
+            print("\n".join(table(target.label, totals, target.pricing)))
+    return status
+
+
+def _print_json(loaded: list[tuple[Target, Totals]], several: bool) -> None:
+    """One file: its usage document. Several (a config with several usages_path): {path: document}."""
+    if several:
+        docs = {target.path: render(totals, target.pricing) for target, totals in loaded}
+        print(json.dumps(docs, indent=2, ensure_ascii=False))
+    elif loaded:
+        target, totals = loaded[0]
+        sys.stdout.write(dumps(render(totals, target.pricing)))
+
+
+def _file_target(path: str) -> Target:
+    return Target(path, path, Pricing(log=log))
+
+
+def _config_targets(config_path: str) -> list[Target]:
+    from .config import ConfigError, load
+
+    try:
+        config = load(config_path)
+    except ConfigError as exc:
+        raise ReportError("\n".join(getattr(exc, "problems", None) or [str(exc)])) from None
+    targets: list[Target] = []
+    seen: set[str] = set()
+    for service in config.services:
+        if getattr(service, "type", "ccm") != "ccm":
+            continue
+        pricing = Pricing(tuple(getattr(service, "pricing", ()) or ()), log)
+        tag = getattr(service, "tag", "") or "ccm"
+        places = [(f"service {tag}", getattr(service, "usages_path", ""))]
+        for credential in getattr(service, "credentials", None) or ():
+            label = f"service {tag}, credential {getattr(credential, 'tag', '?')}"
+            places.append((label, getattr(credential, "usages_path", "")))
+        for label, path in places:
+            if path and path not in seen:
+                seen.add(path)
+                targets.append(Target(f"{label} ({path})", path, pricing))
+    if not targets:
+        raise ReportError(f"{config_path}: no ccm service has a usages_path, so no usage is recorded")
+    return targets
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+def table(label: str, totals: Totals, pricing: Pricing) -> list[str]:
+    """The human report for one usage file: one block per week, newest first, "no week" last."""
+    lines = [f"{label} - last updated {format_time(totals.last_updated_ns)}"]
+    weeks: defaultdict[int, list[Bucket]] = defaultdict(list)
+    for bucket in totals.buckets.values():
+        weeks[max(bucket.week_start_unix, 0)].append(bucket)
+    if not weeks:
+        return [*lines, "", "No usage recorded yet."]
+    for week in sorted(weeks, key=lambda w: (w == 0, -w)):
+        title = f"Week from {week_key(week)}" if week else "No week (records without a weekly reset time)"
+        lines += ["", title, *_week_block(weeks[week], pricing)]
+    all_buckets = list(totals.buckets.values())
+    grand = _sum_stats(b.total for b in all_buckets)
+    usd = sum_cents([b.total.cost(pricing, b.model, b.context_window) for b in all_buckets])
+    lines += ["", f"All weeks: {_summary(grand, usd)}"]
+    return lines
+
+
+def _week_block(buckets: list[Bucket], pricing: Pricing) -> list[str]:
+    rows = sorted(_rows(buckets, pricing), key=lambda r: (r.user == ANONYMOUS, r.user, r.model))
+    body: list[tuple[str, ...]] = []
+    by_user: defaultdict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_user[row.user].append(row)
+    for user, user_rows in by_user.items():
+        body += [_cells(r.user, r.model, r.stats, r.usd) for r in user_rows]
+        if len(user_rows) > 1:
+            total = _sum_stats(r.stats for r in user_rows)
+            body.append(_cells(user, "total", total, sum_cents([r.usd for r in user_rows])))
+    week_total = _sum_stats(b.total for b in buckets)
+    week_usd = sum_cents([b.total.cost(pricing, b.model, b.context_window) for b in buckets])
+    footer = _cells("total", "", week_total, week_usd)
+    return _layout([_HEADERS, *body, footer], rules_before={len(body) + 1})
+
+
+def _rows(buckets: list[Bucket], pricing: Pricing) -> list[Row]:
+    rows = []
+    for b in buckets:
+        model = f"{b.model} (1M)" if b.context_window >= LONG_CONTEXT else b.model
+        for user, stats in b.by_user.items():
+            rows.append(Row(user, model, stats, stats.cost(pricing, b.model, b.context_window)))
+        rest = Stats()
+        rest.merge(b.total)
+        for stats in b.by_user.values():
+            rest.merge(stats, sign=-1)
+        if not rest.is_zero():
+            rows.append(Row(ANONYMOUS, model, rest, rest.cost(pricing, b.model, b.context_window)))
+    return rows
+
+
+def _sum_stats(items: Any) -> Stats:
+    total = Stats()
+    for stats in items:
+        total.merge(stats)
+    return total
+
+
+def _cells(user: str, model: str, s: Stats, usd: float) -> tuple[str, ...]:
+    numbers = (
+        s.request_count,
+        s.messages_count,
+        s.input_tokens,
+        s.output_tokens,
+        s.cache_read_input_tokens,
+        s.cache_creation_input_tokens,
+    )
+    return (user, model, *(f"{n:,}" for n in numbers), f"{usd:,.2f}")
+
+
+def _summary(s: Stats, usd: float) -> str:
+    return (
+        f"{s.request_count:,} requests, {s.messages_count:,} messages, {s.input_tokens:,} input, "
+        f"{s.output_tokens:,} output, {s.cache_read_input_tokens:,} cache read, "
+        f"{s.cache_creation_input_tokens:,} cache write tokens, USD {usd:,.2f}"
+    )
+
+
+def _layout(rows: list[tuple[str, ...]], rules_before: set[int]) -> list[str]:
+    """Two text columns left-aligned, numbers right-aligned, a rule under the header and before `rules_before`."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
+    out = []
+    for n, row in enumerate(rows):
+        if n in rules_before or n == 1:
+            out.append("  " + "  ".join("-" * w for w in widths))
+        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        out.append(("  " + "  ".join(cells)).rstrip())
+    return out

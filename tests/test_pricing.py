@@ -1,0 +1,160 @@
+"""Prices and rounding: sing-box's table and rules (reference §8.7-§8.8), config overrides, new models."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pytest
+
+from ccm_wsgi.pricing import Pricing, round_cents, sum_cents
+
+try:
+    from ccm_wsgi.config import Price
+except ImportError:  # config.py not written yet: a stand-in with the same fields
+
+    @dataclass(frozen=True)
+    class Price:  # type: ignore[no-redef]
+        pattern: str
+        input: float
+        output: float
+        cache_read: float
+        cache_write_5m: float
+        cache_write_1h: float
+        premium: Price | None = None
+
+
+M = 1_000_000
+
+
+def usd(pricing: Pricing, model: str, window: int = 200_000, **tokens: int) -> float:
+    t = {"in_": 0, "out": 0, "cache_read": 0, "cache_creation": 0, "c5m": 0, "c1h": 0, **tokens}
+    return pricing.cost(model, window, t["in_"], t["out"], t["cache_read"], t["cache_creation"], t["c5m"], t["c1h"])
+
+
+def test_worked_example() -> None:
+    cost = usd(
+        Pricing(), "claude-sonnet-4-5-20250929", in_=1000, out=500, cache_read=20000, cache_creation=3000, c5m=3000
+    )
+    assert cost == pytest.approx(0.02775)
+    assert round_cents(cost) == 0.03
+
+
+@pytest.mark.parametrize(
+    ("model", "input_price"),
+    [
+        ("claude-opus-4-6", 5),
+        ("claude-opus-4-6-20260201", 5),  # row 1, not row 3
+        ("claude-opus-4-5-20251101", 5),
+        ("claude-opus-4-1-20250805", 15),
+        ("claude-opus-4-20250514", 15),
+        ("claude-3-opus-20240229", 15),
+        ("claude-sonnet-4-6", 3),
+        ("claude-sonnet-4-20250514", 3),
+        ("claude-3-7-sonnet-latest", 3),
+        ("claude-haiku-4-5-20251001", 1),
+        ("claude-3-5-haiku-20241022", 0.8),
+        ("claude-3-haiku-20240307", 0.25),
+    ],
+)
+def test_table_rows(model: str, input_price: float, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert usd(Pricing(), model, in_=M) == input_price
+    assert not caplog.records
+
+
+def test_premium_for_1m_window_only_where_the_family_has_it() -> None:
+    p = Pricing()
+    assert usd(p, "claude-sonnet-4-5", 1_000_000, in_=M, out=M, cache_read=M, c5m=M, c1h=M, cache_creation=2 * M) == (
+        6 + 22.5 + 0.6 + 7.5 + 12
+    )
+    assert usd(p, "claude-sonnet-4-5", 200_000, in_=M) == 3
+    assert usd(p, "claude-opus-4-6", 1_000_000, in_=M, out=M, cache_read=M) == 10 + 37.5 + 1.0
+    assert usd(p, "claude-opus-4-5", 1_000_000, in_=M) == 5  # no premium row: standard price
+
+
+def test_unknown_model_is_sonnet_4_standard_even_at_1m(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert usd(Pricing(), "gpt-5", 1_000_000, in_=M) == 3
+    assert "gpt-5" in caplog.text
+
+
+def test_cache_writes_split_legacy_and_mixed() -> None:
+    p = Pricing()
+    assert usd(p, "claude-sonnet-4-5", c5m=M, c1h=M, cache_creation=2 * M) == 3.75 + 6
+    assert usd(p, "claude-sonnet-4-5", cache_creation=M) == 3.75  # legacy: no split, 5m price
+    # a bucket mixing legacy and split data: the unsplit remainder is still priced (§15 #12)
+    assert usd(p, "claude-sonnet-4-5", cache_creation=3 * M, c5m=M, c1h=M) == 3.75 * 2 + 6
+    assert usd(p, "claude-sonnet-4-5", cache_creation=0, c5m=M) == 3.75  # never negative
+
+
+@pytest.mark.parametrize(
+    ("model", "family_input"), [("claude-opus-5-5", 5), ("claude-sonnet-5-5", 3), ("claude-haiku-5-5", 1)]
+)
+def test_new_models_priced_by_family_with_one_warning(
+    model: str, family_input: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = Pricing()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            assert usd(p, model, in_=M) == family_input
+            usd(p, model, 1_000_000, in_=M)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert model in warnings[0].getMessage() and "not in the price table" in warnings[0].getMessage()
+
+
+def test_new_opus_uses_the_newest_opus_premium() -> None:
+    assert usd(Pricing(), "claude-opus-5-5", 1_000_000, in_=M) == 10
+
+
+def test_config_override_beats_table_and_prices_new_models(caplog: pytest.LogCaptureFixture) -> None:
+    premium = Price("", 20, 80, 2, 25, 40)
+    overrides = (
+        Price(r"^claude-sonnet-4-5(-|$)", 4, 16, 0.4, 5, 8),
+        Price(r"^claude-opus-5-5", 6, 30, 0.6, 7.5, 12, premium),
+    )
+    p = Pricing(overrides)
+    with caplog.at_level(logging.WARNING):
+        assert usd(p, "claude-sonnet-4-5-20250929", in_=M) == 4
+        assert usd(p, "claude-sonnet-4-5", 1_000_000, in_=M) == 4  # the override has no premium
+        assert usd(p, "claude-opus-5-5", in_=M, out=M) == 36
+        assert usd(p, "claude-opus-5-5-20270101", 1_000_000, in_=M) == 20
+        assert usd(p, "claude-sonnet-4-6", in_=M) == 3  # untouched rows still apply
+    assert not caplog.records
+
+
+def test_invalid_override_pattern_is_matched_literally(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        p = Pricing((Price("claude-(x", 9, 9, 9, 9, 9),))
+    assert "claude-(x" in caplog.text
+    assert usd(p, "claude-(x-1", in_=M) == 9
+
+
+@pytest.mark.parametrize(
+    ("value", "cents"),
+    [
+        (0.005, 0.01),
+        (0.015, 0.02),
+        (0.125, 0.13),
+        (1.005, 1.01),  # 1.005 * 100 is 100.49999... in floats; the decimal value rounds up
+        (2.675, 2.68),
+        (0.115, 0.12),
+        (0.0049999, 0.0),
+        (0.775, 0.78),
+        (-0.125, -0.13),
+        (123456.785, 123456.79),
+        (10.0, 10.0),
+    ],
+)
+def test_round_half_away_from_zero(value: float, cents: float) -> None:
+    assert round_cents(value) == cents
+
+
+def test_rounding_of_exact_costs_and_sums() -> None:
+    p = Pricing()
+    assert round_cents(usd(p, "claude-sonnet-4-5", out=1000)) == 0.02  # 0.015
+    assert round_cents(usd(p, "claude-haiku-4-5", in_=5000)) == 0.01  # 0.005
+    assert round_cents(usd(p, "claude-opus-4-6", in_=25, out=100)) == 0.0  # 0.002625
+    assert sum_cents([0.1, 0.2]) == 0.3
+    assert sum_cents([0.01] * 1000) == 10.0
