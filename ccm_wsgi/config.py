@@ -56,6 +56,7 @@ __all__ = [
     "User",
     "default_config",
     "load",
+    "openssl_cipher_list",
     "parse",
     "parse_duration",
 ]
@@ -859,6 +860,13 @@ OPENSSL_CIPHERS = {
     "TLS_AES_256_GCM_SHA384": "",
     "TLS_CHACHA20_POLY1305_SHA256": "",
 }
+
+
+def openssl_cipher_list(names: Iterable[str]) -> str:
+    """Go cipher-suite names as an `SSLContext.set_ciphers` string ("" when only TLS 1.3 ones are named)."""
+    return ":".join(c for c in (OPENSSL_CIPHERS.get(name, name) for name in names) if c)
+
+
 _TLS_COMMON_KEYS = ("enabled", "server_name", "alpn", "min_version", "max_version", "cipher_suites",
                     "certificate", "certificate_path")
 _TLS_IGNORED: dict[str, _Reader | None] = {"curve_preferences": _Node.strings}

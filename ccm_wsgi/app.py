@@ -1,0 +1,53 @@
+"""The Flask application of one ccm service.
+
+Flask serves the small endpoints (`/healthz`, `/ccm/v1/status`, the JSON 404s); `/v1/*` is sent
+straight to the proxy's WSGI callable before Flask builds a request object, because that path is
+hot and gains nothing from Werkzeug.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Response
+
+from .errors import error_body
+
+if TYPE_CHECKING:
+    from .service import Service
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def json_response(body: bytes, status: int = 200) -> Response:
+    return Response(body, status=status, content_type="application/json")
+
+
+def create_app(service: Service) -> Flask:
+    app = Flask("ccm_wsgi")
+    app.config["SERVICE"] = service
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return json_response(b'{"status":"ok"}')
+
+    @app.route("/", defaults={"path": ""}, methods=METHODS)
+    @app.route("/<path:path>", methods=METHODS)
+    def not_found(path: str) -> Response:
+        return json_response(error_body("not_found_error", "Not found"), 404)
+
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    def no_route(_: Exception) -> Response:
+        return json_response(error_body("not_found_error", "Not found"), 404)
+
+    flask_wsgi = app.wsgi_app
+    proxy = service.proxy
+
+    def dispatch(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO", "")[:4] == "/v1/":
+            return proxy(environ, start_response)
+        return flask_wsgi(environ, start_response)
+
+    app.wsgi_app = dispatch  # type: ignore[method-assign]
+    return app

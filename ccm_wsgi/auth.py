@@ -1,0 +1,80 @@
+"""Who is calling: match the user token from `Authorization: Bearer` or `x-api-key`.
+
+Tokens are looked up by their SHA-256 digest, so the comparison time does not depend on how much of a
+guessed token is right, and config may hold `token_sha256` instead of the token itself. A presented
+token is never logged or echoed; failures are logged with the client address only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from .errors import ProxyError
+
+log = logging.getLogger("ccm_wsgi.auth")
+
+
+def digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def presented_token(environ: dict[str, Any]) -> str | None:
+    """The token the client sent: `Authorization: Bearer <t>` (scheme case-insensitive) or `x-api-key`."""
+    authorization = environ.get("HTTP_AUTHORIZATION")
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return ""
+    api_key = environ.get("HTTP_X_API_KEY")
+    if api_key is not None:
+        return api_key.strip()
+    return None
+
+
+class Authenticator:
+    """Maps token digests to user names. With no users configured everyone is let in as ""."""
+
+    def __init__(self, users: Iterable[Any], admin_tokens: Iterable[str] = ()):
+        self._users: dict[bytes, Any] = {}
+        for user in users:
+            key = bytes.fromhex(user.token_sha256) if user.token_sha256 else digest(user.token)
+            self._users[key] = user
+        self._admins = [digest(t) for t in admin_tokens]
+        self.open = not self._users
+
+    def authenticate(self, environ: dict[str, Any]) -> Any | None:
+        """The user object, None when the service is open; raises a 401 ProxyError otherwise."""
+        if self.open:
+            return None
+        token = presented_token(environ)
+        if token is None:
+            self._reject(environ, "no token")
+            raise ProxyError(401, "authentication_error", "missing ccm user token (set ANTHROPIC_AUTH_TOKEN)")
+        user = self._lookup(digest(token)) if token else None
+        if user is None:
+            self._reject(environ, "unknown or malformed token")
+            raise ProxyError(401, "authentication_error", "invalid ccm user token")
+        return user
+
+    def _lookup(self, key: bytes) -> Any | None:
+        user = self._users.get(key)
+        if user is None:
+            return None
+        stored = bytes.fromhex(user.token_sha256) if user.token_sha256 else digest(user.token)
+        return user if hmac.compare_digest(stored, key) else None
+
+    def is_admin(self, environ: dict[str, Any]) -> bool:
+        token = presented_token(environ)
+        if not token or not self._admins:
+            return False
+        key = digest(token)
+        return any(hmac.compare_digest(key, admin) for admin in self._admins)
+
+    @staticmethod
+    def _reject(environ: dict[str, Any], why: str) -> None:
+        log.warning("rejected request from %s: %s", environ.get("REMOTE_ADDR", "?"), why)

@@ -1,0 +1,99 @@
+"""The upstream request: which client headers go to Anthropic, and how a send failure is reported.
+
+Rules (CONTRACT §3): hop-by-hop headers (and those named in `Connection`) are dropped, and so are
+`Host` and the client's own credentials (`Authorization`, `x-api-key`), which belong to ccm-wsgi, not
+to Anthropic. `anthropic-beta` always starts with the OAuth flag, followed by every value the client
+sent (all header lines, de-duplicated). Configured `headers` replace same-named ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+from urllib3.exceptions import (
+    ProxyError as UrllibProxyError,
+)
+
+from .errors import ProxyError
+
+OAUTH_BETA = "oauth-2025-04-20"
+
+HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+))
+# Never forwarded: framing the HTTP client recomputes, and the client's credentials for ccm-wsgi.
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "authorization", "x-api-key", "api-key"}
+
+
+def merge_beta(*values: str | None) -> str:
+    """`oauth-2025-04-20` first, then every other comma-separated feature once, in order."""
+    seen = [OAUTH_BETA]
+    for value in values:
+        if not value:
+            continue
+        for item in value.split(","):
+            item = item.strip()
+            if item and item not in seen:
+                seen.append(item)
+    return ",".join(seen)
+
+
+def request_headers(environ: Mapping[str, Any], configured: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """The client's end-to-end headers as they go upstream (without `authorization`, set per credential)."""
+    connection = environ.get("HTTP_CONNECTION")
+    listed = {t.strip().lower() for t in connection.split(",")} if connection else ()
+    headers: dict[str, str] = {}
+    for key, value in environ.items():
+        if key[:5] != "HTTP_":
+            continue
+        name = key[5:].replace("_", "-").lower()
+        if name in NOT_FORWARDED or name in listed:
+            continue
+        headers[name] = value
+    content_type = environ.get("CONTENT_TYPE")
+    if content_type:
+        headers["content-type"] = content_type
+    for name, values in configured.items():
+        headers[name.lower()] = ", ".join(values)
+    headers["anthropic-beta"] = merge_beta(headers.get("anthropic-beta"))
+    return headers
+
+
+def response_headers(upstream: urllib3.BaseHTTPResponse, keep_length: bool) -> list[tuple[str, str]]:
+    """End-to-end upstream response headers, unchanged (request-id, retry-after, ratelimit, encoding...)."""
+    drop = HOP_BY_HOP if keep_length else HOP_BY_HOP | {"content-length"}
+    return [(k, v) for k, v in upstream.headers.iteritems() if k.lower() not in drop]
+
+
+def send(
+    pool: urllib3.PoolManager,
+    method: str,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    connect_timeout: float,
+    response_timeout: float,
+    describe: Any,
+) -> urllib3.BaseHTTPResponse:
+    """Send and wait for the response headers; failures become 502 (cannot reach) or 504 (no answer)."""
+    try:
+        return pool.urlopen(
+            method, url, body=body or None, headers=headers, preload_content=False, decode_content=False,
+            redirect=False, retries=False, timeout=urllib3.Timeout(connect=connect_timeout, read=response_timeout),
+        )
+    except (NewConnectionError, UrllibProxyError) as exc:  # NewConnectionError subclasses ConnectTimeoutError
+        raise ProxyError(502, "api_error", f"upstream unreachable: {describe(exc)}") from None
+    except (ReadTimeoutError, ConnectTimeoutError) as exc:
+        what = "connect" if isinstance(exc, ConnectTimeoutError) else "answer"
+        raise ProxyError(504, "api_error", f"upstream did not {what} in time: {describe(exc)}") from None
+    except (HTTPError, OSError) as exc:
+        raise ProxyError(502, "api_error", f"upstream unreachable: {describe(exc)}") from None

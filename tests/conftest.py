@@ -1,0 +1,57 @@
+"""Shared fixtures: a fake Anthropic upstream and `ccm-wsgi serve` processes, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fake_upstream import FakeUpstream
+from procs import Proxy, service_config, write_credentials
+
+ACCESS = "sk-ant-oat01-test-access-aaaaaaaaaaaa"
+REFRESH = "sk-ant-ort01-test-refresh-bbbbbbbbbbb"
+ALICE = "ak-ccm-alice-0123456789abcdef"
+BOB = "ak-ccm-bob-0123456789abcdef00"
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream.start(tmp_path)
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture
+def creds(tmp_path: Path, fake: FakeUpstream) -> Path:
+    """A fresh credential file whose tokens the fake upstream knows."""
+    fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=3600)
+    return write_credentials(tmp_path / "claude" / ".credentials.json", ACCESS, REFRESH)
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    started: list[Proxy] = []
+
+    def start(config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None) -> Proxy:
+        proxy = Proxy(tmp_path, config, name=name, env=env).start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy]) -> Proxy:
+    """One service with two users (alice, bob), no usage file."""
+    users = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
+    return start_proxy({"log": {"level": "info"}, "services": [service_config(fake.url, creds, users=users)]})

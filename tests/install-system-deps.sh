@@ -1,0 +1,39 @@
+#!/bin/sh
+# Real proxy servers for tests/test_outbounds.py (see tests/proxies.py): microsocks (SOCKS5 with
+# user/password), tinyproxy (HTTP forwarding + CONNECT, Basic auth) and v2ray (SOCKS4/4a, and an HTTP
+# proxy over TLS). Idempotent, quiet, non-interactive: installs only what is missing, so it needs
+# root (or password-less sudo) only then. None of these is started here; the tests run their own.
+set -eu
+
+have() {
+    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]
+}
+
+missing=""
+have microsocks || missing="$missing microsocks"
+have tinyproxy || missing="$missing tinyproxy"
+have v2ray || missing="$missing v2ray"
+[ -z "$missing" ] && exit 0
+
+sudo=""
+if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+        sudo="sudo -n"
+    else
+        echo "tests/install-system-deps.sh: root is needed to install:$missing" >&2
+        exit 1
+    fi
+fi
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+export DEBIAN_FRONTEND=noninteractive
+# shellcheck disable=SC2086
+if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends $missing; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "tests/install-system-deps.sh: apt-get failed for:$missing" >&2
+    exit 1
+fi
+for program in microsocks tinyproxy v2ray; do
+    have "$program" || { echo "tests/install-system-deps.sh: $program still missing after apt-get" >&2; exit 1; }
+done

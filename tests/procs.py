@@ -1,0 +1,131 @@
+"""Start real `ccm-wsgi serve` (or gunicorn) processes for tests and read what they log."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import urllib3
+
+START_TIMEOUT = 20.0
+LISTEN_RE = re.compile(r"service (\S+) listening on (https?)://([\d.]+):(\d+)")
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def write_credentials(path: Path, access: str, refresh: str, expires_in: float = 3600, **extra: Any) -> Path:
+    """A Claude Code style `.credentials.json` (expiresAt in ms)."""
+    oauth = {
+        "accessToken": access,
+        "refreshToken": refresh,
+        "expiresAt": int((time.time() + expires_in) * 1000),
+        "scopes": ["user:inference", "user:profile"],
+        "subscriptionType": "max",
+    }
+    oauth.update(extra.pop("oauth", {}))
+    document = {"claudeAiOauth": oauth, **extra}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2))
+    os.chmod(path, 0o600)
+    return path
+
+
+def service_config(upstream_url: str, credential_path: Path | str, **fields: Any) -> dict[str, Any]:
+    service = {
+        "type": "ccm", "tag": "ccm", "listen": "127.0.0.1", "listen_port": 0,
+        "credential_path": str(credential_path), "upstream_url": upstream_url,
+        "token_url": upstream_url + "/v1/oauth/token",
+    }
+    service.update(fields)
+    return service
+
+
+class Proxy:
+    """A `ccm-wsgi serve -c CONFIG` subprocess; stderr goes to `log_path`."""
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None):
+        self.config_path = tmp_path / f"{name}.json"
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.log_path = tmp_path / f"{name}.log"
+        self.env = {**os.environ, "TZ": "UTC", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ports: dict[str, int] = {}
+        self.scheme = "http"
+
+    def start(self) -> Proxy:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ccm_wsgi", "serve", "-c", str(self.config_path)],
+                stdout=log, stderr=log, env=self.env, start_new_session=True,
+            )
+        n_services = sum(1 for s in json.loads(self.config_path.read_text())["services"] if s.get("type") == "ccm")
+        wait_for(lambda: self._ready(n_services), START_TIMEOUT, what=f"proxy start (log: {self.log_path})")
+        return self
+
+    def _ready(self, n: int) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
+        for m in LISTEN_RE.finditer(self.log()):
+            self.ports[m.group(1)] = int(m.group(4))
+            self.scheme = m.group(2)
+        return len(self.ports) >= n
+
+    @property
+    def port(self) -> int:
+        return next(iter(self.ports.values()))
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=30))
+
+
+def request(method: str, url: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+    return HTTP.request(method, url, **kwargs)
