@@ -7,11 +7,12 @@ hot and gains nothing from Werkzeug.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 
-from .errors import error_body
+from .errors import ProxyError, error_body
 
 if TYPE_CHECKING:
     from .service import Service
@@ -30,6 +31,22 @@ def create_app(service: Service) -> Flask:
     @app.get("/healthz")
     def healthz() -> Response:
         return json_response(b'{"status":"ok"}')
+
+    @app.route("/ccm/v1/status", methods=METHODS)
+    def status() -> Response:
+        if request.method != "GET":
+            return json_response(error_body("invalid_request_error", "method not allowed"), 405)
+        auth = service.auth
+        if auth.is_admin(request.environ):
+            return json_response(json.dumps(service.admin_status(), sort_keys=True).encode())
+        if auth.open:
+            message = "status endpoint requires user authentication"
+            return json_response(error_body("authentication_error", message), 403)
+        try:
+            user = auth.authenticate(request.environ)
+        except ProxyError as err:
+            return json_response(err.body(), err.status)
+        return json_response(json.dumps(service.status(user), sort_keys=True).encode())
 
     @app.route("/", defaults={"path": ""}, methods=METHODS)
     @app.route("/<path:path>", methods=METHODS)

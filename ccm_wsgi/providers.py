@@ -1,37 +1,101 @@
 """Which subscription serves a request.
 
 An `Account` is everything one credential needs to send a request: how to authorize it, the
-connection pool of its outbound, the upstream base URL and its usage store. A provider picks an
-account per request; the single provider (one credential, sing-box 1.13's model) always gives the
-same one.
+connection pool of its outbound, the upstream base URL, its usage store and its quota state. A
+provider picks an account per request:
+
+* `SingleProvider`: the legacy single-credential service (sing-box 1.13). Every request goes to the
+  one credential and every upstream status passes through; its quota is only observed, for status.
+* `PoolProvider`: multi-credential mode (sing-box 1.14 `credentials`). A balancer (or a one-member
+  pool for a user bound to a single credential) chooses by quota, keeps sessions sticky, and the
+  proxy moves a request to another account when the upstream answers a quota 429.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import urllib3
 
-from .credentials import OAuthCredential
+from .balancer import Balancer
+from .credentials import CredentialError
+from .quota import Quota
 
 
-@dataclass
+class ExternalCredential:
+    """Another ccm instance: our "access token" is a user token of that instance."""
+
+    def __init__(self, tag: str, token: str):
+        self.tag = tag
+        self._token = token
+
+    def access_token(self) -> str:
+        return self._token
+
+    def renew(self, rejected: str) -> str:
+        raise CredentialError(502, f"credential {self.tag}: the peer ccm instance rejected our token")
+
+    def available(self) -> bool:
+        return True
+
+    def info(self) -> dict[str, Any]:
+        return {"available": True}
+
+
+@dataclass(eq=False)
 class Account:
     tag: str
-    credential: OAuthCredential
+    credential: Any  # OAuthCredential or ExternalCredential
     pool: urllib3.PoolManager
     base_url: str
     outbound: str
-    usage: Any = None  # UsageStore when the credential counts usage
+    usage: Any = None  # UsageStore when this credential counts usage
+    external: bool = False
+    cap_5h: float = 100.0
+    cap_weekly: float = 100.0
+    poll_interval: float = 60.0
+    quota: Quota = field(default_factory=Quota)
+
+    def available(self) -> bool:
+        return bool(self.credential.available())
+
+    def plan_weight(self) -> float:
+        if not self.external:
+            info = self.credential.info()
+            self.quota.account_type = info.get("subscription_type") or self.quota.account_type
+            self.quota.rate_limit_tier = info.get("rate_limit_tier") or self.quota.rate_limit_tier
+        return self.quota.weight(self.external)
 
 
 class SingleProvider:
-    """One credential for every request."""
+    """One credential for every request; upstream answers (429 included) pass through."""
+
+    pooled = False
 
     def __init__(self, account: Account):
         self.account = account
         self.accounts = [account]
 
-    def select(self, user: Any, session: str) -> Account:
+    def select(self, session: str, exclude: frozenset[str] = frozenset(), allow_external: bool = True) -> Account:
         return self.account
+
+    def on_rate_limited(self, account: Account, headers: Mapping[str, str], session: str) -> None:
+        raise AssertionError("a single provider never fails over")
+
+
+class PoolProvider:
+    """A balancer over accounts; `select` raises `NoCredential` when none is usable."""
+
+    pooled = True
+
+    def __init__(self, balancer: Balancer):
+        self.balancer = balancer
+        self.accounts: list[Account] = balancer.members  # type: ignore[assignment]
+
+    def select(self, session: str, exclude: frozenset[str] = frozenset(), allow_external: bool = True) -> Account:
+        return self.balancer.select(session, exclude, allow_external)  # type: ignore[return-value]
+
+    def on_rate_limited(self, account: Account, headers: Mapping[str, str], session: str) -> None:
+        self.balancer.on_rate_limited(account, headers, session)

@@ -15,15 +15,17 @@ from typing import TYPE_CHECKING, Any
 import urllib3
 from urllib3.exceptions import HTTPError
 
+from .balancer import NoCredential, session_id
 from .credentials import CredentialError
 from .errors import JSON_HEADERS, ProxyError
+from .quota import is_quota_429
 from .relay import DecodingTap, JSONTap, Relay, Tap
-from .sse import SSETap, Usage, decoder_for, request_info
+from .sse import SSETap, Usage, decoder_for, parse_request, request_fields
 from .upstream import request_headers, response_headers, send
 from .usage import make_record
 
 if TYPE_CHECKING:
-    from .providers import Account
+    from .providers import Account, PoolProvider, SingleProvider
     from .service import Service
 
 log = logging.getLogger("ccm_wsgi.proxy")
@@ -71,6 +73,10 @@ def raw_target(environ: dict[str, Any]) -> str:
     return path + ("?" + query if query else "")
 
 
+def header_getter(environ: dict[str, Any]) -> Any:
+    return lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"))
+
+
 def safe_path(environ: dict[str, Any]) -> str:
     """The decoded path if it is a plain `/v1/...` path; dot segments and absolute forms are refused."""
     path = environ.get("PATH_INFO", "")
@@ -102,6 +108,8 @@ class Proxy:
             return self._fail(ex, err, start_response)
         except CredentialError as err:
             return self._fail(ex, ProxyError(err.status, "api_error", err.message), start_response)
+        except NoCredential as err:
+            return self._fail(ex, err.as_proxy_error(), start_response)
         except Exception:
             log.exception("internal error while proxying %s %s", ex.method, ex.path)
             return self._fail(ex, ProxyError(500, "api_error", "internal error in ccm-wsgi"), start_response)
@@ -111,13 +119,16 @@ class Proxy:
         user = self.service.auth.authenticate(environ)
         ex.user = user.name if user is not None else ""
         body = self._read_body(environ)
-        account = self.service.provider.select(user, "")
-        ex.account = account
+        provider = self.service.provider_for(user)
+        request = parse_request(body) if provider.pooled else None
+        session = session_id(header_getter(environ), request) if provider.pooled else ""
+        allow_external = user.allow_external_usage if user is not None else True
+        account = provider.select(session, allow_external=allow_external)
+        upstream, account = self._send(provider, account, session, allow_external, environ, body)
+        ex.account, ex.status = account, upstream.status
         if account.usage is not None:
-            ex.request_model, ex.messages_count = request_info(body)
+            ex.request_model, ex.messages_count = request_fields(parse_request(body) if request is None else request)
             ex.beta = environ.get("HTTP_ANTHROPIC_BETA", "")
-        upstream = self._forward(account, environ, body)
-        ex.status = upstream.status
         headers = upstream.headers
         ctype = headers.get("content-type", "")
         sse = ctype.startswith("text/event-stream")
@@ -130,6 +141,24 @@ class Proxy:
         ex.streamed = True
         start_response(status_line(upstream.status, upstream.reason), response_headers(upstream, keep_length=not sse))
         return Relay(upstream, sse, tap, lambda relay: self._finish_relay(ex, relay), self.idle_timeout)
+
+    def _send(
+        self, provider: SingleProvider | PoolProvider, account: Account, session: str, allow_external: bool,
+        environ: dict[str, Any], body: bytes,
+    ) -> tuple[urllib3.BaseHTTPResponse, Account]:
+        """Forward, and in a pool move the request (and its session) on when an account's quota is spent."""
+        tried: set[str] = set()
+        while True:
+            upstream = self._forward(account, environ, body)
+            account.quota.observe_headers(upstream.headers, time.time(), account.external)
+            if upstream.status != 429 or not provider.pooled or not is_quota_429(upstream.headers):
+                return upstream, account
+            tried.add(account.tag)
+            provider.on_rate_limited(account, upstream.headers, session)
+            upstream.drain_conn()
+            upstream.release_conn()
+            previous, account = account, provider.select(session, frozenset(tried), allow_external)
+            log.info("retrying with credential %s after a quota 429 from %s", account.tag, previous.tag)
 
     def _read_body(self, environ: dict[str, Any]) -> bytes:
         stream = environ["wsgi.input"]
@@ -160,7 +189,7 @@ class Proxy:
                 account.pool, method, url, body, headers, self.connect_timeout, self.response_timeout,
                 lambda exc: self.service.outbounds.describe_error(account.outbound, exc),
             )
-            if upstream.status != 401 or attempt:
+            if upstream.status != 401 or attempt or account.external:
                 return upstream
             upstream.drain_conn()
             upstream.release_conn()

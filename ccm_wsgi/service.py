@@ -5,16 +5,20 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import time
 from typing import Any
 
-from . import keychain
+from . import keychain, poller
 from .auth import Authenticator
+from .balancer import Balancer, aggregate_status
+from .config import Credential as CredentialConfig
 from .config import Service as ServiceConfig
 from .credentials import CredentialStore, OAuthCredential, default_path
 from .outbounds import Outbounds
 from .pricing import Pricing
-from .providers import Account, SingleProvider
+from .providers import Account, ExternalCredential, PoolProvider, SingleProvider
 from .proxy import Proxy
+from .quota import caps
 from .usage import UsageStore
 
 log = logging.getLogger("ccm_wsgi.service")
@@ -41,22 +45,90 @@ class Service:
         self.active = 0  # requests in flight, for graceful shutdown
         self.pricing = Pricing(cfg.pricing, log)
         self.auth = Authenticator(cfg.users, cfg.admin_tokens)
-        self.provider = SingleProvider(self._account("default", cfg.credential_path, cfg.usages_path, cfg.detour))
+        self.providers: dict[str, SingleProvider | PoolProvider] = {}
+        if cfg.credentials:
+            self.accounts = self._pool(cfg.credentials)
+            self.default_provider = self.providers[cfg.credentials[0].tag]
+        else:
+            account = self._default_account(CredentialConfig(
+                tag="default", type="default", credential_path=cfg.credential_path, usages_path=cfg.usages_path,
+                detour=cfg.detour, limit_5h=100, limit_weekly=100, poll_interval=300.0,
+            ))
+            self.accounts = [account]
+            self.default_provider = SingleProvider(account)
         self.proxy = Proxy(self)
+        self._greenlets: list[Any] = []
 
-    def _account(self, tag: str, credential_path: str, usages_path: str, detour: str) -> Account:
-        pool = self.outbounds.pool(detour)
-        credential = OAuthCredential(tag, credential_store(credential_path), self.cfg.token_url, pool)
-        usage = UsageStore(os.path.abspath(usages_path), self.pricing, log) if usages_path else None
-        return Account(tag, credential, pool, self.cfg.upstream_url, detour, usage)
+    def _default_account(self, c: CredentialConfig) -> Account:
+        pool = self.outbounds.pool(c.detour)
+        credential = OAuthCredential(c.tag, credential_store(c.credential_path), self.cfg.token_url, pool)
+        cap_5h, cap_weekly = caps(c.reserve_5h, c.reserve_weekly, c.limit_5h, c.limit_weekly)
+        return Account(c.tag, credential, pool, self.cfg.upstream_url, c.detour, self._usage(c.usages_path),
+                       cap_5h=cap_5h, cap_weekly=cap_weekly, poll_interval=c.poll_interval)
+
+    def _external_account(self, c: CredentialConfig) -> Account:
+        pool = self.outbounds.pool(c.detour)
+        return Account(c.tag, ExternalCredential(c.tag, c.token), pool, c.url, c.detour, self._usage(c.usages_path),
+                       external=True, poll_interval=c.poll_interval)
+
+    def _usage(self, path: str) -> UsageStore | None:
+        return UsageStore(os.path.abspath(path), self.pricing, log) if path else None
+
+    def _pool(self, credentials: tuple[CredentialConfig, ...]) -> list[Account]:
+        """Accounts for default/external credentials; a provider per tag (balancers over accounts)."""
+        accounts: dict[str, Account] = {}
+        for c in credentials:
+            if c.type == "default":
+                accounts[c.tag] = self._default_account(c)
+            elif c.type == "external":
+                accounts[c.tag] = self._external_account(c)
+        for c in credentials:
+            if c.type == "balancer":
+                members = [accounts[t] for t in c.credentials]
+                for member in members:
+                    member.poll_interval = min(member.poll_interval, c.poll_interval)
+                balancer = Balancer(c.tag, members, c.strategy, c.rebalance_threshold)
+            else:
+                balancer = Balancer(c.tag, [accounts[c.tag]], "fallback")
+            self.providers[c.tag] = PoolProvider(balancer)
+        return list(accounts.values())
+
+    def provider_for(self, user: Any) -> SingleProvider | PoolProvider:
+        if user is not None and user.credential:
+            return self.providers[user.credential]
+        return self.default_provider
+
+    def status(self, user: Any) -> dict[str, float]:
+        """The caller's view of its pool (§12): remaining headroom as utilisation, and plan weight."""
+        accounts = self.provider_for(user).accounts
+        exclude = user.external_credential if user is not None else ""
+        allow_external = user.allow_external_usage if user is not None else True
+        return aggregate_status(accounts, time.time(), exclude_tag=exclude, allow_external=allow_external)
+
+    def admin_status(self) -> dict[str, Any]:
+        """Every credential's quota, state and sticky sessions, for `admin_tokens`."""
+        now = time.time()
+        credentials = []
+        for account in self.accounts:
+            state = account.quota.snapshot(now)
+            state.update(tag=account.tag, external=account.external, cap_5h=account.cap_5h,
+                         cap_weekly=account.cap_weekly, plan_weight=account.plan_weight(), **account.credential.info())
+            credentials.append(state)
+        pools = {
+            tag: {"strategy": p.balancer.strategy, "members": [m.tag for m in p.balancer.members],
+                  "usable": [m.tag for m in p.balancer.usable_members()], "sessions": p.balancer.sessions()}
+            for tag, p in self.providers.items() if isinstance(p, PoolProvider)
+        }
+        return {"credentials": credentials, "pools": pools}
 
     def usage_stores(self) -> list[Any]:
-        return [a.usage for a in self.provider.accounts if a.usage is not None]
+        return [a.usage for a in self.accounts if a.usage is not None]
 
     def start(self) -> None:
         for store in self.usage_stores():
             store.open()
             store.start()
+        self._greenlets = poller.start(self.accounts)
         if self.auth.open and not is_loopback(self.cfg.listen):
             log.warning(
                 "service %s listens on %s with no users: anyone who can reach it uses the subscription",
@@ -64,6 +136,8 @@ class Service:
             )
 
     def close(self) -> None:
+        for greenlet in self._greenlets:
+            greenlet.kill(block=False)
         for store in self.usage_stores():
             try:
                 store.close()

@@ -242,7 +242,16 @@ def parse_json_usage(body: bytes) -> Usage:
 
 def request_info(body: bytes) -> tuple[str, int]:
     """(model, number of messages) of a Messages request body; ("", 0) for anything unparsable."""
-    request = _loads(body)
+    return request_fields(_loads(body))
+
+
+def parse_request(body: bytes) -> Any:
+    """The decoded request JSON, or None; for callers that need more than `request_fields`."""
+    return _loads(body)
+
+
+def request_fields(request: Any) -> tuple[str, int]:
+    """(model, number of messages) of an already decoded request body."""
     if not isinstance(request, dict):
         return "", 0
     model = request.get("model")
