@@ -58,7 +58,9 @@ class NoCredential(Exception):
         self.all_unavailable = all_unavailable  # no member is even loaded/reachable
 
     def as_proxy_error(self) -> ProxyError:
-        """The client answer the issue asks for: 429 rate_limit_error, `retry-after` when a reset is known."""
+        """429 rate_limit_error with `retry-after` when quota is the reason; 503 when nothing is even loaded."""
+        if self.all_unavailable:
+            return ProxyError(503, "api_error", self.message)
         headers = [] if self.retry_after is None else [("retry-after", str(max(1, math.ceil(self.retry_after))))]
         return ProxyError(429, "rate_limit_error", self.message, headers)
 

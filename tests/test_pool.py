@@ -1,0 +1,259 @@
+"""Several subscriptions in one pool: selection, stickiness, quota failover, status, chaining."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import anthropic
+import pytest
+from conftest import ALICE, BOB
+from procs import request, wait_for, write_credentials
+
+MODEL = "claude-sonnet-4-6"
+ADMIN = "ak-ccm-admin-0123456789abcdef"
+
+
+def accounts(fake, tmp_path: Path, *names: str, **state) -> dict[str, Path]:
+    """One fake account and one credentials file per name; `state` applies to every account."""
+    paths = {}
+    for name in names:
+        access, refresh = f"sk-ant-oat01-{name}-access-xxxxxxxx", f"sk-ant-ort01-{name}-refresh-xxxxxxx"
+        fake.add_account(access_token=access, refresh_token=refresh, account=name, expires_in=3600, **state)
+        paths[name] = write_credentials(tmp_path / name / ".credentials.json", access, refresh)
+    return paths
+
+
+def pool_service(fake, paths: dict[str, Path], strategy="least_used", users=None, extra_credentials=(), **fields):
+    credentials = [{"tag": n, "credential_path": str(p)} for n, p in paths.items()]
+    credentials += list(extra_credentials)
+    credentials.append({"tag": "pool", "type": "balancer", "strategy": strategy, "credentials": list(paths)})
+    service = {
+        "type": "ccm", "tag": "ccm", "listen": "127.0.0.1", "listen_port": 0,
+        "upstream_url": fake.url, "token_url": fake.url + "/v1/oauth/token",
+        "credentials": credentials, "admin_tokens": [ADMIN],
+        "users": users or [{"name": "alice", "token": ALICE, "credential": "pool"}],
+    }
+    service.update(fields)
+    return {"services": [service]}
+
+
+def admin_status(proxy) -> dict:
+    r = request("GET", proxy.url + "/ccm/v1/status", headers={"Authorization": "Bearer " + ADMIN})
+    assert r.status == 200, r.data
+    return json.loads(r.data)
+
+
+def polled(proxy, n: int):
+    """Wait until the background poller has seen every credential once."""
+    return wait_for(lambda: all(c["updated"] for c in admin_status(proxy)["credentials"][:n]), 15,
+                    what="first quota poll")
+
+
+def ask(proxy, token=ALICE, session: str | None = None, extra: dict | None = None):
+    headers = {"Authorization": "Bearer " + token, "content-type": "application/json", **(extra or {})}
+    if session:
+        headers["x-claude-code-session-id"] = session
+    body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    return request("POST", proxy.url + "/v1/messages", body=json.dumps(body).encode(), headers=headers)
+
+
+def served_by(r) -> str:
+    assert r.status == 200, (r.status, r.data)
+    return r.headers["x-fake-account"]
+
+
+def test_least_used_prefers_headroom(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "a", "b")
+    fake.set_state("a", seven_day_utilization=0.8)
+    fake.set_state("b", seven_day_utilization=0.1)
+    proxy = start_proxy(pool_service(fake, paths))
+    polled(proxy, 2)
+    assert {served_by(ask(proxy)) for _ in range(4)} == {"b"}
+
+
+def test_round_robin_alternates_and_fallback_sticks_to_first(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "a", "b")
+    rr = start_proxy(pool_service(fake, paths, "round-robin"), name="rr")
+    polled(rr, 2)
+    order = [served_by(ask(rr)) for _ in range(4)]
+    assert order in (["a", "b", "a", "b"], ["b", "a", "b", "a"])
+    fb = start_proxy(pool_service(fake, paths, "fallback"), name="fb")
+    polled(fb, 2)
+    assert [served_by(ask(fb)) for _ in range(3)] == ["a", "a", "a"]
+
+
+def test_random_uses_both(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "a", "b")
+    proxy = start_proxy(pool_service(fake, paths, "random"))
+    polled(proxy, 2)
+    assert {served_by(ask(proxy)) for _ in range(30)} == {"a", "b"}
+
+
+def test_session_sticks_and_transient_error_does_not_move_it(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "a", "b")
+    proxy = start_proxy(pool_service(fake, paths, "round_robin"))
+    polled(proxy, 2)
+    first = served_by(ask(proxy, session="s-1"))
+    assert all(served_by(ask(proxy, session="s-1")) == first for _ in range(4))
+    # a 500 (not a quota 429) passes through unchanged and does not move the session
+    r = ask(proxy, session="s-1", extra={"x-fake-status": "500"})
+    assert r.status == 500 and json.loads(r.data)["error"]["type"] == "api_error"
+    assert served_by(ask(proxy, session="s-1")) == first
+    # the session in metadata.user_id (JSON-string form of current Claude Code) sticks too
+    body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+            "metadata": {"user_id": json.dumps({"device_id": "d", "session_id": "s-2"})}}
+    seen = set()
+    for _ in range(4):
+        r = request("POST", proxy.url + "/v1/messages", body=json.dumps(body).encode(),
+                    headers={"Authorization": "Bearer " + ALICE, "content-type": "application/json"})
+        seen.add(served_by(r))
+    assert len(seen) == 1
+
+
+def test_quota_429_is_invisible_and_moves_the_session(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "a", "b")
+    proxy = start_proxy(pool_service(fake, paths, "fallback"))
+    polled(proxy, 2)
+    assert served_by(ask(proxy, session="conv")) == "a"
+    fake.set_state("a", quota_429=True, status="rejected")
+    c = anthropic.Anthropic(base_url=proxy.url, auth_token=ALICE, max_retries=0,
+                            default_headers={"x-claude-code-session-id": "conv"})
+    message = c.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text
+    with c.messages.stream(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as s:
+        assert "".join(s.text_stream)
+    assert served_by(ask(proxy, session="conv")) == "b"
+    assert "after a quota 429 from a" in proxy.log()
+
+
+def test_all_exhausted_gives_429_with_earliest_reset(tmp_path, fake, start_proxy):
+    now = int(time.time())
+    paths = accounts(fake, tmp_path, "a", "b")
+    fake.set_state("a", quota_429=True, status="rejected", claim="five_hour", five_hour_reset=now + 3600)
+    fake.set_state("b", quota_429=True, status="rejected", claim="five_hour", five_hour_reset=now + 1800)
+    proxy = start_proxy(pool_service(fake, paths))
+    r = ask(proxy)
+    assert r.status == 429
+    assert json.loads(r.data)["error"]["type"] == "rate_limit_error"
+    assert 1700 <= int(r.headers["retry-after"]) <= 1801
+
+
+def test_limit_and_reserve_caps(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "a", "b")
+    fake.set_state("a", seven_day_utilization=0.55, five_hour_utilization=0.1)
+    fake.set_state("b", seven_day_utilization=0.6, five_hour_utilization=0.95)
+    cfg = pool_service(fake, paths, "fallback")
+    creds = cfg["services"][0]["credentials"]
+    creds[0]["limit_weekly"] = 50  # a: 55 % >= 50 % cap -> skipped
+    creds[1]["reserve_5h"] = 10  # b: 95 % >= 90 % cap -> skipped
+    proxy = start_proxy(cfg)
+    polled(proxy, 2)
+    r = ask(proxy)
+    assert r.status == 429 and "rate-limited" in json.loads(r.data)["error"]["message"]
+    creds[1]["reserve_5h"] = 1  # same quota, cap 99 %: now b serves
+    proxy2 = start_proxy(cfg, name="p2")
+    polled(proxy2, 2)
+    assert served_by(ask(proxy2)) == "b"
+
+
+def test_poll_failures_within_grace_keep_the_credential(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "a")
+    fake.set_state("a", usage_api={"status": 500})
+    proxy = start_proxy(pool_service(fake, paths))
+    wait_for(lambda: admin_status(proxy)["credentials"][0]["poll_failures"] >= 1, 15, what="a failed poll")
+    assert served_by(ask(proxy)) == "a"
+    fake.set_state("a", usage_api={"status": 429, "retry_after": 60})
+    assert served_by(ask(proxy)) == "a"
+
+
+def test_malformed_ratelimit_headers_never_break_a_request(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "a", "b")
+    proxy = start_proxy(pool_service(fake, paths))
+    garbage = json.dumps({"anthropic-ratelimit-unified-5h-utilization": "lots",
+                          "anthropic-ratelimit-unified-7d-reset": "soon",
+                          "anthropic-ratelimit-unified-representative-claim": "weird"})
+    for _ in range(3):
+        assert ask(proxy, extra={"x-fake-ratelimit": garbage}).status == 200
+    r = ask(proxy, extra={"x-fake-status": "429", "x-fake-ratelimit": garbage})
+    assert r.status in (200, 429)
+
+
+def test_status_endpoint_numbers(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "a", "b")
+    fake.set_state("a", five_hour_utilization=0.30, seven_day_utilization=0.40,
+                   organization_type="claude_max", rate_limit_tier="default_claude_max_5x")
+    fake.set_state("b", five_hour_utilization=0.0, seven_day_utilization=0.10)
+    users = [{"name": "alice", "token": ALICE, "credential": "pool"}, {"name": "bob", "token": BOB, "credential": "b"}]
+    cfg = pool_service(fake, paths, users=users)
+    # plan weights: a is max 5x (weight 5), b is pro (weight 1)
+    write_credentials(paths["a"], "sk-ant-oat01-a-access-xxxxxxxx", "sk-ant-ort01-a-refresh-xxxxxxx",
+                      oauth={"subscriptionType": "max", "rateLimitTier": "default_claude_max_5x"})
+    write_credentials(paths["b"], "sk-ant-oat01-b-access-xxxxxxxx", "sk-ant-ort01-b-refresh-xxxxxxx",
+                      oauth={"subscriptionType": "pro"})
+    proxy = start_proxy(cfg)
+    polled(proxy, 2)
+    r = request("GET", proxy.url + "/ccm/v1/status", headers={"Authorization": "Bearer " + ALICE})
+    assert r.status == 200
+    # reference §12 example: 5h 100-(69*5+99)/6 = 26, weekly 100-(59*5+89)/6 = 36, weight 6
+    assert json.loads(r.data) == {"five_hour_utilization": 26.0, "plan_weight": 6.0, "weekly_utilization": 36.0}
+    r = request("GET", proxy.url + "/ccm/v1/status", headers={"Authorization": "Bearer " + BOB})
+    assert json.loads(r.data) == {"five_hour_utilization": 1.0, "plan_weight": 1.0, "weekly_utilization": 11.0}
+    full = admin_status(proxy)
+    by_tag = {c["tag"]: c for c in full["credentials"]}
+    assert by_tag["a"]["weekly_utilization"] == 40 and by_tag["b"]["five_hour_utilization"] == 0
+    assert full["pools"]["pool"]["members"] == ["a", "b"]
+    assert request("GET", proxy.url + "/ccm/v1/status").status == 401
+    assert request("POST", proxy.url + "/ccm/v1/status", headers={"Authorization": "Bearer " + ALICE}).status == 405
+
+
+def test_credential_file_created_after_start(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "a")
+    late = tmp_path / "late" / ".credentials.json"
+    cfg = pool_service(fake, {**paths, "late": late}, "fallback")
+    cfg["services"][0]["credentials"][0]["limit_weekly"] = 10  # a is over its cap: only "late" could serve
+    proxy = start_proxy(cfg)
+    polled(proxy, 1)
+    r = ask(proxy)
+    assert r.status == 429
+    fake.add_account(access_token="sk-ant-oat01-late-access-xxxx", refresh_token="sk-ant-ort01-late-rrrr",
+                     account="late", expires_in=3600)
+    write_credentials(late, "sk-ant-oat01-late-access-xxxx", "sk-ant-ort01-late-rrrr")
+    assert served_by(ask(proxy)) == "late"
+    late.write_text("{broken")
+    assert ask(proxy).status == 429
+
+
+def test_chaining_through_a_second_instance(tmp_path, fake, start_proxy):
+    paths = accounts(fake, tmp_path, "b")
+    peer_token = "ak-ccm-peer-0123456789abcdef"
+    peer = start_proxy({"services": [{
+        "type": "ccm", "listen": "127.0.0.1", "listen_port": 0, "upstream_url": fake.url,
+        "token_url": fake.url + "/v1/oauth/token", "credential_path": str(paths["b"]),
+        "users": [{"name": "instance-a", "token": peer_token}],
+    }]}, name="peer")
+    front = {"services": [{
+        "type": "ccm", "listen": "127.0.0.1", "listen_port": 0, "upstream_url": fake.url,
+        "credentials": [{"tag": "remote", "type": "external", "url": peer.url, "token": peer_token}],
+        "users": [{"name": "alice", "token": ALICE, "credential": "remote", "allow_external_usage": True}],
+    }]}
+    proxy = start_proxy(front, name="front")
+    c = anthropic.Anthropic(base_url=proxy.url, auth_token=ALICE, max_retries=0)
+    assert c.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}]).content
+    with c.messages.stream(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}]) as s:
+        assert "".join(s.text_stream)
+    assert " instance-a POST /v1/messages 200 " in peer.log()
+    assert fake.requests()[-1]["account"] == "b"
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 413, 529])
+def test_other_statuses_pass_through_in_a_pool(tmp_path, fake, start_proxy, status):
+    paths = accounts(fake, tmp_path, "a")
+    proxy = start_proxy(pool_service(fake, paths))
+    r = ask(proxy, extra={"x-fake-status": str(status)})
+    if status == 401:
+        assert r.status == 401  # re-read and refresh once, then the upstream answer passes through
+    else:
+        assert r.status == status
+    assert json.loads(r.data)["type"] == "error"
