@@ -5,11 +5,15 @@ encoding), so an SSE event reaches the client when the upstream sends it. The ta
 after it was handed to the server, so accounting never delays the client, and never changes a byte.
 `close()` is the single exit: a fully read upstream connection goes back to the pool, anything else
 (client gone, upstream dropped, idle timeout) is closed so the half-read connection is never reused,
-and the exchange is finished (usage recorded, access line written) exactly once.
+and the exchange is finished (usage recorded, access line written) exactly once. The iterator calls
+it itself once the upstream body has ended, before the server writes the end of the response (the
+last chunk of a Content-Length body, or the terminating chunk), so a client that received the whole
+response can rely on its usage being on disk; pywsgi's own `close()` call is then a no-op.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -18,6 +22,8 @@ from urllib3.exceptions import HTTPError, ReadTimeoutError
 
 from .errors import sse_error_event
 from .sse import Usage, parse_json_usage
+
+log = logging.getLogger("ccm_wsgi.relay")
 
 CHUNK = 65536
 JSON_TAP_LIMIT = 8 * 1024 * 1024
@@ -84,12 +90,22 @@ class Relay:
 
     def __iter__(self) -> Iterator[bytes]:
         self._set_idle_timeout()
-        read1 = self.upstream.read1
+        upstream = self.upstream
+        read1 = upstream.read1
+        tail = b""
         try:
             while True:
                 chunk = read1(CHUNK, decode_content=False)
                 if not chunk:
                     break
+                if getattr(upstream, "length_remaining", None) == 0:
+                    # The last bytes of a body with a Content-Length: the client has the whole response
+                    # as soon as they are written, so the exchange is recorded first.
+                    self._pending = chunk
+                    self.complete = True
+                    self.close()
+                    yield chunk
+                    return
                 self._pending = chunk
                 yield chunk
                 self._consume()
@@ -97,11 +113,16 @@ class Relay:
         except ReadTimeoutError:
             self.cut = "idle timeout"
             if self.sse:
-                yield sse_error_event("api_error", f"upstream sent nothing for {self.idle_timeout:g}s")
+                tail = sse_error_event("api_error", f"upstream sent nothing for {self.idle_timeout:g}s")
         except (HTTPError, OSError):
             self.cut = "upstream dropped"
             if self.sse:
-                yield sse_error_event("api_error", "the upstream connection was lost mid-stream")
+                tail = sse_error_event("api_error", "the upstream connection was lost mid-stream")
+        if tail:
+            yield tail
+        # Finish (usage journaled, access line) before the server writes the end of the chunked body:
+        # a client that has the complete response never outlives its record, even across a SIGKILL.
+        self.close()
 
     def _set_idle_timeout(self) -> None:
         """The response-headers wait is long (non-streaming answers); silence inside a body is shorter."""
@@ -133,4 +154,7 @@ class Relay:
                 self.cut = "client gone"
             self.upstream.close()
             self.upstream.release_conn()
-        self.finish(self)
+        try:
+            self.finish(self)
+        except Exception:  # close() may run inside the iterator: never let accounting break a response
+            log.exception("finishing a relayed response failed")

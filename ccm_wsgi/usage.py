@@ -695,8 +695,9 @@ class UsageStore:
     # public API
 
     def open(self) -> None:
-        """Load the file and fold the journal into it now (creating the file if missing)."""
+        """Load the file and fold the journal into it now (creating the file, and its directory, if missing)."""
         try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             with _locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT):
                 self._fold()
         except OSError as exc:
