@@ -158,3 +158,12 @@ def test_rounding_of_exact_costs_and_sums() -> None:
     assert round_cents(usd(p, "claude-opus-4-6", in_=25, out=100)) == 0.0  # 0.002625
     assert sum_cents([0.1, 0.2]) == 0.3
     assert sum_cents([0.01] * 1000) == 10.0
+
+
+def test_newer_minor_versions_are_not_priced_as_the_4_0_rows():
+    """`claude-opus-4-8` is newer than the table: the Opus 4/4.1 row ($15/$75) must not catch it."""
+    pricing = Pricing()
+    assert pricing.cost("claude-opus-4-8", 200_000, 1_000_000, 0, 0, 0, 0, 0) == 5.0
+    assert pricing.cost("claude-opus-4-1-20250805", 200_000, 1_000_000, 0, 0, 0, 0, 0) == 15.0
+    assert pricing.cost("claude-sonnet-4-20250514", 200_000, 1_000_000, 0, 0, 0, 0, 0) == 3.0
+    assert pricing.cost("claude-haiku-4-9", 200_000, 1_000_000, 0, 0, 0, 0, 0) == 1.0
