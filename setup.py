@@ -20,9 +20,9 @@ setup(
         "zstandard>=0.22",
     ],
     extras_require={
-        "gunicorn": ["gunicorn>=23.0"],
+        "gunicorn": ["gunicorn[gevent]>=23.0"],
         "test": [
-            "gunicorn>=23.0",
+            "gunicorn[gevent]>=23.0",
             "pytest>=8.0",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",

@@ -363,7 +363,8 @@ class OAuthCredential:
                     timeout=urllib3.Timeout(connect=10.0, read=30.0), retries=False, redirect=False,
                 )
             except urllib3.exceptions.HTTPError as exc:
-                last_error = type(exc).__name__
+                describe = getattr(self.http, "ccm_describe_error", None)  # names the outbound (detour)
+                last_error = describe(exc) if describe is not None else type(exc).__name__
                 continue
             return self._refresh_answer(resp)
         raise self._fail(502, f"credential {self.tag}: the token endpoint is unreachable ({last_error})")

@@ -1,8 +1,21 @@
-"""Inbound TLS: an `ssl.SSLContext` built from the sing-box `tls` object, reloaded when files change.
+"""Inbound TLS: the sing-box `tls` object as a server context that follows certificate files.
 
-Only HTTP/1.1 is served, so only `http/1.1` is advertised through ALPN (sing-box 1.13 advertises h2
-and then cannot speak it). Certificate and key files are polled; when either changes, the chain is
-loaded into the same context, so new connections get the new certificate without a restart.
+* Versions, cipher suites (Go names, mapped to OpenSSL's), client authentication and the certificate
+  and key (files or inline PEM) come from the config. TLS 1.3 suites cannot be chosen (OpenSSL always
+  enables them, as Go does).
+* ALPN: only HTTP/1.1 is served, so only `http/1.1` is advertised (sing-box 1.13 advertises h2 and
+  then cannot speak it); the config loader refuses `h2`.
+* `server_name`: a client that sends another name through SNI is refused with the TLS alert
+  `unrecognized_name`; a client that sends no name (an IP address in its URL) is served.
+* Reload: `certificate_path`, `key_path` and `client_certificate_path` are polled every
+  `POLL_SECONDS`. On a change a whole new `SSLContext` is built from the files and, only if that
+  succeeds, swapped in for new connections (connections already open keep theirs). Building a new
+  context rather than loading into the live one matters: a certificate written before its key would
+  otherwise leave the live context with a mismatched pair (OpenSSL drops the half that does not
+  match) and every handshake would fail until the key lands; and a change of key type (RSA to ECDSA)
+  would leave the old certificate in its slot, still served to some clients.
+
+`ServerContext` is what gevent's servers (ours and gunicorn's gevent worker) need: a `wrap_socket`.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ VERSIONS = {
     "1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3,
 }
 CLIENT_AUTH = {"no": ssl.CERT_NONE, "verify-if-given": ssl.CERT_OPTIONAL, "require-and-verify": ssl.CERT_REQUIRED}
+ALPN = ["http/1.1"]
 POLL_SECONDS = 2.0
 
 
@@ -46,7 +60,8 @@ def _write(directory: str, name: str, text: str) -> str:
     return path
 
 
-def server_context(cfg: Any) -> ssl.SSLContext:
+def build_context(cfg: Any) -> ssl.SSLContext:
+    """A new server `SSLContext` from the `tls` config; raises OSError or ssl.SSLError."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     if cfg.min_version:
         ctx.minimum_version = VERSIONS[cfg.min_version]
@@ -55,7 +70,7 @@ def server_context(cfg: Any) -> ssl.SSLContext:
     ciphers = openssl_cipher_list(cfg.cipher_suites)
     if ciphers:  # TLS 1.3 suites cannot be chosen this way (OpenSSL always enables them)
         ctx.set_ciphers(ciphers)
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(ALPN)
     ctx.verify_mode = CLIENT_AUTH.get(cfg.client_authentication or "no", ssl.CERT_NONE)
     if cfg.client_certificate:
         ctx.load_verify_locations(cadata=cfg.client_certificate)
@@ -76,37 +91,68 @@ def _sni_checker(server_name: str) -> Any:
     return check
 
 
+class ServerContext:
+    """Wraps accepted sockets with the newest context that loaded; `reload()` builds the next one."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.current = build_context(cfg)
+        self.paths = [p for p in (cfg.certificate_path, cfg.key_path, *cfg.client_certificate_path) if p]
+        self.watcher: gevent.Greenlet | None = None
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.current.wrap_socket(sock, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # anything else a server may ask of an SSLContext
+        if name == "current":  # not built (yet): no recursion
+            raise AttributeError(name)
+        return getattr(self.current, name)
+
+    def reload(self) -> bool:
+        """Swap in a context built from the files as they are now; keep the old one if that fails."""
+        try:
+            new = build_context(self.cfg)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # e.g. the certificate landed before its key: the next change of either file retries
+            log.error("TLS certificate reload failed (keeping the old one): %s", exc)
+            return False
+        self.current = new
+        log.info("TLS certificate reloaded from %s", self.cfg.certificate_path or self.cfg.key_path)
+        return True
+
+    def watch(self) -> gevent.Greenlet | None:
+        """Poll the files and reload on every change; None when nothing comes from a file."""
+        if not self.paths or self.watcher is not None:
+            return self.watcher
+
+        def loop() -> None:
+            last = _stamp(self.paths)
+            while True:
+                gevent.sleep(POLL_SECONDS)
+                now = _stamp(self.paths)
+                if now != last:
+                    last = now
+                    self.reload()
+
+        self.watcher = gevent.spawn(loop)
+        return self.watcher
+
+
+def server_context(cfg: Any) -> ServerContext:
+    return ServerContext(cfg)
+
+
+def watch(ctx: ServerContext, cfg: Any = None) -> gevent.Greenlet | None:
+    """Reload `ctx` whenever its certificate files change (see `ServerContext.watch`)."""
+    return ctx.watch()
+
+
 def _stamp(paths: list[str]) -> tuple[Any, ...]:
     stamp = []
     for path in paths:
         try:
             st = os.stat(path)
-            stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            stamp.append((st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns))
         except OSError:
             stamp.append(None)
     return tuple(stamp)
-
-
-def watch(ctx: ssl.SSLContext, cfg: Any) -> gevent.Greenlet | None:
-    """Reload the certificate files into `ctx` whenever they change; None when nothing is a file."""
-    paths = [p for p in (cfg.certificate_path, cfg.key_path) if p]
-    if not paths:
-        return None
-
-    def loop() -> None:
-        last = _stamp(paths)
-        while True:
-            gevent.sleep(POLL_SECONDS)
-            now = _stamp(paths)
-            if now == last:
-                continue
-            last = now
-            try:
-                _load_chain(ctx, cfg)
-            except (OSError, ssl.SSLError) as exc:
-                # e.g. the certificate landed before its key: the next change of either file retries
-                log.error("TLS certificate reload failed (keeping the old one): %s", exc)
-                continue
-            log.info("TLS certificate reloaded from %s", cfg.certificate_path or cfg.key_path)
-
-    return gevent.spawn(loop)

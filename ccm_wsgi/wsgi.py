@@ -1,42 +1,87 @@
 """`ccm_wsgi.wsgi:app` for gunicorn (gevent worker): the service named by `CCM_SERVICE` in `CCM_CONFIG`.
 
-gunicorn's gevent worker monkey-patches before it imports this module, so every worker builds its
-own service here: its own pools, its own usage saver greenlet. Workers share the credential file
-(refresh under a file lock) and the usage file (journal + locked fold), so they stay consistent.
-`conf/gunicorn.conf.py` calls `shutdown()` when a worker exits, which saves usage.
+Importing this module is cheap and patches nothing: `conf/gunicorn.conf.py` imports it in the
+gunicorn master to read the config (bind address, TLS, grace period) and to fail fast on a bad one.
+The service itself is built on first access to `app`, which gunicorn does in each worker after the
+fork and after the gevent worker has monkey-patched, so every worker has its own connection pools,
+its own usage saver greenlet and its own certificate watcher. Workers share the credential file
+(refresh under a file lock: one refresh for all of them) and the usage file (journal + locked fold:
+exact totals), so they stay consistent. `conf/gunicorn.conf.py` calls `shutdown()` when a worker
+exits, which saves usage.
+
+`CCM_USAGE_SAVE_INTERVAL` (seconds, default 60) changes how often each worker folds its usage into
+the file; records are durable in the journal either way.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from . import config as config_mod
-from . import logs
-from .app import create_app
-from .outbounds import Outbounds
-from .service import Service
+
+_built: tuple[Any, Any] | None = None
 
 
-def _load() -> tuple[Service, object]:
+class ConfigProblem(Exception):
+    """The config cannot be served; `lines` say why, one problem per line."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def load_config() -> tuple[config_mod.Config, config_mod.Service]:
+    """The whole config and the service to serve, from `CCM_CONFIG` and `CCM_SERVICE`."""
     path = os.environ.get("CCM_CONFIG")
     try:
         cfg = config_mod.load(path) if path else config_mod.default_config()
     except config_mod.ConfigError as exc:
-        raise SystemExit("invalid config:\n" + "\n".join(exc.problems)) from None
-    logs.setup(cfg.log)
+        raise ConfigProblem(list(exc.problems)) from None
     wanted = os.environ.get("CCM_SERVICE")
     services = [s for s in cfg.services if not wanted or s.tag == wanted]
     if not services:
-        raise SystemExit(f"CCM_SERVICE={wanted!r}: no ccm service with that tag in {path}")
+        raise ConfigProblem([f"CCM_SERVICE={wanted!r}: no ccm service with that tag in {path}"])
     if len(services) > 1:
-        raise SystemExit(f"{path} has several ccm services: set CCM_SERVICE to one of their tags")
-    service = Service(services[0], Outbounds(cfg.outbounds))
+        tags = ", ".join(s.tag for s in services)
+        raise ConfigProblem([f"{path} has several ccm services ({tags}): set CCM_SERVICE to one of their tags"])
+    return cfg, services[0]
+
+
+def _build() -> tuple[Any, Any]:
+    import logging
+
+    from . import logs
+    from .app import create_app
+    from .outbounds import Outbounds
+    from .service import Service
+
+    try:
+        cfg, service_cfg = load_config()
+    except ConfigProblem as exc:
+        raise SystemExit("invalid config:\n" + str(exc)) from None
+    logs.setup(cfg.log)
+    service = Service(service_cfg, Outbounds(cfg.outbounds))
+    interval = os.environ.get("CCM_USAGE_SAVE_INTERVAL")
+    if interval:
+        for store in service.usage_stores():
+            store.interval = float(interval)
     service.start()
+    logging.getLogger("ccm_wsgi.server").info("service %s ready in worker %d", service.tag, os.getpid())
     return service, create_app(service)
 
 
-service, app = _load()
+def __getattr__(name: str) -> Any:
+    """`app` and `service`, built on first use (in the worker, after the fork)."""
+    global _built
+    if name not in ("app", "service"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _built is None:
+        _built = _build()
+    return _built[0] if name == "service" else _built[1]
 
 
 def shutdown() -> None:
-    service.close()
+    """Save usage (a worker exits); nothing to do where the service was never built."""
+    if _built is not None:
+        _built[0].close()

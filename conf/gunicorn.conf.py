@@ -1,25 +1,87 @@
-"""gunicorn settings for ccm-wsgi (`gunicorn -c conf/gunicorn.conf.py ccm_wsgi.wsgi:app`, config in CCM_CONFIG).
+"""gunicorn settings for ccm-wsgi: `CCM_CONFIG=/etc/ccm-wsgi/config.json gunicorn -c conf/gunicorn.conf.py
+ccm_wsgi.wsgi:app` (CONTRACT §1). With several ccm services in the config, `CCM_SERVICE` picks one.
 
-The gevent worker keeps hundreds of streams per worker; timeouts suit 10-minute streams; a worker
-that exits (restart, SIGTERM) saves its usage first.
+The config is read here, in the master, so a bad one stops gunicorn at once with the same lines as
+`ccm-wsgi check`, and the service's own settings apply as with `ccm-wsgi serve`:
+
+* bind: the service's `listen` and `listen_port` (`-b` on the command line or `CCM_BIND` win);
+* TLS: the service's `tls` object (the same context, ALPN `http/1.1` only, certificate files
+  reloaded when they change), through gunicorn's `ssl_context` hook, in every worker;
+* graceful shutdown: `shutdown_grace` of the service is gunicorn's `graceful_timeout`.
+
+Timeouts and long streams: gunicorn never limits a request's duration with the gevent worker (its
+`timeout` is a heartbeat the worker sends from its own greenlet, however long the responses are), so a
+10-minute stream runs to its end; the upstream side is bounded by the service's `response_timeout`
+and `stream_idle_timeout`. On SIGTERM (and on SIGHUP, which replaces the workers) a worker stops
+accepting, lets its streams finish for up to `shutdown_grace` (set it to "10m" to let the longest
+ones end) and then runs `worker_exit`, which saves usage. SIGINT and SIGQUIT are gunicorn's fast
+shutdown: streams are cut, usage is still saved.
+
+Each worker builds its own service after the fork (`preload_app = False`): its own pools, its own
+usage saver greenlet, its own certificate watcher. They share the credential file (one refresh for
+all, under a file lock) and the usage file (journal + locked fold: totals stay exact).
 """
 
+import contextlib
 import os
+import socket
+import sys
 
-bind = os.environ.get("CCM_BIND", "127.0.0.1:8080")
+from ccm_wsgi import wsgi as _ccm  # reads the config only; nothing is patched or built in the master
+
+try:
+    _config, _service = _ccm.load_config()
+except _ccm.ConfigProblem as _problem:
+    sys.stderr.write("ccm-wsgi: invalid config:\n" + "\n".join(_problem.lines) + "\n")
+    raise SystemExit(1) from None
+
+
+def _address(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+bind = [os.environ.get("CCM_BIND") or _address(_service.listen, _service.listen_port)]
 workers = int(os.environ.get("CCM_WORKERS", "2"))
 worker_class = "gevent"
-worker_connections = 4096
+worker_connections = 4096  # streams per worker: each one is a greenlet
 backlog = 4096
-timeout = 120  # heartbeat of the gevent worker, not a request timeout
-graceful_timeout = 630  # let a 10-minute stream finish on SIGTERM/SIGHUP
-keepalive = 75
-accesslog = None  # ccm-wsgi writes its own access line (user, tokens, cost)
+timeout = 120  # heartbeat of the worker process (see above), not a request timeout
+graceful_timeout = max(1, round(_service.shutdown_grace))
+keepalive = 5  # idle keep-alive connections delay a graceful stop by at most this long
+max_requests = 0  # never recycle a worker in the middle of someone's stream
+preload_app = False
+http_protocols = "h1"  # newer gunicorn could offer h2 through ALPN; only HTTP/1.1 is served (as serve)
+control_socket_disable = True  # newer gunicorn: no control socket under $HOME (a service user has none)
+accesslog = None  # ccm-wsgi writes its own access line (user, tokens, cost) to the error log
 errorlog = "-"
-preload_app = False  # each worker builds its own pools and usage saver after the fork
+proc_name = f"ccm-wsgi[{_service.tag}]"
+
+if _service.tls is not None:
+    # gunicorn turns TLS on when `certfile` is set and checks that the file exists; the context
+    # itself comes from `ssl_context` below (inline PEM included), so any existing file will do.
+    certfile = _service.tls.certificate_path or os.environ.get("CCM_CONFIG")
+    keyfile = _service.tls.key_path or None
+
+    def ssl_context(conf, default_ssl_context_factory):
+        from ccm_wsgi import tls  # in the worker, after gevent's patching
+
+        context = tls.server_context(_service.tls)
+        context.watch()
+        return context
+
+
+def post_request(worker, req, environ, resp):
+    """A response that was in flight when the worker was told to stop: close its connection now
+    instead of waiting `keepalive` seconds for a next request that will not be served."""
+    if not worker.alive:
+        sock = environ.get("gunicorn.socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def worker_exit(server, worker):
-    from ccm_wsgi import wsgi
-
-    wsgi.shutdown()
+    """In the worker, after it stopped serving: save usage (the journal already holds every record)."""
+    module = sys.modules.get("ccm_wsgi.wsgi")
+    if module is not None:
+        module.shutdown()

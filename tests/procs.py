@@ -129,3 +129,44 @@ HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, rea
 
 def request(method: str, url: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
     return HTTP.request(method, url, **kwargs)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = ROOT / "conf" / "gunicorn.conf.py"
+GUNICORN_LISTEN_RE = re.compile(r"Listening at: (https?)://([\d.]+):(\d+)")
+WORKER_READY_RE = re.compile(r"service (\S+) ready in worker (\d+)")
+
+
+class Gunicorn(Proxy):
+    """`gunicorn -c conf/gunicorn.conf.py ccm_wsgi.wsgi:app -w N -b 127.0.0.1:0` with CCM_CONFIG; ready
+    once it listens and every worker has built its service. `extra` adds command-line arguments."""
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any], workers: int = 2, name: str = "gunicorn",
+                 env: dict[str, str] | None = None, extra: tuple[str, ...] = ()):
+        super().__init__(tmp_path, config, name=name, env=env)
+        self.env["CCM_CONFIG"] = str(self.config_path)
+        self.workers = workers
+        self.extra = extra
+
+    def start(self) -> Gunicorn:
+        command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "ccm_wsgi.wsgi:app",
+                   "-w", str(self.workers), "-b", "127.0.0.1:0", *self.extra]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=log, env=self.env, start_new_session=True,
+                                         cwd=ROOT)
+        wait_for(lambda: self._ready(self.workers), START_TIMEOUT, what=f"gunicorn start (log: {self.log_path})")
+        return self
+
+    def _ready(self, n: int) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+        text = self.log()
+        listening = GUNICORN_LISTEN_RE.search(text)
+        if listening:
+            self.scheme = listening.group(1)
+            self.ports["gunicorn"] = int(listening.group(3))
+        return bool(listening) and len(self.worker_pids()) >= n
+
+    def worker_pids(self) -> set[int]:
+        """Workers that built their service (a worker replaced later adds its pid)."""
+        return {int(m.group(2)) for m in WORKER_READY_RE.finditer(self.log())}

@@ -1,0 +1,276 @@
+"""gunicorn end to end: `gunicorn -c conf/gunicorn.conf.py ccm_wsgi.wsgi:app -w 2` against the fake upstream.
+
+To know that *both* workers did something, a test pauses all workers but one with SIGSTOP: the paused
+one cannot accept, so the next connection goes to the other (`only`). gunicorn's access log (pid per
+request) shows where the concurrent bursts went.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import runpy
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+import trustme
+from conftest import ACCESS, ALICE, BOB, REFRESH
+from procs import GUNICORN_CONF, HTTP, ROOT, Gunicorn, request, service_config, wait_for, write_credentials
+
+MODEL = "claude-sonnet-4-6"
+USERS = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
+ACCESS_FORMAT = "%(p)s %(m)s %(U)s %(s)s"
+
+
+@pytest.fixture
+def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
+    started: list[Gunicorn] = []
+
+    def start(config: dict[str, Any], workers: int = 2, env: dict[str, str] | None = None) -> Gunicorn:
+        extra = ("--access-logfile", str(tmp_path / "access.log"), "--access-logformat", ACCESS_FORMAT)
+        server = Gunicorn(tmp_path, config, workers=workers, env=env, extra=extra).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        with contextlib.suppress(ProcessLookupError):
+            for pid in server.worker_pids():
+                os.kill(pid, signal.SIGCONT)
+        server.stop()
+
+
+def served_by(tmp_path: Path) -> list[int]:
+    """The worker pid of every request so far (gunicorn's access log)."""
+    try:
+        text = (tmp_path / "access.log").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(m.group(1)) for m in re.finditer(r"^<(\d+)> ", text, re.M)]
+
+
+@contextlib.contextmanager
+def only(server: Gunicorn, pid: int) -> Iterator[None]:
+    """Every other worker is paused (SIGSTOP), so new connections go to worker `pid`."""
+    others = [p for p in server.worker_pids() if p != pid]
+    for other in others:
+        os.kill(other, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for other in others:
+            os.kill(other, signal.SIGCONT)
+
+
+def client(server: Gunicorn, token: str = ALICE) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, auth_token=token, max_retries=0)
+
+
+def message(server: Gunicorn, token: str = ALICE) -> tuple[int, int]:
+    """One non-streaming message on a new connection; its (input, output) tokens."""
+    with client(server, token) as c:
+        usage = c.messages.create(model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}]).usage
+    return usage.input_tokens, usage.output_tokens
+
+
+def stream(server: Gunicorn, token: str = ALICE) -> tuple[int, int]:
+    with client(server, token) as c, c.messages.stream(
+            model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}]) as s:
+        assert "".join(s.text_stream)
+        usage = s.get_final_message().usage
+    return usage.input_tokens, usage.output_tokens
+
+
+def burst(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run the calls at once, each on its own thread and connection; raise the first failure."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def totals(path: Path) -> dict[str, dict[str, int]]:
+    """Requests and tokens in a usage file, overall and per user."""
+    doc = json.loads(path.read_text())
+    out: dict[str, dict[str, int]] = {}
+    for combo in doc["combinations"]:
+        for who, stats in [("*", combo["total"]), *combo["by_user"].items()]:
+            into = out.setdefault(who, {"request_count": 0, "input_tokens": 0, "output_tokens": 0})
+            for key in into:
+                into[key] += stats[key]
+    return out
+
+
+def file_requests(path: Path) -> int:
+    try:
+        return totals(path).get("*", {}).get("request_count", 0)
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def test_streams_and_exact_usage_across_workers_saved_on_sigterm(tmp_path, fake, creds, start_gunicorn):
+    usages = tmp_path / "usages.json"
+    server = start_gunicorn({"services": [service_config(fake.url, creds, users=USERS, usages_path=str(usages))]})
+    workers = sorted(server.worker_pids())
+    assert len(workers) == 2
+    expected: dict[str, list[tuple[int, int]]] = {"alice": [], "bob": []}
+    # each worker serves one of each kind on its own
+    for pid in workers:
+        with only(server, pid):
+            expected["alice"].append(message(server))
+            expected["bob"].append(stream(server, BOB))
+    assert sorted(set(served_by(tmp_path))) == workers
+    # then a burst spread over both
+    calls = [lambda i=i: (message if i % 2 else stream)(server, (ALICE, BOB)[i % 3 == 0]) for i in range(16)]
+    for i, usage in enumerate(burst(calls)):
+        expected[("alice", "bob")[i % 3 == 0]].append(usage)
+    # a stream's events reach the client while the upstream still holds the rest (no buffering)
+    seen: list[str] = []
+    with client(server) as c, c.messages.stream(
+            model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-fake-wait-release": "g1", "x-fake-events": "3"}) as s:
+        for event in s:
+            seen.append(event.type)
+            if event.type == "content_block_delta" and seen.count("content_block_delta") == 1:
+                assert fake.sent("g1") <= 3
+                fake.release("g1")
+        expected["alice"].append((s.get_final_message().usage.input_tokens,
+                                  s.get_final_message().usage.output_tokens))
+    assert seen[-1] == "message_stop"
+    # SIGTERM while a stream is in flight: it finishes, every worker saves, gunicorn exits 0
+    HTTP.clear()  # no idle keep-alive connection of ours holds a worker
+    r = request("POST", server.url + "/v1/messages", preload_content=False, body=json.dumps(
+        {"model": MODEL, "max_tokens": 16, "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode(),
+        headers={"Authorization": "Bearer " + BOB, "content-type": "application/json", "x-fake-events": "20",
+                 "x-fake-delay-ms": "50", "x-fake-input-tokens": "3", "x-fake-output-tokens": "11"})
+    first = r.read1(65536)
+    assert b"message_start" in first
+    server.signal(signal.SIGTERM)
+    rest = r.read()
+    ended = time.monotonic()
+    assert b"message_stop" in first + rest and b"event: error" not in rest
+    expected["bob"].append((3, 11))
+    assert server.wait(30) == 0
+    # no waiting for the next request on that connection (gunicorn's keep-alive) once the stream ended
+    assert time.monotonic() - ended < 4
+    assert "Worker exiting" in server.log()
+    # the file itself (not only the journal) holds every request, counted once
+    got = totals(usages)
+    for user, usages_list in expected.items():
+        assert got[user] == {"request_count": len(usages_list), "input_tokens": sum(u[0] for u in usages_list),
+                             "output_tokens": sum(u[1] for u in usages_list)}, (user, got)
+    assert got["*"]["request_count"] == sum(len(v) for v in expected.values()) == 22
+    for secret in (ALICE, BOB, ACCESS, REFRESH):
+        assert secret not in server.log()
+
+
+def test_periodic_save_runs_in_every_worker(tmp_path, fake, creds, start_gunicorn):
+    usages = tmp_path / "usages.json"
+    server = start_gunicorn({"services": [service_config(fake.url, creds, usages_path=str(usages))]},
+                            env={"CCM_USAGE_SAVE_INTERVAL": "0.5"})
+    assert file_requests(usages) == 0  # created empty at start
+    sent = 0
+    for _ in range(2):  # twice round: each worker's saver greenlet keeps running
+        for pid in sorted(server.worker_pids()):
+            with only(server, pid):
+                message(server)
+                sent += 1
+                # only this worker has unsaved records: the file catches up only through its own saver
+                wait_for(lambda n=sent: file_requests(usages) == n, 5, 0.05, what=f"worker {pid} to save usage")
+            assert served_by(tmp_path)[-1] == pid
+    assert file_requests(usages) == 4
+
+
+def test_one_refresh_across_workers(tmp_path, fake, start_gunicorn):
+    fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=30)
+    path = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
+    server = start_gunicorn({"services": [service_config(fake.url, path)]})
+    burst([lambda: message(server) for _ in range(12)])
+    # whatever the burst hit, each worker then serves one on its own with the refreshed token
+    for pid in sorted(server.worker_pids()):
+        with only(server, pid):
+            message(server)
+    assert set(served_by(tmp_path)) == server.worker_pids()
+    stats = fake.stats()
+    assert stats["refreshes"] == 1 and stats["invalid_grant"] == 0, stats
+    oauth = json.loads(path.read_text())["claudeAiOauth"]
+    assert oauth["accessToken"] != ACCESS and oauth["refreshToken"] != REFRESH
+
+
+def test_tls_from_the_config(tmp_path, fake, creds, start_gunicorn):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    tls = {"enabled": True, "certificate_path": str(tmp_path / "cert.pem"), "key_path": str(tmp_path / "key.pem")}
+    server = start_gunicorn({"services": [service_config(fake.url, creds, users=USERS, tls=tls)]})
+    assert server.scheme == "https"
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+        assert conn.selected_alpn_protocol() == "http/1.1"
+    with anthropic.Anthropic(base_url=server.url, auth_token=ALICE, max_retries=0,
+                             http_client=anthropic.DefaultHttpxClient(verify=ctx)) as c, \
+            c.messages.stream(model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}]) as s:
+        assert "".join(s.text_stream)
+
+
+def test_bad_config_stops_gunicorn_with_the_check_lines(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"services": [service_config("http://127.0.0.1:1", tmp_path / "c.json",
+                                                            detour="nope")]}))
+    out = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "ccm_wsgi.wsgi:app"],
+                         env={**os.environ, "CCM_CONFIG": str(path)}, cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode != 0
+    assert any(line.startswith("services[0].detour: ") for line in out.stderr.splitlines()), out.stderr
+
+
+def test_settings_follow_the_service(tmp_path, monkeypatch):
+    config = {"services": [
+        service_config("http://127.0.0.1:1", tmp_path / "c.json", tag="a", listen_port=18080),
+        service_config("http://127.0.0.1:1", tmp_path / "c.json", tag="b", listen="::1", listen_port=18081,
+                       shutdown_grace="10m"),
+    ]}
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("CCM_CONFIG", str(path))
+    monkeypatch.delenv("CCM_BIND", raising=False)
+    monkeypatch.setenv("CCM_SERVICE", "b")
+    settings = runpy.run_path(str(GUNICORN_CONF))
+    assert settings["bind"] == ["[::1]:18081"] and settings["graceful_timeout"] == 600
+    assert settings["worker_class"] == "gevent" and settings["preload_app"] is False
+    assert settings["max_requests"] == 0 and callable(settings["worker_exit"])
+    monkeypatch.setenv("CCM_SERVICE", "a")
+    settings = runpy.run_path(str(GUNICORN_CONF))
+    assert settings["bind"] == ["127.0.0.1:18080"] and settings["graceful_timeout"] == 30
+    monkeypatch.delenv("CCM_SERVICE")
+    with pytest.raises(SystemExit):  # two services and no CCM_SERVICE
+        runpy.run_path(str(GUNICORN_CONF))
