@@ -41,9 +41,11 @@ class Authenticator:
 
     def __init__(self, users: Iterable[Any], admin_tokens: Iterable[str] = ()):
         self._users: dict[bytes, Any] = {}
+        self._stored: dict[int, bytes] = {}  # id(user) -> its token's digest, computed once (not per request)
         for user in users:
             key = bytes.fromhex(user.token_sha256) if user.token_sha256 else digest(user.token)
             self._users[key] = user
+            self._stored[id(user)] = key
         self._admins = [digest(t) for t in admin_tokens]
         self.open = not self._users
 
@@ -65,8 +67,7 @@ class Authenticator:
         user = self._users.get(key)
         if user is None:
             return None
-        stored = bytes.fromhex(user.token_sha256) if user.token_sha256 else digest(user.token)
-        return user if hmac.compare_digest(stored, key) else None
+        return user if hmac.compare_digest(self._stored[id(user)], key) else None
 
     def is_admin(self, environ: dict[str, Any]) -> bool:
         token = presented_token(environ)

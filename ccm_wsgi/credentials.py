@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,9 @@ LOCK_WAIT_SECONDS = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
 USER_AGENT = "claude-code/2.1.72"
 OAUTH_KEY = "claudeAiOauth"
+# Failures that happen before the refresh request leaves: only these are retried.
+NOT_SENT = (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ProxyError)
+OAUTH_ERROR = re.compile(r"[a-z_]{1,40}")
 
 log = logging.getLogger("ccm_wsgi.credentials")
 
@@ -365,7 +369,9 @@ class OAuthCredential:
             except urllib3.exceptions.HTTPError as exc:
                 describe = getattr(self.http, "ccm_describe_error", None)  # names the outbound (detour)
                 last_error = describe(exc) if describe is not None else type(exc).__name__
-                continue
+                if isinstance(exc, NOT_SENT):
+                    continue
+                break  # the endpoint may have spent the refresh token already: never send it twice
             return self._refresh_answer(resp)
         raise self._fail(502, f"credential {self.tag}: the token endpoint is unreachable ({last_error})")
 
@@ -377,7 +383,8 @@ class OAuthCredential:
         if resp.status == 200 and isinstance(answer, dict) and isinstance(answer.get("access_token"), str):
             return answer
         code = answer.get("error") if isinstance(answer, dict) else None
-        reason = f"HTTP {resp.status}" + (f" {code}" if isinstance(code, str) else "")
+        # only an OAuth error code (invalid_grant, ...): whatever else the endpoint says is never repeated
+        reason = f"HTTP {resp.status}" + (f" {code}" if isinstance(code, str) and OAUTH_ERROR.fullmatch(code) else "")
         if resp.status in (400, 401, 403):
             raise RefreshRejected(f"the token endpoint refused the refresh ({reason})")
         raise self._fail(502, f"credential {self.tag}: the token endpoint failed ({reason})")

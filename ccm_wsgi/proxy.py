@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+import gevent
 import urllib3
 from urllib3.exceptions import HTTPError
 
@@ -32,6 +33,8 @@ log = logging.getLogger("ccm_wsgi.proxy")
 access_log = logging.getLogger("ccm_wsgi.access")
 
 SMALL_BODY = 1024 * 1024  # non-streaming bodies up to this size are sent in one write
+BODY_MIN_RATE = 64 * 1024  # bytes/s: a body must arrive within client_timeout + its size at this rate
+CLOSE = [("Connection", "close")]
 
 
 def status_line(status: int, reason: str | None = None) -> str:
@@ -98,6 +101,7 @@ class Proxy:
         self.connect_timeout = cfg.connect_timeout
         self.response_timeout = cfg.response_timeout
         self.idle_timeout = cfg.stream_idle_timeout
+        self.client_timeout = cfg.client_timeout
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         ex = Exchange(time.monotonic(), environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
@@ -111,7 +115,7 @@ class Proxy:
         except NoCredential as err:
             return self._fail(ex, err.as_proxy_error(), start_response)
         except Exception:
-            log.exception("internal error while proxying %s %s", ex.method, ex.path)
+            log.exception("internal error while proxying %s %s", ex.method, printable(ex.path))
             return self._fail(ex, ProxyError(500, "api_error", "internal error in ccm-wsgi"), start_response)
 
     def _proxy(self, environ: dict[str, Any], start_response: Any, ex: Exchange) -> Any:
@@ -167,14 +171,32 @@ class Proxy:
             if not length.isdigit():
                 raise ProxyError(400, "invalid_request_error", "invalid Content-Length")
             if int(length) > self.max_body:
-                raise ProxyError(413, "request_too_large", f"request body exceeds {self.max_body} bytes")
-            return stream.read(int(length))
-        if environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
-            body = stream.read(self.max_body + 1)
-            if len(body) > self.max_body:
-                raise ProxyError(413, "request_too_large", f"request body exceeds {self.max_body} bytes")
-            return body
-        return b""
+                abandon(stream)  # not read, not waited for
+                raise ProxyError(413, "request_too_large", f"request body exceeds {self.max_body} bytes", CLOSE)
+            size = int(length)
+        elif environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
+            size = self.max_body + 1
+        else:
+            return b""
+        # The socket timeout only bounds silence: a client trickling a byte at a time (slowloris) is
+        # bounded by this deadline instead. Either way the rest of the body is not waited for.
+        with gevent.Timeout(self.client_timeout + size / BODY_MIN_RATE) as deadline:
+            try:
+                body = stream.read(size)
+            except gevent.Timeout as exc:
+                if exc is not deadline:
+                    raise
+                abandon(stream)
+                raise ProxyError(408, "invalid_request_error", "the request body did not arrive in time", CLOSE) \
+                    from None
+            except Exception as exc:  # the client went away, stalled or sent a broken chunked body
+                abandon(stream)
+                status = 408 if isinstance(exc, TimeoutError) else 400
+                raise ProxyError(status, "invalid_request_error", "the request body was cut short", CLOSE) from None
+        if len(body) > self.max_body:
+            abandon(stream)
+            raise ProxyError(413, "request_too_large", f"request body exceeds {self.max_body} bytes", CLOSE)
+        return body
 
     def _forward(self, account: Account, environ: dict[str, Any], body: bytes) -> urllib3.BaseHTTPResponse:
         """Send upstream; on a 401 adopt or refresh the token once and send once more."""
@@ -250,6 +272,17 @@ class Proxy:
             access_log.info(access_line(ex, cost))
 
 
+def abandon(stream: Any) -> None:
+    """Tell pywsgi not to drain the rest of a body we gave up on (a slow client would hold it again)."""
+    if hasattr(stream, "_chunked_input_error"):
+        stream._chunked_input_error = True
+
+
+def printable(text: str) -> str:
+    """`text` safe for one log line: control characters (CR, LF from a percent-encoded path) escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def access_line(ex: Exchange, cost: float | None) -> str:
     """`user method path status bytes duration mode [model tokens cost] [cut]`, one line per request."""
     duration = (time.monotonic() - ex.start) * 1000
@@ -267,4 +300,4 @@ def access_line(ex: Exchange, cost: float | None) -> str:
             line += f" cost=${cost:.4f}"
     if ex.cut:
         line += f" partial({ex.cut})"
-    return line
+    return printable(line)

@@ -13,7 +13,11 @@ response can rely on its usage being on disk; pywsgi's own `close()` call is the
 
 from __future__ import annotations
 
+import errno
+import functools
+import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -27,6 +31,9 @@ log = logging.getLogger("ccm_wsgi.relay")
 
 CHUNK = 65536
 JSON_TAP_LIMIT = 8 * 1024 * 1024
+JSON_TAP_EDGE = 64 * 1024  # of a larger body only the head (its `model`) and the tail (its `usage`) are kept
+_MODEL_KEY = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*(?=\{)')
 
 
 class Tap(Protocol):
@@ -40,14 +47,39 @@ class JSONTap:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.size = 0
+        self.tail = b""
 
     def feed(self, chunk: bytes) -> None:
         if self.size <= JSON_TAP_LIMIT:
             self.parts.append(chunk)
             self.size += len(chunk)
+            if self.size > JSON_TAP_LIMIT:  # too large to keep: its head and, from now on, its tail
+                data = b"".join(self.parts)
+                self.parts, self.tail = [data[:JSON_TAP_EDGE]], data[-JSON_TAP_EDGE:]
+        else:
+            self.tail = (self.tail + chunk)[-JSON_TAP_EDGE:]
 
     def finish(self) -> Usage:
-        return parse_json_usage(b"".join(self.parts)) if self.size <= JSON_TAP_LIMIT else Usage()
+        if self.size <= JSON_TAP_LIMIT:
+            return parse_json_usage(b"".join(self.parts))
+        return edges_usage(self.parts[0], self.tail)
+
+
+def edges_usage(head: bytes, tail: bytes) -> Usage:
+    """Usage of a Messages response too large to keep whole: `model` is one of its first keys, `usage` its last."""
+    message: dict[str, Any] = {}
+    model = _MODEL_KEY.search(head)
+    usage = None
+    for usage in _USAGE_KEY.finditer(tail):  # noqa: B007 (the last one)
+        pass
+    try:
+        if model is not None:
+            message["model"] = json.loads(model.group(1))
+        if usage is not None:
+            message["usage"] = json.JSONDecoder().raw_decode(tail[usage.end():].decode("utf-8", "replace"))[0]
+    except ValueError:
+        pass
+    return parse_json_usage(json.dumps(message).encode()) if "usage" in message else Usage()
 
 
 class DecodingTap:
@@ -91,11 +123,16 @@ class Relay:
     def __iter__(self) -> Iterator[bytes]:
         self._set_idle_timeout()
         upstream = self.upstream
-        read1 = upstream.read1
+        chunks: Iterator[bytes]
+        if upstream.chunked and upstream.supports_chunked_reads():
+            # Each HTTP chunk (an SSE event) as soon as it is complete: read_chunked wraps the whole body
+            # once, where read1 pays urllib3's and http.client's per-call checks on every event.
+            chunks = upstream.read_chunked(CHUNK, decode_content=False)
+        else:
+            chunks = iter(functools.partial(upstream.read1, CHUNK, decode_content=False), b"")
         tail = b""
         try:
-            while True:
-                chunk = read1(CHUNK, decode_content=False)
+            for chunk in chunks:
                 if not chunk:
                     break
                 if getattr(upstream, "length_remaining", None) == 0:
@@ -123,6 +160,10 @@ class Relay:
         # Finish (usage journaled, access line) before the server writes the end of the chunked body:
         # a client that has the complete response never outlives its record, even across a SIGKILL.
         self.close()
+        if self.cut and not self.sse:
+            # A JSON body cannot say it is incomplete: drop the client connection short of its Content-Length
+            # or terminating chunk, so the client sees a cut response (pywsgi and gunicorn close quietly on this).
+            raise ConnectionResetError(errno.ECONNRESET, f"response cut short: {self.cut}")
 
     def _set_idle_timeout(self) -> None:
         """The response-headers wait is long (non-streaming answers); silence inside a body is shorter."""

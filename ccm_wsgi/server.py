@@ -10,6 +10,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import http.client  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -23,21 +24,100 @@ from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 from . import config as config_mod  # noqa: E402
 from . import logs, tls  # noqa: E402
 from .app import create_app  # noqa: E402
+from .errors import error_body  # noqa: E402
 from .outbounds import Outbounds  # noqa: E402
 from .service import Service  # noqa: E402
+from .usage import UsageFileError  # noqa: E402
 
 log = logging.getLogger("ccm_wsgi.server")
 
 BACKLOG = 4096
+MAX_HEAD = 64 * 1024  # all header lines of a request (the request line has pywsgi's own 8 KiB limit)
+
+
+class HeadTimeout(OSError):
+    """The request head did not arrive within client_timeout."""
+
+
+class HeadTooLarge(ValueError):
+    """The header lines of a request exceed MAX_HEAD."""
+
+
+class _HeadReader:
+    """The client stream as http.client reads the header lines from it, with a budget for all of them
+    (on its own, http.client accepts 100 lines of 64 KiB each)."""
+
+    __slots__ = ("fp", "left")
+
+    def __init__(self, fp: Any, budget: int):
+        self.fp = fp
+        self.left = budget
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.left <= 0:
+            raise HeadTooLarge("request header fields too large")
+        line = self.fp.readline(self.left if limit < 0 else min(limit, self.left))
+        self.left -= len(line)
+        return line
+
+
+def _client_error(status: int, kind: str, message: str) -> bytes:
+    body = error_body(kind, message)
+    reason = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}[status]
+    head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + "Connection: close\r\n\r\n").encode() + body
 
 
 class Handler(WSGIHandler):
-    """Adds `RAW_URI` (the undecoded request target, as gunicorn does) so paths are forwarded verbatim."""
+    """Adds `RAW_URI` (the undecoded request target, as gunicorn does) so paths are forwarded verbatim.
+
+    Hardening: the whole request head must arrive within client_timeout (the socket timeout alone only
+    bounds silence, so a client sending a byte at a time would hold the connection forever), its header
+    lines are limited to MAX_HEAD, framing that a front proxy could read differently (conflicting
+    Content-Length values, Content-Length with Transfer-Encoding, a Transfer-Encoding other than chunked)
+    is refused, and malformed requests get an Anthropic-shaped error that never repeats what was sent."""
+
+    _head_timer: Any = None
+
+    def handle_one_request(self) -> Any:
+        self._head_timer = timer = gevent.Timeout.start_new(self.server.client_timeout, HeadTimeout)
+        try:
+            return super().handle_one_request()
+        finally:
+            timer.close()
+
+    def MessageClass(self, fp: Any, *args: Any) -> Any:  # pywsgi's name
+        headers = super().MessageClass(_HeadReader(fp, MAX_HEAD), *args)
+        lengths = headers.get_all("content-length")
+        codings = headers.get_all("transfer-encoding")
+        if lengths and (codings or len({v.strip() for v in lengths}) > 1):
+            raise ValueError("ambiguous request framing")
+        if codings and (len(codings) > 1 or codings[0].strip().lower() != "chunked"):
+            raise ValueError("unsupported Transfer-Encoding")
+        return headers
+
+    def _handle_client_error(self, ex: BaseException) -> tuple[str, bytes]:
+        if isinstance(ex, HeadTimeout):
+            status, message = 408, "the request head did not arrive in time"
+        elif isinstance(ex, (HeadTooLarge, http.client.HTTPException)):  # or more than 100 header lines
+            status, message = 431, f"request header fields exceed {MAX_HEAD} bytes"
+        else:
+            status, message = 400, "malformed HTTP request"
+        log.debug("refused a request from %s: %s (%s)", self.client_address[0], status, type(ex).__name__)
+        return str(status), _client_error(status, "invalid_request_error", message)
 
     def get_environ(self) -> dict[str, Any]:
+        if self._head_timer is not None:
+            self._head_timer.close()  # the head is in: the application takes as long as it needs
         env = super().get_environ()
         env["RAW_URI"] = self.path
         return env
+
+    def log_request(self) -> None:
+        # pywsgi formats an access line per request even when it has nowhere to write it (log=None);
+        # ccm-wsgi writes its own access line (ccm_wsgi.access)
+        if self.server.log_requests:
+            super().log_request()
 
 
 class Server(WSGIServer):
@@ -49,6 +129,7 @@ class Server(WSGIServer):
     def __init__(self, *args: Any, client_timeout: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.client_timeout = client_timeout
+        self.log_requests = kwargs.get("log", "default") is not None
 
     def handle(self, sock: socket.socket, address: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -96,7 +177,11 @@ def run(config_path: str | None) -> int:
     logs.setup(cfg.log)
     pairs = build(cfg)
     for service, server in pairs:
-        service.start()
+        try:
+            service.start()
+        except UsageFileError as exc:
+            log.error("cannot start service %s: %s", service.tag, exc)
+            return 1
         server.start()
         scheme = "https" if service.cfg.tls is not None else "http"
         host, port = server.address[:2]

@@ -76,6 +76,10 @@ class UsageFileError(Exception):
     """The usage file, journal or lock cannot be used; the message says which and why."""
 
 
+class _Reopen(Exception):
+    """The kept lock file descriptor is stale (its file was deleted)."""
+
+
 # --- records ---------------------------------------------------------------------------------
 
 
@@ -453,10 +457,20 @@ def dumps(doc: dict[str, Any]) -> str:
 
 
 def _journal_line(rec: Record, t_ns: int) -> bytes:
+    values = [getattr(rec, name) for name, _ in _RECORD_TYPES]
+    if type(t_ns) is int and all(type(v) is kind for v, (_, kind) in zip(values, _RECORD_TYPES, strict=True)):
+        # the bytes json.dumps gives below, without building a dict and walking it (the hot path)
+        return (_LINE_FORMAT % (t_ns, *(_encode_str(v) if type(v) is str else v for v in values))).encode()
     entry: dict[str, Any] = {"t": t_ns}
-    for name, _ in _RECORD_TYPES:
-        entry[name] = getattr(rec, name)
+    for name, value in zip((name for name, _ in _RECORD_TYPES), values, strict=True):
+        entry[name] = value
     return b"\n" + json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+_encode_str = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) does with a str
+_LINE_FORMAT = "\n{" + ",".join(
+    ['"t":%d'] + [f'"{name}":{"%s" if kind is str else "%d"}' for name, kind in _RECORD_TYPES]
+) + "}"
 
 
 def _decode_entry(line: bytes) -> tuple[Record, int] | None:
@@ -691,6 +705,11 @@ class UsageStore:
         self._saved_changes = 0
         self._stop = Event()
         self._saver: gevent.Greenlet | None = None
+        # descriptors kept open from one record() to the next (see _append_shared)
+        self._lock_fd: int | None = None
+        self._journal_fd: int | None = None
+        self._journal_id: tuple[int, int] = (0, 0)
+        self._fds_pid = 0
 
     # public API
 
@@ -713,9 +732,9 @@ class UsageStore:
             return
         self._changes += 1
         try:
-            with _locked(self.lock_path, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
-                self._append(line)
+            self._append_shared(line)
         except Exception as exc:
+            self._close_fds()  # start from fresh descriptors next time
             self._pending.append((rec, t_ns))
             self.log.error(
                 "usage: cannot append to %s (%s); keeping the record in memory until the next save",
@@ -747,7 +766,23 @@ class UsageStore:
         if saver is not None:
             self._stop.set()
             saver.join(timeout=FOLD_LOCK_TIMEOUT + 5)
-        self.save()
+        if not self.save():
+            self._flush_pending()
+        self._close_fds()
+
+    def _flush_pending(self) -> None:
+        """Last resort when the final save failed: records kept in memory go to the journal, else to the log."""
+        pending, self._pending = self._pending, []
+        for rec, t_ns in pending:
+            line = _journal_line(rec, t_ns)
+            try:
+                with _locked(self.lock_path, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
+                    self._append(line)
+            except Exception as exc:
+                self.log.error(
+                    "usage: a record cannot be saved (%s); add this as a line of its own to %s to keep it: %s",
+                    exc, self.journal_path, line.decode("utf-8").strip(),
+                )
 
     def snapshot(self) -> dict[str, Any]:
         """Current totals (file + journal + records kept in memory) as a usage document."""
@@ -763,6 +798,60 @@ class UsageStore:
         while not self._stop.wait(self.interval):
             if self.dirty:
                 self.save()
+
+    def _append_shared(self, line: bytes) -> None:
+        """`_append` under the shared lock, with the lock file and journal kept open between records.
+
+        Same protocol as `_locked(LOCK_SH)` + `_append`, minus two opens and two closes per record:
+        the lock is taken and released on a kept descriptor (no greenlet switch can happen while it
+        is held, so greenlets sharing it never overlap), and the journal descriptor is used only
+        while the journal path still names the same file, checked under the shared lock, so a fold
+        (here or in another process) cannot rotate it between the check and the write. A deleted
+        lock file (link count 0) and a fork are noticed, and everything is re-opened."""
+        if self._fds_pid != os.getpid():
+            self._lock_fd = self._journal_fd = None  # the parent's: never unlock or close those
+            self._fds_pid = os.getpid()
+        lock_fd = self._lock_fd
+        if lock_fd is None:
+            lock_fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        if not _acquire(lock_fd, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
+            raise UsageFileError(f"timed out after {APPEND_LOCK_TIMEOUT:g}s waiting for the lock {self.lock_path}")
+        try:
+            if os.fstat(lock_fd).st_nlink == 0:  # someone deleted the lock file: lock the one others use
+                raise _Reopen()
+            try:
+                st = os.stat(self.journal_path)
+            except FileNotFoundError:
+                st = None
+            fd = self._journal_fd
+            if fd is not None and (st is None or (st.st_ino, st.st_dev) != self._journal_id):
+                self._journal_fd = None  # rotated (or removed) since the last record
+                _close(fd)
+                fd = None
+            if fd is None:
+                if st is None:
+                    _create_if_missing(self.journal_path, _journal_header(), _file_mode(self.path))
+                fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                st = os.fstat(fd)
+                self._journal_fd, self._journal_id = fd, (st.st_ino, st.st_dev)
+            written = os.write(fd, line)
+            if written != len(line):  # the cut line is skipped when folding; the record is kept in memory
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+        except _Reopen:
+            self._close_fds()
+            with _locked(self.lock_path, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
+                self._append(line)
+        finally:
+            if self._lock_fd == lock_fd:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+
+    def _close_fds(self) -> None:
+        lock_fd, journal_fd = self._lock_fd, self._journal_fd
+        self._lock_fd = self._journal_fd = None
+        if self._fds_pid == os.getpid():
+            for fd in (journal_fd, lock_fd):
+                if fd is not None:
+                    _close(fd)
 
     def _append(self, line: bytes) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC

@@ -19,6 +19,8 @@ REFRESH = "sk-ant-ort01-test-refresh-bbbbbbbbbbb"
 ALICE = "ak-ccm-alice-0123456789abcdef"
 BOB = "ak-ccm-bob-0123456789abcdef00"
 
+pytest_plugins = ["secrets_guard"]  # remembers the suite's tokens and logs for tests/test_secrets.py
+
 
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[FakeUpstream]:

@@ -17,6 +17,33 @@ import urllib3
 START_TIMEOUT = 20.0
 LISTEN_RE = re.compile(r"service (\S+) listening on (https?)://([\d.]+):(\d+)")
 
+# What the suite uses that must never show up in a log or an error body, and where such things are
+# written; tests/test_secrets.py checks every one against every one at the end of the session.
+SECRETS: set[str] = set()
+LOG_FILES: set[Path] = set()
+ERROR_BODIES: list[tuple[str, bytes]] = []  # (where, body) of answers with a 4xx/5xx status
+SECRET_KEYS = frozenset({"token", "admin_tokens", "password", "accesstoken", "refreshtoken", "access_token",
+                         "refresh_token"})
+MIN_SECRET = 10  # shorter strings ("x", "k") would match by accident
+
+
+def remember_secrets(*values: Any) -> None:
+    """Strings (or the secret-named fields of JSON-like objects) the suite sent or stored as credentials."""
+    for value in values:
+        if isinstance(value, str):
+            if len(value) >= MIN_SECRET:
+                SECRETS.add(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if str(key).lower() in SECRET_KEYS:
+                    remember_secrets(*(item if isinstance(item, list) else [item]))
+                elif isinstance(item, (dict, list)):
+                    remember_secrets(item)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, (dict, list)):
+                    remember_secrets(item)
+
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
     """Poll `predicate` until it returns something truthy; bounded."""
@@ -40,6 +67,7 @@ def write_credentials(path: Path, access: str, refresh: str, expires_in: float =
     }
     oauth.update(extra.pop("oauth", {}))
     document = {"claudeAiOauth": oauth, **extra}
+    remember_secrets(document)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2))
     os.chmod(path, 0o600)
@@ -63,6 +91,11 @@ class Proxy:
         self.config_path = tmp_path / f"{name}.json"
         self.config_path.write_text(json.dumps(config, indent=2))
         self.log_path = tmp_path / f"{name}.log"
+        remember_secrets(config)
+        LOG_FILES.add(self.log_path)
+        output = config.get("log", {}).get("output") if isinstance(config.get("log"), dict) else None
+        if output:
+            LOG_FILES.add(Path(output))
         self.env = {**os.environ, "TZ": "UTC", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
@@ -128,7 +161,14 @@ HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, rea
 
 
 def request(method: str, url: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
-    return HTTP.request(method, url, **kwargs)
+    """urllib3 request; the tokens it sends and the error bodies it gets are remembered (see SECRETS)."""
+    for name, value in (kwargs.get("headers") or {}).items():
+        if name.lower() in ("authorization", "x-api-key"):
+            remember_secrets(value.split(None, 1)[-1] if name.lower() == "authorization" else value)
+    r = HTTP.request(method, url, **kwargs)
+    if r.status >= 400 and kwargs.get("preload_content", True):
+        ERROR_BODIES.append((f"{method} {url}", r.data))
+    return r
 
 
 ROOT = Path(__file__).resolve().parent.parent
