@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import urllib3
 from proxies import Proxy, free_port, start_http_proxy, start_https_proxy, start_socks4, start_socks5
 from urllib3.exceptions import HTTPError
 
-from ccm_wsgi.config import openssl_cipher_list
+from ccm_wsgi.config import Outbound, OutboundTLS, openssl_cipher_list
 from ccm_wsgi.outbounds import Outbounds, ProxyRefused
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,35 +33,15 @@ USER, PASSWORD = "ccm-user", "s3cret-pass-word"
 TIMEOUT = urllib3.Timeout(connect=5.0, read=5.0)
 
 
-# -- stand-ins for config.Outbound / config.OutboundTLS (duck-typed by Outbounds) ----------------------
-
-@dataclass(frozen=True)
-class TLS:
-    enabled: bool = True
-    server_name: str = ""
-    insecure: bool = False
-    disable_sni: bool = False
-    alpn: tuple[str, ...] = ()
-    min_version: str = ""
-    max_version: str = ""
-    cipher_suites: tuple[str, ...] = ()
-    certificate: str = ""
-    certificate_path: str = ""
+# -- config objects with test defaults ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Out:
-    type: str
-    tag: str
-    server: str = "127.0.0.1"
-    server_port: int = 0
-    version: str = "5"
-    username: str = ""
-    password: str = ""
-    path: str = ""
-    headers: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    tls: TLS | None = None
-    connect_timeout: float | None = None
+def TLS(enabled: bool = True, **kw: Any) -> OutboundTLS:
+    return OutboundTLS(enabled=enabled, **kw)
+
+
+def Out(type: str, tag: str, server: str = "127.0.0.1", **kw: Any) -> Outbound:
+    return Outbound(type=type, tag=tag, server=server, **kw)
 
 
 def outbounds(*items: Out, **kwargs: Any) -> Outbounds:

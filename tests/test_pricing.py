@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import pytest
 
+from ccm_wsgi.config import Price
 from ccm_wsgi.pricing import Pricing, round_cents, sum_cents
-
-try:
-    from ccm_wsgi.config import Price
-except ImportError:  # config.py not written yet: a stand-in with the same fields
-
-    @dataclass(frozen=True)
-    class Price:  # type: ignore[no-redef]
-        pattern: str
-        input: float
-        output: float
-        cache_read: float
-        cache_write_5m: float
-        cache_write_1h: float
-        premium: Price | None = None
-
 
 M = 1_000_000
 
