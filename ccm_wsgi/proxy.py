@@ -46,7 +46,7 @@ def status_line(status: int, reason: str | None = None) -> str:
     return f"{status} {reason}"
 
 
-@dataclass
+@dataclass(slots=True)  # one per request or open stream: no per-instance dict
 class Exchange:
     """One request, from arrival to its access-log line."""
 

@@ -101,6 +101,8 @@ class DecodingTap:
 class Relay:
     """Iterable WSGI body over an urllib3 response; `finish(relay)` is called once from `close()`."""
 
+    __slots__ = ("_closed", "_pending", "complete", "cut", "finish", "idle_timeout", "sent", "sse", "tap", "upstream")
+
     def __init__(
         self,
         upstream: urllib3.BaseHTTPResponse,

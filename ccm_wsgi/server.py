@@ -32,6 +32,7 @@ from .usage import UsageFileError  # noqa: E402
 log = logging.getLogger("ccm_wsgi.server")
 
 BACKLOG = 4096
+RFILE_BUFFER = 4096
 MAX_HEAD = 64 * 1024  # all header lines of a request (the request line has pywsgi's own 8 KiB limit)
 
 
@@ -79,6 +80,11 @@ class Handler(WSGIHandler):
 
     _head_timer: Any = None
 
+    def __init__(self, sock: Any, address: Any, server: Any, rfile: Any = None):
+        # pywsgi reads requests through an 8 KiB buffer that every connection keeps for its whole life
+        # (an open stream included); 4 KiB holds a request head, and larger reads bypass the buffer
+        super().__init__(sock, address, server, sock.makefile("rb", RFILE_BUFFER) if rfile is None else rfile)
+
     def handle_one_request(self) -> Any:
         self._head_timer = timer = gevent.Timeout.start_new(self.server.client_timeout, HeadTimeout)
         try:
@@ -112,6 +118,21 @@ class Handler(WSGIHandler):
         env = super().get_environ()
         env["RAW_URI"] = self.path
         return env
+
+    def _sendall(self, data: Any) -> None:
+        # gevent's sendall asks the kernel for SO_SNDBUF and reads the clock twice on every call; a reply
+        # or an SSE event fits in the socket buffer, so a single send() is the common case
+        sock = self.socket
+        try:
+            sent = sock.send(data)
+            if sent < len(data):
+                sock.sendall(memoryview(data)[sent:])
+        except OSError as ex:  # what pywsgi's own _sendall records
+            self.status = f"socket error: {ex}"
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += len(data)
 
     def log_request(self) -> None:
         # pywsgi formats an access line per request even when it has nowhere to write it (log=None);

@@ -47,6 +47,7 @@ import fcntl
 import json
 import logging
 import math
+import operator
 import os
 import re
 import secrets
@@ -66,6 +67,7 @@ STANDARD_CONTEXT = 200_000
 WEEK_SECONDS = 604_800
 SAVE_INTERVAL = 60.0
 APPEND_LOCK_TIMEOUT = 10.0
+LOCK_RECHECK = 1.0  # seconds between checks that the kept lock descriptor is still the lock file's
 FOLD_LOCK_TIMEOUT = 60.0
 FILE_MODE = 0o644
 _INT64_MAX = (1 << 63) - 1
@@ -75,9 +77,6 @@ _JOURNAL_FORMAT = "ccm-wsgi usage journal v1"
 class UsageFileError(Exception):
     """The usage file, journal or lock cannot be used; the message says which and why."""
 
-
-class _Reopen(Exception):
-    """The kept lock file descriptor is stale (its file was deleted)."""
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -457,16 +456,22 @@ def dumps(doc: dict[str, Any]) -> str:
 
 
 def _journal_line(rec: Record, t_ns: int) -> bytes:
-    values = [getattr(rec, name) for name, _ in _RECORD_TYPES]
-    if type(t_ns) is int and all(type(v) is kind for v, (_, kind) in zip(values, _RECORD_TYPES, strict=True)):
+    values = _record_values(rec)
+    if type(t_ns) is int and tuple(map(type, values)) == _RECORD_KINDS:
         # the bytes json.dumps gives below, without building a dict and walking it (the hot path)
-        return (_LINE_FORMAT % (t_ns, *(_encode_str(v) if type(v) is str else v for v in values))).encode()
+        fields = list(values)
+        for i in _STR_FIELDS:
+            fields[i] = _encode_str(fields[i])
+        return (_LINE_FORMAT % (t_ns, *fields)).encode()
     entry: dict[str, Any] = {"t": t_ns}
-    for name, value in zip((name for name, _ in _RECORD_TYPES), values, strict=True):
+    for (name, _), value in zip(_RECORD_TYPES, values, strict=True):
         entry[name] = value
     return b"\n" + json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+_record_values = operator.attrgetter(*(name for name, _ in _RECORD_TYPES))
+_RECORD_KINDS = tuple(kind for _, kind in _RECORD_TYPES)
+_STR_FIELDS = tuple(i for i, (_, kind) in enumerate(_RECORD_TYPES) if kind is str)
 _encode_str = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) does with a str
 _LINE_FORMAT = "\n{" + ",".join(
     ['"t":%d'] + [f'"{name}":{"%s" if kind is str else "%d"}' for name, kind in _RECORD_TYPES]
@@ -572,6 +577,15 @@ def _locked(lock_path: str, mode: int, timeout: float, create: bool = True) -> I
         yield
     finally:
         _close(fd)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(inode, device) of the file `path` names now, None when it names nothing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_dev
 
 
 def _close(fd: int) -> None:
@@ -708,7 +722,9 @@ class UsageStore:
         # descriptors kept open from one record() to the next (see _append_shared)
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
-        self._journal_id: tuple[int, int] = (0, 0)
+        self._journal_id: tuple[int, int] | None = None
+        self._lock_id: tuple[int, int] | None = None
+        self._lock_checked = 0.0
         self._fds_pid = 0
 
     # public API
@@ -806,30 +822,40 @@ class UsageStore:
         the lock is taken and released on a kept descriptor (no greenlet switch can happen while it
         is held, so greenlets sharing it never overlap), and the journal descriptor is used only
         while the journal path still names the same file, checked under the shared lock, so a fold
-        (here or in another process) cannot rotate it between the check and the write. A deleted
-        lock file (link count 0) and a fork are noticed, and everything is re-opened."""
+        (here or in another process) cannot rotate it between the check and the write. Nothing here
+        ever replaces the lock file; should someone delete or replace it, that is noticed within
+        LOCK_RECHECK seconds and the file the others lock is opened. After a fork, everything is
+        re-opened."""
+        now = time.monotonic()
         if self._fds_pid != os.getpid():
             self._lock_fd = self._journal_fd = None  # the parent's: never unlock or close those
             self._fds_pid = os.getpid()
         lock_fd = self._lock_fd
+        if lock_fd is not None and now - self._lock_checked >= LOCK_RECHECK:
+            self._lock_checked = now
+            if _identity(self.lock_path) != self._lock_id:
+                self._close_fds()
+                lock_fd = None
         if lock_fd is None:
             lock_fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        if not _acquire(lock_fd, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
+            st = os.fstat(lock_fd)
+            self._lock_id, self._lock_checked = (st.st_ino, st.st_dev), now
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the usual case: no fold in progress
+            locked = True
+        except OSError:
+            locked = False
+        if not locked and not _acquire(lock_fd, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
             raise UsageFileError(f"timed out after {APPEND_LOCK_TIMEOUT:g}s waiting for the lock {self.lock_path}")
         try:
-            if os.fstat(lock_fd).st_nlink == 0:  # someone deleted the lock file: lock the one others use
-                raise _Reopen()
-            try:
-                st = os.stat(self.journal_path)
-            except FileNotFoundError:
-                st = None
+            journal = _identity(self.journal_path)
             fd = self._journal_fd
-            if fd is not None and (st is None or (st.st_ino, st.st_dev) != self._journal_id):
+            if fd is not None and journal != self._journal_id:
                 self._journal_fd = None  # rotated (or removed) since the last record
                 _close(fd)
                 fd = None
             if fd is None:
-                if st is None:
+                if journal is None:
                     _create_if_missing(self.journal_path, _journal_header(), _file_mode(self.path))
                 fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
                 st = os.fstat(fd)
@@ -837,13 +863,8 @@ class UsageStore:
             written = os.write(fd, line)
             if written != len(line):  # the cut line is skipped when folding; the record is kept in memory
                 raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
-        except _Reopen:
-            self._close_fds()
-            with _locked(self.lock_path, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
-                self._append(line)
         finally:
-            if self._lock_fd == lock_fd:
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
 
     def _close_fds(self) -> None:
         lock_fd, journal_fd = self._lock_fd, self._journal_fd
