@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""The issue's targets, computed from one `load.py --json` result (all ratios from the same run).
+
+    report.py results-STAMP.json [--out-dir DIR]
+
+Prints Markdown: the run's metadata, then one row per target with the measured values, the ratio
+and whether it is met. Target names are the ones tests/bench/run.sh gives: ccm-wsgi, gevent (the bare
+gevent + Flask + urllib3 proxy), ccm-nousage, gunicorn-w1, gunicorn-w2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json")
+    p.add_argument("--out-dir", default="")
+    p.add_argument("--main", default="ccm-wsgi")
+    p.add_argument("--ref", default="gevent")
+    a = p.parse_args()
+    with open(a.json) as f:
+        doc = json.load(f)
+    summary = {(s["phase"], s["level"], s["target"]): s for s in doc["summary"]}
+    cfg, meta = doc["config"], doc["meta"]
+
+    def get(phase: str, level: int, target: str, key: str) -> float | None:
+        return summary.get((phase, level, target), {}).get(key)
+
+    def div(x: float | None, y: float | None) -> float | None:
+        return None if x is None or y is None or y == 0 else x / y
+
+    rows = []
+
+    def row(name: str, value: str, ratio: float | None, goal: str, ok: bool | None) -> None:
+        verdict = "-" if ok is None else ("met" if ok else "NOT met")
+        rows.append(f"| {name} | {value} | {fmt(ratio)} | {goal} | {verdict} |")
+
+    m, r = a.main, a.ref
+    levels_ns = [lv for (ph, lv, t) in summary if ph == "nonstream" and t == m]
+    levels_st = [lv for (ph, lv, t) in summary if ph == "stream" and t == m]
+    levels_hold = [lv for (ph, lv, t) in summary if ph == "hold" and t == m]
+    c = 16 if 16 in levels_ns else (levels_ns[0] if levels_ns else None)
+    n = 100 if 100 in levels_st else (levels_st[0] if levels_st else None)
+
+    if c is not None:
+        x, y = get("nonstream", c, m, "proxy_cpu_ms_per_req"), get("nonstream", c, r, "proxy_cpu_ms_per_req")
+        q = div(x, y)
+        row(f"CPU ms per non-streaming request, c={c}", f"{fmt(x, 3)} vs {fmt(y, 3)}", q, "≤ 1.00",
+            None if q is None else q <= 1.0)
+    if n is not None:
+        x, y = get("stream", n, m, "proxy_cpu_us_per_event"), get("stream", n, r, "proxy_cpu_us_per_event")
+        q = div(x, y)
+        row(f"CPU µs per SSE event, n={n}", f"{fmt(x, 1)} vs {fmt(y, 1)}", q, "≤ 1.00", None if q is None else q <= 1.0)
+        x, y = get("stream", n, m, "ttfb_p50_ms"), get("stream", n, r, "ttfb_p50_ms")
+        d = None if x is None or y is None else x - y
+        row(f"stream TTFB p50, n={n} (ms; difference)", f"{fmt(x)} vs {fmt(y)} ({d:+.2f} ms)" if d is not None else "-",
+            div(x, y), "≤ +1 ms", None if d is None else d <= 1.0)
+    for lv in levels_hold[:1]:
+        held, done = get("hold", lv, m, "held_peak"), get("hold", lv, m, "completed")
+        errs, kb = get("hold", lv, m, "errors"), get("hold", lv, m, "kb_per_stream")
+        kb_ref = get("hold", lv, r, "kb_per_stream")
+        ok = held is not None and done == lv and errs == 0
+        row(f"{lv} held slow streams: open at once / completed / errors", f"{held} / {done} / {errs}", None,
+            f"{lv} complete, 0 errors", ok)
+        row("KB RSS per open stream (vs the bare proxy)", f"{fmt(kb, 1)} vs {fmt(kb_ref, 1)}", div(kb, kb_ref),
+            "≤ 45 KB", None if kb is None else kb <= 45.0)
+    if c is not None and ("nonstream", c, "ccm-nousage") in summary:
+        x = get("nonstream", c, m, "proxy_cpu_ms_per_req")
+        y = get("nonstream", c, "ccm-nousage", "proxy_cpu_ms_per_req")
+        q = div(x, y)
+        row(f"usage tracking on/off, CPU ms/request c={c}", f"{fmt(x, 3)} vs {fmt(y, 3)}", q, "≤ 1.10",
+            None if q is None else q <= 1.10)
+        if n is not None:
+            x = get("stream", n, m, "proxy_cpu_us_per_event")
+            y = get("stream", n, "ccm-nousage", "proxy_cpu_us_per_event")
+            q = div(x, y)
+            row(f"usage tracking on/off, CPU µs/event n={n}", f"{fmt(x, 1)} vs {fmt(y, 1)}", q, "≤ 1.10",
+                None if q is None else q <= 1.10)
+    for lv in sorted(levels_ns):
+        x, y = get("nonstream", lv, "gunicorn-w2", "rps"), get("nonstream", lv, "gunicorn-w1", "rps")
+        if x is None or y is None:
+            continue
+        q = div(x, y)
+        row(f"gunicorn -w 2 / -w 1 req/s, c={lv}", f"{fmt(x, 0)} vs {fmt(y, 0)}", q, "≥ 1.40",
+            None if q is None else q >= 1.4)
+
+    print(f"## ccm-wsgi benchmark targets ({meta.get('date_utc')})\n")
+    print(f"- machine: {meta.get('cpus')} CPUs {meta.get('cpu_model')}, kernel {meta.get('kernel')}, "
+          f"python {meta.get('python')}, gevent {meta.get('gevent')}, {meta.get('wrk', 'python client')}")
+    print(f"- host: {platform.node()}; results: {os.path.abspath(a.json)}")
+    print(f"- load: phases {cfg.get('phases')}, c={cfg.get('concurrency')} for {cfg.get('duration')} s, "
+          f"streams {cfg.get('streams')} x {cfg.get('events')} events, hold {cfg.get('hold_streams')} over "
+          f"{cfg.get('hold_ramp')} s ramp, repeat {cfg.get('repeat')} (median)\n")
+    print(f"| target | {m} vs {r} (or as named) | ratio | goal | |")
+    print("| --- | --- | ---: | --- | --- |")
+    for line in rows:
+        print(line)
+    if a.out_dir:
+        tables = sorted(f for f in os.listdir(a.out_dir) if f.startswith("table-"))
+        if tables:
+            print(f"\nfull table: {os.path.join(a.out_dir, tables[-1])}")
+
+
+if __name__ == "__main__":
+    main()

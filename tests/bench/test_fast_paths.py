@@ -1,0 +1,164 @@
+"""The benchmark's fast paths give exactly what the code they replace gave (no timings asserted here)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ccm_wsgi import upstream
+
+
+def state(message: http.client.HTTPMessage) -> dict:
+    d = dict(vars(message))
+    d["defects"] = [(type(x).__name__, str(x)) for x in d["defects"]]
+    d["policy"] = repr(d["policy"])
+    d["items"] = message.items()
+    if isinstance(d["_payload"], list):  # a multipart or message/* block (left to the email parser)
+        d["_payload"] = [state(part) for part in d["_payload"]]
+    return d
+
+
+def check(block: bytes) -> None:
+    from gevent.pywsgi import headers_factory  # request headers: pywsgi's HTTPMessage subclass
+
+    lines = http.client._read_headers(io.BytesIO(block))  # type: ignore[attr-defined]
+    for cls in (http.client.HTTPMessage, headers_factory(io.BytesIO(b"\r\n")).__class__):
+        expected = upstream._email_parse(list(lines), cls)
+        got = upstream.parse_header_lines(list(lines), cls)
+        assert type(got) is cls
+        assert state(got) == state(expected)
+
+
+ANTHROPIC = (
+    b"date: Tue, 25 Nov 2026 21:42:39 GMT\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+    b"transfer-encoding: chunked\r\nconnection: keep-alive\r\ncache-control: no-cache\r\n"
+    b"anthropic-ratelimit-unified-status: allowed\r\nanthropic-ratelimit-unified-5h-utilization: 0.12\r\n"
+    b"anthropic-ratelimit-unified-7d-reset: 1795900000\r\nrequest-id: req_011CV\r\n"
+    b"strict-transport-security: max-age=31536000; includeSubDomains; preload\r\nvia: 1.1 google\r\n"
+    b"cf-cache-status: DYNAMIC\r\nX-Robots-Tag: none\r\nServer: cloudflare\r\nCF-RAY: 9a0b-LHR\r\n\r\n"
+)
+
+
+def test_parse_headers_is_installed() -> None:
+    assert http.client.parse_headers is upstream.parse_headers
+
+
+def test_typical_and_odd_blocks() -> None:
+    for block in (
+        ANTHROPIC,
+        b"\r\n",
+        b"a: b\n\n",
+        b"a:b\r\n\r\n",
+        b"a:   \t \r\n\r\n",
+        b"X-Empty:\r\nX-Dup: 1\r\nx-dup: 2\r\n\r\n",
+        b"Folded: one\r\n two\r\n\r\n",
+        b" leading: continuation\r\n\r\n",
+        b"From nobody\r\nA: b\r\n\r\n",
+        b": no name\r\n\r\n",
+        b"no colon here\r\n\r\n",
+        b"sp ace: x\r\n\r\n",
+        b"A: cr\rinside\r\n\r\n",
+        b"A: b\r\r\n\r\n",
+        b"A: latin \xe9\xff\x85\x0b\x0c\x1c\r\n\r\n",
+        b"Content-Type: multipart/mixed; boundary=x\r\n\r\n",
+        b"content-type: message/rfc822\r\n\r\n",
+        b"A: b\r\n",  # no blank line: EOF ends the block
+        b"",
+    ):
+        check(block)
+
+
+GOOD = st.tuples(  # mostly well-formed lines, so most blocks take the fast path
+    st.text(alphabet="aZ09-_!~;", min_size=1, max_size=6),
+    st.sampled_from([":", ": ", ":\t ", ":  "]),
+    st.text(alphabet="ab :;,=/\t\x00\x7f\xe9\xff", max_size=8),
+    st.sampled_from(["\r\n", "\r\n", "\n"]),
+).map(lambda t: "".join(t))
+LINE = st.one_of(
+    GOOD,
+    GOOD,
+    GOOD,
+    st.tuples(
+        st.text(alphabet="aB-_:;!~ \t\x7f\xe9", min_size=0, max_size=6),
+        st.sampled_from([":", ": ", ":\t ", "", " :"]),
+        st.text(alphabet="ab :;\t\r\x00\x0b\x85\xe9\xff", max_size=8),
+        st.sampled_from(["\r\n", "\n", "\r\r\n"]),
+    ).map(lambda t: "".join(t)),
+    st.sampled_from(["Content-Type: multipart/x\r\n", "content-type: text/plain\r\n", " cont\r\n", "From x\r\n"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.lists(GOOD, max_size=8), st.lists(LINE, max_size=6)), st.sampled_from(["\r\n", "\r\n", "\n", ""]))
+def test_same_message_as_the_email_parser(lines: list[str], end: str) -> None:
+    check(("".join(lines) + end).encode("latin-1"))
+
+
+# --- the usage journal line ----------------------------------------------------------------------
+
+TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(["", "alice", 'a"b\\c\n\x00é☃'])
+INT = st.integers(min_value=-(2**70), max_value=2**70)
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT, TEXT, st.lists(INT, min_size=10, max_size=10))
+def test_journal_line_is_what_json_dumps_gives(user: str, model: str, ints: list[int]) -> None:
+    import json
+
+    from ccm_wsgi.usage import Record, _journal_line
+
+    rec = Record(user, model, *ints[:9])
+    t_ns = ints[9]
+    entry = {"t": t_ns, **{name: getattr(rec, name) for name in Record.__slots__}}
+    assert _journal_line(rec, t_ns) == b"\n" + json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# --- the usage journal kept open between records ---------------------------------------------------
+
+
+def _record(user: str):
+    from ccm_wsgi.usage import Record
+
+    return Record(user, "claude-sonnet-4-5", 200_000, 0, 1, 10, 5, 0, 0, 0, 0)
+
+
+def _store(path):
+    import logging
+
+    from ccm_wsgi.pricing import Pricing
+    from ccm_wsgi.usage import UsageStore
+
+    log = logging.getLogger("test")
+    return UsageStore(str(path), Pricing((), log), log)
+
+
+def _users(path) -> dict[str, int]:
+    import json
+
+    doc = json.loads(path.read_text())
+    return {user: stats["request_count"] for c in doc["combinations"] for user, stats in c["by_user"].items()}
+
+
+def test_kept_journal_follows_rotation_by_another_store(tmp_path, monkeypatch) -> None:
+    from ccm_wsgi import usage
+
+    monkeypatch.setattr(usage, "LOCK_RECHECK", 0.0)  # notice a deleted lock file at once
+    path = tmp_path / "u.json"
+    a, b = _store(path), _store(path)
+    a.open()
+    a.record(_record("alice"))  # opens and keeps the journal
+    b.save()  # another process folds: the journal is replaced
+    a.record(_record("bob"))  # must go to the new journal, not the replaced one
+    a.record(_record("bob"))
+    b.save()
+    assert _users(path) == {"alice": 1, "bob": 2}
+    (tmp_path / "u.json.journal").unlink()  # removed: re-created on the next record
+    a.record(_record("carol"))
+    (tmp_path / "u.json.lock").unlink()  # a deleted lock file: the kept descriptor is dropped
+    a.record(_record("carol"))
+    assert (tmp_path / "u.json.lock").exists()  # re-created: the file a fold would lock
+    a.close()
+    assert _users(path) == {"alice": 1, "bob": 2, "carol": 2}
