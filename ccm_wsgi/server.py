@@ -33,6 +33,7 @@ log = logging.getLogger("ccm_wsgi.server")
 
 BACKLOG = 4096
 RFILE_BUFFER = 4096
+COALESCE = 16 * 1024  # first body bytes sent in one write with the response head up to this size
 MAX_HEAD = 64 * 1024  # all header lines of a request (the request line has pywsgi's own 8 KiB limit)
 
 
@@ -79,6 +80,7 @@ class Handler(WSGIHandler):
     is refused, and malformed requests get an Anthropic-shaped error that never repeats what was sent."""
 
     _head_timer: Any = None
+    _head: bytearray | None = None  # a response head waiting to be sent with the first body bytes
 
     def __init__(self, sock: Any, address: Any, server: Any, rfile: Any = None):
         # pywsgi reads requests through an 8 KiB buffer that every connection keeps for its whole life
@@ -119,9 +121,30 @@ class Handler(WSGIHandler):
         env["RAW_URI"] = self.path
         return env
 
+    def _write_with_headers(self, data: Any) -> None:
+        # pywsgi sends the response head and the first body bytes (a whole JSON reply, the first event of
+        # a stream) with two send() calls; when the body part is small the head waits for it in _sendall
+        # and both go in one (the same bytes, one system call less)
+        if data and len(data) <= COALESCE:
+            self._head = bytearray()
+        try:
+            super()._write_with_headers(data)
+        finally:
+            head, self._head = self._head, None
+        if head:  # the body was never written after it: send the head alone, as pywsgi would have
+            self._sendall(head)
+
     def _sendall(self, data: Any) -> None:
         # gevent's sendall asks the kernel for SO_SNDBUF and reads the clock twice on every call; a reply
         # or an SSE event fits in the socket buffer, so a single send() is the common case
+        head = self._head
+        if head is not None:
+            if not head:  # the response head: hold it for the body write that follows
+                head += data
+                return
+            self._head = None
+            head += data
+            data = head
         sock = self.socket
         try:
             sent = sock.send(data)
