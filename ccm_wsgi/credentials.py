@@ -25,13 +25,13 @@ import os
 import pwd
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import gevent
 import gevent.lock
 import urllib3
 
+from . import files
 from .keychain import Keychain
 
 CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
@@ -75,51 +75,6 @@ def default_path() -> str:
     if config_dir:
         return os.path.join(config_dir, ".credentials.json")
     return os.path.join(real_home(), ".claude", ".credentials.json")
-
-
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` so that a reader sees the old or the new file, never a partial one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@contextlib.contextmanager
-def file_lock(path: str, shared: bool = False, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
-    """An OS advisory lock on `path`, polled without blocking so the gevent hub keeps running."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
-        deadline = time.monotonic() + wait
-        delay = 0.005
-        while True:
-            try:
-                fcntl.flock(fd, flags)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"timed out waiting for the lock {path}") from None
-                gevent.sleep(delay)
-                delay = min(delay * 2, 0.1)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 class CredentialStore:
@@ -168,7 +123,7 @@ class CredentialStore:
         data = json.dumps(document, indent=2).encode()
         if self.keychain is not None and self.keychain.write(data):
             return
-        write_atomic(self.path, data)
+        files.replace_atomically(self.path, data, 0o600)
 
     def lock_path(self) -> str:
         return self.path + ".lock"
@@ -308,7 +263,7 @@ class OAuthCredential:
                     "ccm-wsgi refuses to refresh a token it cannot save (that would log out `claude`)",
                 )
             try:
-                with file_lock(self.store.lock_path()):
+                with files.locked(self.store.lock_path(), fcntl.LOCK_EX, LOCK_WAIT_SECONDS, mode_if_created=0o600):
                     return self._refresh_locked(stale, force)
             except TimeoutError as exc:
                 raise CredentialError(503, f"credential {self.tag}: {exc}") from None

@@ -41,7 +41,6 @@ Writes are not fsynced per record (SIGKILL-safe, not power-loss-safe between fol
 from __future__ import annotations
 
 import calendar
-import contextlib
 import errno
 import fcntl
 import json
@@ -53,13 +52,14 @@ import re
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import gevent
 from gevent.event import Event
 
+from . import files
 from .pricing import LONG_CONTEXT, Pricing, round_cents, sum_cents
 from .sse import Usage
 
@@ -542,118 +542,6 @@ def _journal_header() -> bytes:
 # --- files and locks -------------------------------------------------------------------------
 
 
-def _acquire(fd: int, mode: int, timeout: float) -> bool:
-    """flock without blocking the gevent hub: non-blocking attempts with short sleeps in between."""
-    deadline = time.monotonic() + timeout
-    delay = 0.0005
-    while True:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-        if time.monotonic() >= deadline:
-            return False
-        gevent.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
-@contextlib.contextmanager
-def _locked(lock_path: str, mode: int, timeout: float, create: bool = True) -> Iterator[None]:
-    """Hold `mode` on a fresh descriptor of the lock file; read-only users skip a missing lock file."""
-    try:
-        fd = os.open(lock_path, (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC, FILE_MODE)
-    except FileNotFoundError:
-        if create:
-            raise
-        yield  # nobody has ever written here with this program: there is no one to exclude
-        return
-    try:
-        if not _acquire(fd, mode, timeout):
-            raise UsageFileError(f"timed out after {timeout:g}s waiting for the lock {lock_path}")
-        yield
-    finally:
-        _close(fd)
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    """(inode, device) of the file `path` names now, None when it names nothing."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_dev
-
-
-def _close(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _write_tmp(path: str, data: bytes, mode: int) -> str:
-    """A fully written, fsynced temp file beside `path`, with a name no other writer uses."""
-    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        _write_all(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink(tmp)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def _replace_atomically(path: str, data: bytes, mode: int) -> None:
-    tmp = _write_tmp(path, data, mode)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _create_if_missing(path: str, data: bytes, mode: int) -> None:
-    """Create `path` with `data` unless it exists (hard link: atomic, never replaces a file)."""
-    tmp = _write_tmp(path, data, mode)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        _unlink(tmp)
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
 def _read(path: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
@@ -682,7 +570,7 @@ def load_totals(path: str, log: logging.Logger, extra: Iterable[tuple[Record, in
 
     Raises FileNotFoundError when neither the file nor its journal exists, UsageFileError when the
     file is corrupt. Never writes anything (the lock file is not even created)."""
-    with _locked(path + ".lock", fcntl.LOCK_SH, FOLD_LOCK_TIMEOUT, create=False):
+    with files.locked(path + ".lock", fcntl.LOCK_SH, FOLD_LOCK_TIMEOUT, create=False):
         raw = _read(path)
         journal = read_journal(path + ".journal")
     if raw is None and journal is None:
@@ -733,7 +621,7 @@ class UsageStore:
         """Load the file and fold the journal into it now (creating the file, and its directory, if missing)."""
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            with _locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT):
+            with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT):
                 self._fold()
         except OSError as exc:
             raise UsageFileError(f"usage file {self.path}: {exc.strerror or exc}") from exc
@@ -762,7 +650,7 @@ class UsageStore:
         """Fold the journal (and any record kept in memory) into the file; False (logged) on failure."""
         changes = self._changes
         try:
-            with _locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT):
+            with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT):
                 self._fold()
         except Exception as exc:
             self.log.error("usage: saving %s failed: %s", self.path, exc)
@@ -792,7 +680,7 @@ class UsageStore:
         for rec, t_ns in pending:
             line = _journal_line(rec, t_ns)
             try:
-                with _locked(self.lock_path, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
+                with files.locked(self.lock_path, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
                     self._append(line)
             except Exception as exc:
                 self.log.error(
@@ -818,7 +706,7 @@ class UsageStore:
     def _append_shared(self, line: bytes) -> None:
         """`_append` under the shared lock, with the lock file and journal kept open between records.
 
-        Same protocol as `_locked(LOCK_SH)` + `_append`, minus two opens and two closes per record:
+        Same protocol as `files.locked(LOCK_SH)` + `_append`, minus two opens and two closes per record:
         the lock is taken and released on a kept descriptor (no greenlet switch can happen while it
         is held, so greenlets sharing it never overlap), and the journal descriptor is used only
         while the journal path still names the same file, checked under the shared lock, so a fold
@@ -833,7 +721,7 @@ class UsageStore:
         lock_fd = self._lock_fd
         if lock_fd is not None and now - self._lock_checked >= LOCK_RECHECK:
             self._lock_checked = now
-            if _identity(self.lock_path) != self._lock_id:
+            if files.identity(self.lock_path) != self._lock_id:
                 self._close_fds()
                 lock_fd = None
         if lock_fd is None:
@@ -845,18 +733,18 @@ class UsageStore:
             locked = True
         except OSError:
             locked = False
-        if not locked and not _acquire(lock_fd, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
+        if not locked and not files.acquire(lock_fd, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
             raise UsageFileError(f"timed out after {APPEND_LOCK_TIMEOUT:g}s waiting for the lock {self.lock_path}")
         try:
-            journal = _identity(self.journal_path)
+            journal = files.identity(self.journal_path)
             fd = self._journal_fd
             if fd is not None and journal != self._journal_id:
                 self._journal_fd = None  # rotated (or removed) since the last record
-                _close(fd)
+                files.close(fd)
                 fd = None
             if fd is None:
                 if journal is None:
-                    _create_if_missing(self.journal_path, _journal_header(), _file_mode(self.path))
+                    files.create_if_missing(self.journal_path, _journal_header(), _file_mode(self.path))
                 fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
                 st = os.fstat(fd)
                 self._journal_fd, self._journal_id = fd, (st.st_ino, st.st_dev)
@@ -872,19 +760,19 @@ class UsageStore:
         if self._fds_pid == os.getpid():
             for fd in (journal_fd, lock_fd):
                 if fd is not None:
-                    _close(fd)
+                    files.close(fd)
 
     def _append(self, line: bytes) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
         try:
             fd = os.open(self.journal_path, flags)
         except FileNotFoundError:
-            _create_if_missing(self.journal_path, _journal_header(), _file_mode(self.path))
+            files.create_if_missing(self.journal_path, _journal_header(), _file_mode(self.path))
             fd = os.open(self.journal_path, flags)
         try:
             written = os.write(fd, line)
         finally:
-            _close(fd)  # an error closing after a good write must not make the record look lost
+            files.close(fd)  # an error closing after a good write must not make the record look lost
         if written != len(line):  # the cut line is skipped when folding; the record is kept in memory
             raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
 
@@ -900,10 +788,10 @@ class UsageStore:
         totals.add_all(new)
         totals.add_all(pending)
         folded = Marker(journal.generation, len(journal.data)) if journal else None
-        _replace_atomically(self.path, dumps(render(totals, self.pricing, folded)).encode(), mode)
+        files.replace_atomically(self.path, dumps(render(totals, self.pricing, folded)).encode(), mode)
         del self._pending[: len(pending)]
         try:
-            _replace_atomically(self.journal_path, _journal_header(), mode)
+            files.replace_atomically(self.journal_path, _journal_header(), mode)
         except OSError as exc:  # harmless: the marker says where the old journal was folded up to
             self.log.warning("usage: cannot rotate %s: %s", self.journal_path, exc)
 
@@ -936,7 +824,7 @@ class UsageStore:
         self.log.error(
             "usage file %s is corrupt (%s); kept it as %s and started new totals", self.path, problem, target
         )
-        _fsync_dir(os.path.dirname(self.path) or ".")
+        files.fsync_dir(os.path.dirname(self.path) or ".")
 
     def _remove_stale_temps(self) -> None:
         """Temp files of folds or journal creations that were killed (we hold the exclusive lock)."""
@@ -949,4 +837,4 @@ class UsageStore:
             return
         for name in names:
             if name.startswith(prefixes):
-                _unlink(os.path.join(directory, name))
+                files.unlink(os.path.join(directory, name))

@@ -1,0 +1,136 @@
+"""Files shared by processes: advisory locks that never block the gevent hub, and atomic writes.
+
+Both the credential file (token refresh) and the usage file (journal fold) are written by several
+processes at once (gunicorn workers, a second `ccm-wsgi`, a local `claude`); these are the primitives
+both use: an `flock` polled without blocking, and a write that a reader sees whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import time
+from collections.abc import Iterator
+
+import gevent
+
+
+class LockTimeout(TimeoutError):
+    """The lock was held by someone else for longer than we were willing to wait."""
+
+
+def acquire(fd: int, mode: int, timeout: float) -> bool:
+    """flock without blocking the gevent hub: non-blocking attempts with short sleeps in between."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        gevent.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+@contextlib.contextmanager
+def locked(
+    lock_path: str, mode: int, timeout: float, create: bool = True, mode_if_created: int = 0o644
+) -> Iterator[None]:
+    """Hold `mode` on a fresh descriptor of the lock file; read-only users skip a missing lock file."""
+    try:
+        fd = os.open(lock_path, (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC, mode_if_created)
+    except FileNotFoundError:
+        if create:
+            raise
+        yield  # nobody has ever written here with this program: there is no one to exclude
+        return
+    try:
+        if not acquire(fd, mode, timeout):
+            raise LockTimeout(f"timed out after {timeout:g}s waiting for the lock {lock_path}")
+        yield
+    finally:
+        close(fd)
+
+
+def identity(path: str) -> tuple[int, int] | None:
+    """(inode, device) of the file `path` names now, None when it names nothing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_dev
+
+
+def close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_tmp(path: str, data: bytes, mode: int) -> str:
+    """A fully written, fsynced temp file beside `path`, with a name no other writer uses."""
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def replace_atomically(path: str, data: bytes, mode: int) -> None:
+    tmp = write_tmp(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def create_if_missing(path: str, data: bytes, mode: int) -> None:
+    """Create `path` with `data` unless it exists (hard link: atomic, never replaces a file)."""
+    tmp = write_tmp(path, data, mode)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        unlink(tmp)
+
+
+def unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
