@@ -6,6 +6,8 @@
 #   sh tests/bench/run.sh soak            # the 10-minute streaming soak (RSS growth), see soak.py
 #   sh tests/bench/run.sh -- --phases stream --streams 100 --repeat 5   # replace the load.py options
 #   EXTRA=gevent sh tests/bench/run.sh -- ...   # only some of the extra targets (default: all four)
+#   CCM_BASE=/tmp/old sh tests/bench/run.sh     # also "ccm-base": the ccm_wsgi package in /tmp/old (e.g.
+#                                               # `git archive OLD ccm_wsgi | tar -x -C /tmp/old`), same config
 #
 # The harness is ../shared/bench (BENCH_DIR to override), used as it is: compare.sh starts the fake
 # upstream (with --strict-tokens, so ccm-wsgi must refresh its expired token before anything works),
@@ -76,6 +78,7 @@ GEVENT_PORT="${GEVENT_PORT:-18083}"
 NOUSAGE_PORT="${NOUSAGE_PORT:-18084}"
 GUNI1_PORT="${GUNI1_PORT:-18085}"
 GUNI2_PORT="${GUNI2_PORT:-18086}"
+BASE_PORT="${BASE_PORT:-18087}"
 UPSTREAM_URL="http://127.0.0.1:$UPSTREAM_PORT"
 export UPSTREAM_PORT NGINX_PORT TARGET_PORT
 
@@ -93,10 +96,11 @@ fi
 install_tools
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$UPSTREAM_PORT" "$NGINX_PORT" "$TARGET_PORT" "$GEVENT_PORT" "$NOUSAGE_PORT" "$GUNI1_PORT" "$GUNI2_PORT"; do
+for p in "$UPSTREAM_PORT" "$NGINX_PORT" "$TARGET_PORT" "$GEVENT_PORT" "$NOUSAGE_PORT" "$GUNI1_PORT" "$GUNI2_PORT" \
+    $([ -n "${CCM_BASE:-}" ] && echo "$BASE_PORT"); do
     if ! port_free "$p"; then
         echo "port $p is in use on 127.0.0.1 (set UPSTREAM_PORT, NGINX_PORT, TARGET_PORT, GEVENT_PORT," \
-            "NOUSAGE_PORT, GUNI1_PORT, GUNI2_PORT)" >&2
+            "NOUSAGE_PORT, GUNI1_PORT, GUNI2_PORT, BASE_PORT)" >&2
         exit 1
     fi
 done
@@ -108,6 +112,7 @@ gen ccm "$TARGET_PORT"
 gen ccm-nousage "$NOUSAGE_PORT" --no-usage
 gen gunicorn-w1 "$GUNI1_PORT"
 gen gunicorn-w2 "$GUNI2_PORT"
+[ -n "${CCM_BASE:-}" ] && gen ccm-base "$BASE_PORT"
 
 pids=()
 cleanup() {
@@ -137,7 +142,7 @@ start() {  # start NAME PORT COMMAND...
     local name="$1" port="$2"
     shift 2
     case ",$EXTRA," in *",$name,"*) ;; *) return 0 ;; esac
-    (cd "$root" && UPSTREAM_URL="$UPSTREAM_URL" exec bash -c "$wait_upstream; exec \"\$@\"" bash "$@") \
+    (cd "${START_CWD:-$root}" && UPSTREAM_URL="$UPSTREAM_URL" exec bash -c "$wait_upstream; exec \"\$@\"" bash "$@") \
         >"$OUT_DIR/$name.log" 2>&1 &
     pids+=("$!")
     extra+=(--target "$name=http://127.0.0.1:$port,pid=$!")
@@ -145,6 +150,12 @@ start() {  # start NAME PORT COMMAND...
 start gevent "$GEVENT_PORT" "$PY" "$BENCH_DIR/minimal_gevent_proxy.py" --port "$GEVENT_PORT" --upstream "$UPSTREAM_URL"
 start ccm-nousage "$NOUSAGE_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-nousage.json"
 gunicorn_cmd=("$(dirname "$PY")/gunicorn" -c "$root/conf/gunicorn.conf.py" ccm_wsgi.wsgi:app)
+if [ -n "${CCM_BASE:-}" ]; then
+    [ -d "$CCM_BASE/ccm_wsgi" ] || { echo "CCM_BASE=$CCM_BASE has no ccm_wsgi/ directory" >&2; exit 1; }
+    # from its own directory: `python -m` puts the working directory first on sys.path
+    EXTRA="$EXTRA,ccm-base" START_CWD="$(cd "$CCM_BASE" && pwd)" PYTHONPATH="$(cd "$CCM_BASE" && pwd)" \
+        start ccm-base "$BASE_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-base.json"
+fi
 if [ -x "${gunicorn_cmd[0]}" ]; then
     CCM_CONFIG="$OUT_DIR/gunicorn-w1.json" CCM_WORKERS=1 start gunicorn-w1 "$GUNI1_PORT" "${gunicorn_cmd[@]}"
     CCM_CONFIG="$OUT_DIR/gunicorn-w2.json" CCM_WORKERS=2 start gunicorn-w2 "$GUNI2_PORT" "${gunicorn_cmd[@]}"
