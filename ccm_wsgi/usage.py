@@ -152,16 +152,6 @@ def make_record(
 
 # --- the totals (what the file holds) --------------------------------------------------------
 
-_STAT_KEYS = (
-    "request_count",
-    "messages_count",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_input_tokens",
-    "cache_creation_input_tokens",
-    "cache_creation_5m_input_tokens",
-    "cache_creation_1h_input_tokens",
-)
 _OMIT_ZERO = frozenset({"cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens"})
 
 
@@ -241,6 +231,10 @@ class Stats:
     def parse(cls, raw: Any, where: str) -> Stats:
         raw = _obj(raw, where)
         return cls(*(_int(raw.get(key, 0), f"{where}.{key}") for key in _STAT_KEYS))
+
+
+# the file's stats keys, in the file's order: the dataclass fields
+_STAT_KEYS = tuple(f.name for f in fields(Stats))
 
 
 @dataclass(slots=True)
