@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ccm_wsgi", "ccm_wsgi.*"]),
-    package_data={"ccm_wsgi": ["pricing.json"]},
+    package_data={"ccm_wsgi.accounting": ["pricing.json"]},
     python_requires=">=3.10",
     install_requires=[
         "gevent>=24.2",

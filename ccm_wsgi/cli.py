@@ -18,7 +18,7 @@ def main() -> None:
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="sing-box style JSON config.")
 def serve(config_path: str | None) -> None:
     """Serve every ccm service of CONFIG (the embedded default without -c)."""
-    from . import server  # imports gevent and patches first
+    from .http import server  # imports gevent and patches first
 
     sys.exit(server.run(config_path))
 
@@ -44,7 +44,7 @@ def check(config_path: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the usage-file schema instead of a table.")
 def usage(config_path: str | None, usages_file: str | None, as_json: bool) -> None:
     """Requests, tokens and USD by user, model and week."""
-    from . import report
+    from .accounting import report
 
     if bool(config_path) == bool(usages_file):
         raise click.UsageError("give exactly one of -c CONFIG or -f USAGES_JSON")

@@ -8,18 +8,19 @@ import os
 import time
 from typing import Any
 
-from . import keychain, poller
-from .auth import Authenticator
-from .balancer import Balancer, aggregate_status
+from .accounting.pricing import Pricing
+from .accounting.usage import UsageStore
 from .config import Credential as CredentialConfig
 from .config import Service as ServiceConfig
-from .credentials import CredentialStore, OAuthCredential, default_path
-from .outbounds import Outbounds
-from .pricing import Pricing
-from .providers import Account, ExternalCredential, PoolProvider, SingleProvider
-from .proxy import Proxy
-from .quota import caps
-from .usage import UsageStore
+from .credentials import keychain
+from .credentials.oauth import CredentialStore, OAuthCredential, default_path
+from .http.auth import Authenticator
+from .http.proxy import Proxy
+from .pool import poller
+from .pool.balancer import Balancer, aggregate_status
+from .pool.providers import Account, ExternalCredential, PoolProvider, SingleProvider
+from .pool.quota import caps
+from .upstream.outbounds import Outbounds
 
 log = logging.getLogger("ccm_wsgi.service")
 
@@ -31,7 +32,7 @@ def credential_store(path: str) -> CredentialStore:
     store_path = default_path()
     chain = None
     if keychain.enabled():
-        from .credentials import real_home
+        from .credentials.oauth import real_home
 
         chain = keychain.Keychain(keychain.service_name(os.environ.get("CLAUDE_CONFIG_DIR"), real_home()))
     return CredentialStore(store_path, chain)

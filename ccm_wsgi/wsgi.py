@@ -52,9 +52,9 @@ def _build() -> tuple[Any, Any]:
     import logging
 
     from . import logs
-    from .app import create_app
-    from .outbounds import Outbounds
+    from .http.app import create_app
     from .service import Service
+    from .upstream.outbounds import Outbounds
 
     try:
         cfg, service_cfg = load_config()

@@ -63,7 +63,7 @@ if _service.tls is not None:
     keyfile = _service.tls.key_path or None
 
     def ssl_context(conf, default_ssl_context_factory):
-        from ccm_wsgi import tls  # in the worker, after gevent's patching
+        from ccm_wsgi.http import tls  # in the worker, after gevent's patching
 
         context = tls.server_context(_service.tls)
         context.watch()

@@ -29,9 +29,9 @@ from fake_upstream import FakeUpstream
 from procs import Proxy, request, service_config, wait_for, write_credentials
 from secrets_guard import find_leaks
 
-from ccm_wsgi import auth as auth_mod
 from ccm_wsgi.config import User
 from ccm_wsgi.errors import ProxyError
+from ccm_wsgi.http import auth as auth_mod
 
 USERS = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
 COUNT_BODY = b'{"model":"claude-sonnet-4-6","messages":[{"role":"user","content":"hi"}]}'

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccm_wsgi.balancer import Balancer, NoCredential, aggregate_status, session_id
-from ccm_wsgi.quota import Quota, caps, format_duration, is_quota_429, plan_weight
+from ccm_wsgi.pool.balancer import Balancer, NoCredential, aggregate_status, session_id
+from ccm_wsgi.pool.quota import Quota, caps, format_duration, is_quota_429, plan_weight
 
 T0 = 1_750_000_000.0
 HOUR = 3600.0

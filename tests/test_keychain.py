@@ -16,7 +16,7 @@ import anthropic
 import pytest
 from procs import Proxy, service_config, wait_for, write_credentials
 
-from ccm_wsgi import keychain
+from ccm_wsgi.credentials import keychain
 
 MODEL = "claude-sonnet-4-6"
 TESTS = Path(__file__).resolve().parent

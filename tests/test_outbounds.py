@@ -26,7 +26,7 @@ from proxies import Proxy, free_port, start_http_proxy, start_https_proxy, start
 from urllib3.exceptions import HTTPError
 
 from ccm_wsgi.config import Outbound, OutboundTLS, openssl_cipher_list
-from ccm_wsgi.outbounds import Outbounds, ProxyRefused
+from ccm_wsgi.upstream.outbounds import Outbounds, ProxyRefused
 
 ROOT = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "ccm-user", "s3cret-pass-word"
@@ -351,7 +351,7 @@ import socks  # noqa: F401  (the "early" case imports PySocks before patching)
 if sys.argv[1] == "early":
     monkey.patch_all()
 import gevent, urllib3
-from ccm_wsgi.outbounds import Outbounds
+from ccm_wsgi.upstream.outbounds import Outbounds
 from dataclasses import dataclass, field
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
+from ccm_wsgi.accounting.pricing import Pricing, round_cents, sum_cents
 from ccm_wsgi.config import Price
-from ccm_wsgi.pricing import Pricing, round_cents, sum_cents
 
 M = 1_000_000
 

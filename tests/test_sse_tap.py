@@ -15,7 +15,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ccm_wsgi.sse import Decoder, SSETap, Usage, decoder_for, parse_json_usage, request_info
+from ccm_wsgi.accounting.sse import Decoder, SSETap, Usage, decoder_for, parse_json_usage, request_info
 
 COUNTERS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 

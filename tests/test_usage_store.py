@@ -21,9 +21,9 @@ from typing import Any
 import gevent
 import pytest
 
-from ccm_wsgi.pricing import Pricing
-from ccm_wsgi.sse import Usage
-from ccm_wsgi.usage import (
+from ccm_wsgi.accounting.pricing import Pricing
+from ccm_wsgi.accounting.sse import Usage
+from ccm_wsgi.accounting.usage import (
     Record,
     UsageFileError,
     UsageStore,
@@ -260,8 +260,8 @@ def test_singbox_file_loads_round_trips_and_carries_on(tmp_path: Path, tz: Any) 
 CHILD = textwrap.dedent(
     """
     import logging, os, signal, sys
-    from ccm_wsgi.pricing import Pricing
-    from ccm_wsgi.usage import Record, UsageStore
+    from ccm_wsgi.accounting.pricing import Pricing
+    from ccm_wsgi.accounting.usage import Record, UsageStore
 
     path = sys.argv[1]
     store = UsageStore(path, Pricing(), logging.getLogger("child"))

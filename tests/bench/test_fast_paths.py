@@ -8,7 +8,7 @@ import io
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccm_wsgi import upstream
+from ccm_wsgi.upstream import request as upstream
 
 
 def state(message: http.client.HTTPMessage) -> dict:
@@ -108,7 +108,7 @@ INT = st.integers(min_value=-(2**70), max_value=2**70)
 def test_journal_line_is_what_json_dumps_gives(user: str, model: str, ints: list[int]) -> None:
     import json
 
-    from ccm_wsgi.usage import Record, _journal_line
+    from ccm_wsgi.accounting.usage import Record, _journal_line
 
     rec = Record(user, model, *ints[:9])
     t_ns = ints[9]
@@ -120,7 +120,7 @@ def test_journal_line_is_what_json_dumps_gives(user: str, model: str, ints: list
 
 
 def _record(user: str):
-    from ccm_wsgi.usage import Record
+    from ccm_wsgi.accounting.usage import Record
 
     return Record(user, "claude-sonnet-4-5", 200_000, 0, 1, 10, 5, 0, 0, 0, 0)
 
@@ -128,8 +128,8 @@ def _record(user: str):
 def _store(path):
     import logging
 
-    from ccm_wsgi.pricing import Pricing
-    from ccm_wsgi.usage import UsageStore
+    from ccm_wsgi.accounting.pricing import Pricing
+    from ccm_wsgi.accounting.usage import UsageStore
 
     log = logging.getLogger("test")
     return UsageStore(str(path), Pricing((), log), log)
@@ -143,7 +143,7 @@ def _users(path) -> dict[str, int]:
 
 
 def test_kept_journal_follows_rotation_by_another_store(tmp_path, monkeypatch) -> None:
-    from ccm_wsgi import usage
+    from ccm_wsgi.accounting import usage
 
     monkeypatch.setattr(usage, "LOCK_RECHECK", 0.0)  # notice a deleted lock file at once
     path = tmp_path / "u.json"

@@ -59,7 +59,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from . import files
+from .. import files
 from .pricing import LONG_CONTEXT, Pricing, round_cents, sum_cents
 from .sse import Usage
 

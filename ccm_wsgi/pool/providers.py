@@ -19,8 +19,8 @@ from typing import Any
 
 import urllib3
 
+from ..credentials.oauth import CredentialError
 from .balancer import Balancer
-from .credentials import CredentialError
 from .quota import Quota
 
 

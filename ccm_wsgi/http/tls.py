@@ -28,7 +28,7 @@ from typing import Any
 
 import gevent
 
-from .config import openssl_cipher_list
+from ..config import openssl_cipher_list
 
 log = logging.getLogger("ccm_wsgi.tls")
 

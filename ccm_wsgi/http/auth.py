@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import ProxyError
+from ..errors import ProxyError
 
 log = logging.getLogger("ccm_wsgi.auth")
 

@@ -86,7 +86,7 @@ def _file_target(path: str) -> Target:
 
 
 def _config_targets(config_path: str) -> list[Target]:
-    from .config import ConfigError, load
+    from ..config import ConfigError, load
 
     try:
         config = load(config_path)

@@ -24,7 +24,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import Price
+    from ..config import Price
 
 LONG_CONTEXT = 1_000_000
 _MILLION = Decimal(1_000_000)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import ProxyError
+from ..errors import ProxyError
 from .quota import Quota, format_duration
 
 STRATEGIES = ("least_used", "round_robin", "random", "fallback")

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, request
 
-from .errors import ProxyError, error_body
+from ..errors import ProxyError, error_body
 
 if TYPE_CHECKING:
-    from .service import Service
+    from ..service import Service
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 

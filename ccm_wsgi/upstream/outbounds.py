@@ -45,7 +45,7 @@ import urllib3
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
 from urllib3.exceptions import ProxyError as UrllibProxyError
 
-from .config import openssl_cipher_list
+from ..config import openssl_cipher_list
 
 log = logging.getLogger("ccm_wsgi.outbounds")
 

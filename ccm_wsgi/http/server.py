@@ -21,13 +21,14 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 
-from . import config as config_mod  # noqa: E402
-from . import logs, tls  # noqa: E402
+from .. import config as config_mod  # noqa: E402
+from .. import logs  # noqa: E402
+from ..accounting.usage import UsageFileError  # noqa: E402
+from ..errors import error_body  # noqa: E402
+from ..service import Service  # noqa: E402
+from ..upstream.outbounds import Outbounds  # noqa: E402
+from . import tls  # noqa: E402
 from .app import create_app  # noqa: E402
-from .errors import error_body  # noqa: E402
-from .outbounds import Outbounds  # noqa: E402
-from .service import Service  # noqa: E402
-from .usage import UsageFileError  # noqa: E402
 
 log = logging.getLogger("ccm_wsgi.server")
 

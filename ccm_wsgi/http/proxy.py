@@ -16,18 +16,18 @@ import gevent
 import urllib3
 from urllib3.exceptions import HTTPError
 
-from .balancer import NoCredential, session_id
-from .credentials import CredentialError
-from .errors import JSON_HEADERS, ProxyError
-from .quota import is_quota_429
+from ..accounting.sse import SSETap, Usage, decoder_for, parse_request, request_fields
+from ..accounting.usage import make_record
+from ..credentials.oauth import CredentialError
+from ..errors import JSON_HEADERS, ProxyError
+from ..pool.balancer import NoCredential, session_id
+from ..pool.quota import is_quota_429
+from ..upstream.request import request_headers, response_headers, send
 from .relay import DecodingTap, JSONTap, Relay, Tap
-from .sse import SSETap, Usage, decoder_for, parse_request, request_fields
-from .upstream import request_headers, response_headers, send
-from .usage import make_record
 
 if TYPE_CHECKING:
-    from .providers import Account, PoolProvider, SingleProvider
-    from .service import Service
+    from ..pool.providers import Account, PoolProvider, SingleProvider
+    from ..service import Service
 
 log = logging.getLogger("ccm_wsgi.proxy")
 access_log = logging.getLogger("ccm_wsgi.access")

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import gevent
 import urllib3
 
-from .credentials import USER_AGENT, CredentialError
-from .upstream import OAUTH_BETA
+from ..credentials.oauth import USER_AGENT, CredentialError
+from ..upstream.request import OAUTH_BETA
 
 if TYPE_CHECKING:
     from .providers import Account

@@ -31,7 +31,7 @@ import gevent
 import gevent.lock
 import urllib3
 
-from . import files
+from .. import files
 from .keychain import Keychain
 
 CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"

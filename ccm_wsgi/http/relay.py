@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import urllib3
 from urllib3.exceptions import HTTPError, ReadTimeoutError
 
-from .errors import sse_error_event
-from .sse import Usage, parse_json_usage
+from ..accounting.sse import Usage, parse_json_usage
+from ..errors import sse_error_event
 
 log = logging.getLogger("ccm_wsgi.relay")
 

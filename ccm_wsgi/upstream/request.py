@@ -26,7 +26,7 @@ from urllib3.exceptions import (
     ProxyError as UrllibProxyError,
 )
 
-from .errors import ProxyError
+from ..errors import ProxyError
 
 OAUTH_BETA = "oauth-2025-04-20"
 
