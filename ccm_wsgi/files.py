@@ -120,6 +120,74 @@ def replace_atomically(path: str, data: bytes, mode: int) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
+class Reservation:
+    """Disk space set aside beside `path` for a later atomic replace that must not fail for lack of space.
+
+    The credential refresh spends a refresh token that cannot be spent again; reserving the space of the
+    new file before spending it turns "disk full" into "do not refresh" instead of "refreshed, then could
+    not save". The replacement keeps the owner, group and mode of the file it replaces (a refresh run as
+    root must not take a user's login away from them) and writes through a symlink to its target.
+    """
+
+    def __init__(self, path: str, size: int, mode: int):
+        self.target = os.path.realpath(path)
+        try:
+            st = os.stat(self.target)
+            self.mode, self.owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
+        except FileNotFoundError:
+            self.mode, self.owner = mode, None
+        self.tmp = f"{self.target}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def commit(self, data: bytes) -> None:
+        """Write `data` into the reserved file and rename it over the target; the reservation is used up."""
+        fd = self.fd
+        if fd is None:
+            raise OSError(errno.EBADF, "reservation already used")
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            write_all(fd, data)
+            os.ftruncate(fd, len(data))
+            if self.owner is not None and (os.geteuid() == 0 or self.owner[0] == os.geteuid()):
+                os.fchown(fd, *self.owner)
+            os.fchmod(fd, self.mode)
+            os.fsync(fd)
+            os.replace(self.tmp, self.target)
+        except BaseException:
+            self.abandon()
+            raise
+        self.fd = None
+        close(fd)
+        fsync_dir(os.path.dirname(self.target) or ".")
+
+    def abandon(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            close(fd)
+            unlink(self.tmp)
+
+
+def runtime_dir() -> str:
+    """A private directory in memory (tmpfs) for state that must outlive a failed disk write: the
+    user's `$XDG_RUNTIME_DIR`, else `/dev/shm/ccm-wsgi-<uid>`; created with mode 0700."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.access(base, os.W_OK):
+        directory = os.path.join(base, "ccm-wsgi")
+    else:
+        directory = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp", f"ccm-wsgi-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    st = os.lstat(directory)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(errno.EPERM, f"{directory} is not a private directory of this user")
+    return directory
+
+
 def create_if_missing(path: str, data: bytes, mode: int) -> None:
     """Create `path` with `data` unless it exists (hard link: atomic, never replaces a file)."""
     tmp = write_tmp(path, data, mode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -13,7 +14,8 @@ from .accounting.usage import UsageStore
 from .config import Credential as CredentialConfig
 from .config import Service as ServiceConfig
 from .credentials import keychain
-from .credentials.oauth import CredentialStore, OAuthCredential, default_path
+from .credentials.oauth import OAuthCredential
+from .credentials.store import CredentialStore, default_path, real_home
 from .http.auth import Authenticator
 from .http.proxy import Proxy
 from .pool import poller
@@ -32,8 +34,6 @@ def credential_store(path: str) -> CredentialStore:
     store_path = default_path()
     chain = None
     if keychain.enabled():
-        from .credentials.oauth import real_home
-
         chain = keychain.Keychain(keychain.service_name(os.environ.get("CLAUDE_CONFIG_DIR"), real_home()))
     return CredentialStore(store_path, chain)
 
@@ -62,7 +62,8 @@ class Service:
 
     def _default_account(self, c: CredentialConfig) -> Account:
         pool = self.outbounds.pool(c.detour)
-        credential = OAuthCredential(c.tag, credential_store(c.credential_path), self.cfg.token_url, pool)
+        credential = OAuthCredential(c.tag, credential_store(c.credential_path), self.cfg.token_url, pool,
+                                     functools.partial(self.outbounds.describe_error, c.detour))
         cap_5h, cap_weekly = caps(c.reserve_5h, c.reserve_weekly, c.limit_5h, c.limit_weekly)
         return Account(c.tag, credential, pool, self.cfg.upstream_url, c.detour, self._usage(c.usages_path),
                        cap_5h=cap_5h, cap_weekly=cap_weekly, poll_interval=c.poll_interval)

@@ -265,7 +265,7 @@ def test_upstream_401_renews_and_retries_once(proxy, fake):
 
 
 def test_invalid_grant_says_login_must_be_renewed(tmp_path, fake, start_proxy):
-    path = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, "spent-refresh-token", expires_in=10)
+    path = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, "spent-refresh-token", expires_in=-10)
     proxy = start_proxy({"services": [service_config(fake.url, path)]})
     r = request("POST", proxy.url + "/v1/messages", body=b"{}")
     assert r.status == 503

@@ -77,7 +77,7 @@ def raw(port: int, data: bytes) -> bytes:
 
 def test_error_paths_never_show_a_token(tmp_path: Path, fake: Any, start_proxy: Any) -> None:
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=3600)
-    creds = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
+    creds = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, REFRESH, expires_in=-30)
     users = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
     proxy = start_proxy({"log": {"level": "debug"}, "services": [
         service_config(fake.url, creds, users=users, admin_tokens=[ADMIN], client_timeout="1s")]})
@@ -106,11 +106,11 @@ def test_error_paths_never_show_a_token(tmp_path: Path, fake: Any, start_proxy: 
     fake.configure(token_endpoint={"status": 400, "times": 1, "body": {"error": REFRESH, "error_description": REFRESH}})
     r = post(Authorization="Bearer " + ALICE)
     assert r.status == 503 and b"must be renewed" in r.data and REFRESH.encode() not in r.data
-    write_credentials(creds, ACCESS, REFRESH, expires_in=30)  # a changed file lifts the back-off
+    write_credentials(creds, ACCESS, REFRESH, expires_in=-30)  # a changed file lifts the back-off
     fake.configure(token_endpoint={"status": 500, "times": 1, "body": {"error": "server_error", "detail": REFRESH}})
     assert post(Authorization="Bearer " + ALICE).status == 502
     # a working refresh, then an upstream 401 (revoked token) renewed once more
-    write_credentials(creds, ACCESS, REFRESH, expires_in=30)
+    write_credentials(creds, ACCESS, REFRESH, expires_in=-30)
     assert post(Authorization="Bearer " + ALICE).status == 200
     new = json.loads(creds.read_text())["claudeAiOauth"]
     procs.remember_secrets(new)
@@ -120,7 +120,7 @@ def test_error_paths_never_show_a_token(tmp_path: Path, fake: Any, start_proxy: 
     # invalid_grant: the spent refresh token is named nowhere
     latest = json.loads(creds.read_text())["claudeAiOauth"]
     procs.remember_secrets(latest)
-    write_credentials(creds, latest["accessToken"], new["refreshToken"], expires_in=30)  # spent already
+    write_credentials(creds, latest["accessToken"], new["refreshToken"], expires_in=-30)  # spent already
     r = post(Authorization="Bearer " + ALICE)
     assert r.status == 503 and b"invalid_grant" in r.data
 

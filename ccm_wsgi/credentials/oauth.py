@@ -1,30 +1,37 @@
-"""The Claude subscription credential: read Claude Code's OAuth file, keep the access token fresh.
+"""The Claude subscription credential: read Claude Code's OAuth login, keep its access token fresh.
 
-Refresh tokens rotate and a spent one is rejected (`invalid_grant`), so two refreshers sharing one
-file (two gunicorn workers, two `ccm-wsgi serve`, or a local `claude`) must never both spend the same
-refresh token. A refresh therefore runs under three guards:
+Refresh tokens rotate and a spent one is refused (`invalid_grant`): whoever spends the same refresh token
+second logs the subscription out, for every user and for the local `claude` too. So a refresh runs under
+four guards, and the token endpoint is only called when all of them agree:
 
-* one greenlet at a time in this process (a gevent lock),
-* one process at a time on this file (an `fcntl.flock` on `<file>.lock`),
-* a re-read of the file under the lock: whoever refreshed first has already written the new token,
-  and everyone after adopts it instead of refreshing again.
+* one greenlet at a time in this process (a gevent lock);
+* one ccm-wsgi process at a time on this file (an `flock` on `<file>.lock`);
+* Claude Code's own lock (`<config dir>.lock`, see `locks.py`), so a local `claude` waits for us and we
+  wait for it; while it is held elsewhere we never call the token endpoint, we re-read and adopt;
+* a re-read of the file under the locks: whoever refreshed first has written the new token, and everyone
+  after adopts it instead of refreshing again.
 
-The file is written back atomically (temp file, fsync, rename, mode 0600) and every key we do not
-own is kept, so the local `claude` keeps working with the same file. A missing or broken file never
-stops the service: requests get a clear error until the file becomes valid, which is noticed
-without a restart (the file's stat signature is checked on every use).
+Timing follows Claude Code: a token is refreshed when less than five minutes remain, and a refresh that
+fails while the token still works leaves requests using it. A 429 from the token endpoint holds refreshes
+of that credential until its `Retry-After`; an upstream 401 causes at most one refresh per minute, and
+only when the token that got the 401 is still the current one. A refresh whose answer was lost (sent, no
+reply) is not sent again while the current access token still works: only when it is about to expire,
+when there is nothing left to lose.
+
+The space for the refreshed file is reserved before the refresh token is spent (no space: no refresh).
+If the save still fails (I/O error, read-only remount), the new login stays authoritative in memory and in
+a private in-memory pending file that this host's other ccm-wsgi processes adopt; the stale file is never
+allowed to replace it, and the save is retried, with an error logged each time, until it succeeds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
-import os
-import pwd
 import re
 import time
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import gevent
@@ -32,15 +39,17 @@ import gevent.lock
 import urllib3
 
 from .. import files
-from .keychain import Keychain
+from ..anthropic import CLIENT_ID, TOKEN_USER_AGENT
+from . import locks
+from .store import OAUTH_KEY, CredentialStore
 
-CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
-REFRESH_MARGIN_MS = 60_000
-LOCK_WAIT_SECONDS = 30.0
+REFRESH_MARGIN_MS = 5 * 60_000  # refresh when less than this remains (Claude Code's own margin)
+RENEW_INTERVAL = 60.0  # an upstream 401 refreshes a credential at most this often
+LOCK_WAIT_SECONDS = 30.0  # for our flock and for Claude Code's lock
 BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
-USER_AGENT = "claude-code/2.1.72"
-OAUTH_KEY = "claudeAiOauth"
-# Failures that happen before the refresh request leaves: only these are retried.
+RETRY_AFTER_DEFAULT, RETRY_AFTER_MAX = 60.0, 3600.0
+SAVE_RETRY_MIN, SAVE_RETRY_MAX = 5.0, 60.0
+# Failures that happen before the refresh request leaves: only these are retried at once.
 NOT_SENT = (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ProxyError)
 OAUTH_ERROR = re.compile(r"[a-z_]{1,40}")
 
@@ -50,101 +59,15 @@ log = logging.getLogger("ccm_wsgi.credentials")
 class CredentialError(Exception):
     """The credential cannot give a token. `status` is what the client gets; the message is safe to show."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 class RefreshRejected(Exception):
     """The token endpoint answered 4xx (e.g. invalid_grant): the refresh token is spent or revoked."""
-
-
-def real_home() -> str:
-    """The home of the user who ran sudo, else ours (Claude Code's own rule)."""
-    sudo_user = os.environ.get("SUDO_USER")
-    if sudo_user:
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(sudo_user).pw_dir
-    return os.path.expanduser("~")
-
-
-def default_path() -> str:
-    """`$CLAUDE_CONFIG_DIR/.credentials.json`, else `~/.claude/.credentials.json` of the real user."""
-    config_dir = os.environ.get("CLAUDE_CONFIG_DIR")
-    if config_dir:
-        return os.path.join(config_dir, ".credentials.json")
-    return os.path.join(real_home(), ".claude", ".credentials.json")
-
-
-class CredentialStore:
-    """Where the OAuth JSON lives: a file, or (macOS) the keychain with the file as fallback."""
-
-    def __init__(self, path: str, keychain: Keychain | None = None):
-        self.path = path
-        self.keychain = keychain
-
-    def signature(self) -> tuple[int, int, int] | None:
-        """Changes whenever the file is replaced or rewritten; None when it is missing."""
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def read(self) -> dict[str, Any]:
-        """The whole JSON document (all keys); raises ValueError with a message that names the source."""
-        if self.keychain is not None:
-            data = self.keychain.read()
-            if data is not None:
-                with contextlib.suppress(ValueError):
-                    return parse_document(data, "the keychain item " + self.keychain.service)
-        try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            raise ValueError(f"{self.path}: file not found") from None
-        except OSError as exc:
-            raise ValueError(f"{self.path}: {exc.strerror}") from None
-        return parse_document(raw, self.path)
-
-    def writable(self) -> str | None:
-        """Why a refresh could not be saved (so it must not happen), or None when it can be."""
-        if self.keychain is not None:
-            return None
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.access(directory, os.W_OK):
-            return f"the directory {directory} is not writable"
-        if os.path.exists(self.path) and not os.access(self.path, os.W_OK):
-            return f"{self.path} is not writable"
-        return None
-
-    def write(self, document: dict[str, Any]) -> None:
-        data = json.dumps(document, indent=2).encode()
-        if self.keychain is not None and self.keychain.write(data):
-            return
-        files.replace_atomically(self.path, data, 0o600)
-
-    def lock_path(self) -> str:
-        return self.path + ".lock"
-
-
-def parse_document(raw: bytes, source: str) -> dict[str, Any]:
-    """Validate the Claude Code credentials JSON; the message names `source`, never a token."""
-    if not raw.strip():
-        raise ValueError(f"{source}: file is empty")
-    try:
-        document = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"{source}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(document, dict) or not isinstance(document.get(OAUTH_KEY), dict):
-        raise ValueError(f"{source}: no {OAUTH_KEY} object (log in with `claude` first)")
-    oauth = document[OAUTH_KEY]
-    if not isinstance(oauth.get("accessToken"), str) or not oauth["accessToken"]:
-        raise ValueError(f"{source}: {OAUTH_KEY}.accessToken is missing")
-    if not isinstance(oauth.get("expiresAt", 0), (int, float)):
-        raise ValueError(f"{source}: {OAUTH_KEY}.expiresAt is not a number")
-    return document
 
 
 def now_ms() -> int:
@@ -154,20 +77,28 @@ def now_ms() -> int:
 class OAuthCredential:
     """One subscription login. `access_token()` is cheap when the token is fresh (one stat call)."""
 
-    def __init__(self, tag: str, store: CredentialStore, token_url: str, http: urllib3.PoolManager):
+    def __init__(self, tag: str, store: CredentialStore, token_url: str, http: urllib3.PoolManager,
+                 describe_error: Any = None):
         self.tag = tag
         self.store = store
         self.token_url = token_url
         self.http = http
+        self.describe_error = describe_error or (lambda exc: type(exc).__name__)
         self._document: dict[str, Any] | None = None
         self._signature: tuple[int, int, int] | None = None
         self._error: str | None = "not loaded yet"
         self._checked = 0.0
         self._lock = gevent.lock.RLock()
-        self._failure: CredentialError | None = None
-        self._failure_until = 0.0
-        self._failure_signature: tuple[int, int, int] | None = None
+        self._unsaved: dict[str, Any] | None = None  # refreshed, not on disk yet: authoritative
+        self._spent = ""  # the refresh token `_unsaved` replaced (the stale file still holds it)
+        self._next_save = 0.0
+        self._save_delay = SAVE_RETRY_MIN
+        self._hold: CredentialError | None = None  # refreshes are held (failure back-off, 429, lost answer)
+        self._hold_until = 0.0
+        self._hold_signature: tuple[int, int, int] | None = None
         self._backoff = BACKOFF_MIN
+        self._last_renew = -RENEW_INTERVAL
+        self._no_claude_lock = False
         self.load(force=True)
 
     # -- reading -------------------------------------------------------------------------------
@@ -180,23 +111,37 @@ class OAuthCredential:
         self._signature = signature
         self._checked = time.monotonic()
         try:
-            document = self.store.read()
+            document: dict[str, Any] | None = self.store.read()
+            error = None
         except ValueError as exc:
-            if self._error != str(exc):
-                log.warning("credential %s unavailable: %s", self.tag, exc)
-            self._document, self._error = None, str(exc)
+            document, error = None, str(exc)
+        if self._unsaved is not None:
+            document, error = self._reconcile(document), None
+        if error is not None:
+            if self._error != error:
+                log.warning("credential %s unavailable: %s", self.tag, error)
+            self._document, self._error = None, error
             return
         if self._error and self._document is None:
-            log.info("credential %s loaded from %s", self.tag, self.source())
+            log.info("credential %s loaded from %s", self.tag, self.store.describe())
         self._document, self._error = document, None
 
-    def source(self) -> str:
-        return self.store.path if self.store.keychain is None else "keychain " + self.store.keychain.service
+    def _reconcile(self, on_disk: dict[str, Any] | None) -> dict[str, Any]:
+        """The unsaved login wins over a stale (or unreadable) file; a file that holds it, or a new login, wins."""
+        assert self._unsaved is not None
+        disk_refresh = on_disk[OAUTH_KEY].get("refreshToken") if on_disk is not None else None
+        if on_disk is None or disk_refresh == self._spent:
+            return self._unsaved
+        if disk_refresh != self._unsaved[OAUTH_KEY].get("refreshToken"):
+            log.warning("credential %s: a new login appeared in %s; it replaces the unsaved refreshed one",
+                        self.tag, self.store.describe())
+        self._saved()
+        return on_disk
 
     @property
     def oauth(self) -> dict[str, Any]:
         assert self._document is not None
-        return self._document[OAUTH_KEY]
+        return self._document[OAUTH_KEY]  # type: ignore[no-any-return]
 
     def available(self) -> bool:
         self._refresh_view()
@@ -212,6 +157,7 @@ class OAuthCredential:
             "subscription_type": oauth.get("subscriptionType") or "",
             "rate_limit_tier": oauth.get("rateLimitTier") or "",
             "expires_at": oauth.get("expiresAt") or 0,
+            "unsaved": self._unsaved is not None,
         }
 
     def _refresh_view(self) -> None:
@@ -224,28 +170,51 @@ class OAuthCredential:
         return CredentialError(
             503,
             f"ccm-wsgi has no usable Claude subscription credential ({self._error}). "
-            "Log in with `claude` on the proxy host or fix the file; it is picked up without a restart.",
+            "Log in (`ccm-wsgi login`, or `claude` on the proxy host) or fix the file; "
+            "it is picked up without a restart.",
         )
 
-    def _fresh(self, margin_ms: int = REFRESH_MARGIN_MS) -> bool:
+    def _remaining_ms(self) -> float:
         expires = self.oauth.get("expiresAt") or 0
-        return expires == 0 or now_ms() < expires - margin_ms
+        return float("inf") if not expires else expires - now_ms()
+
+    def _fresh(self) -> bool:
+        return self._remaining_ms() > REFRESH_MARGIN_MS
+
+    def _valid(self) -> bool:
+        return self._remaining_ms() > 0
 
     # -- the token -----------------------------------------------------------------------------
 
     def access_token(self) -> str:
-        """A token valid for at least a minute, refreshing it (once, across processes) when needed."""
+        """A token valid for at least five minutes, refreshed (once, across processes) when needed; while a
+        refresh cannot happen, the current token as long as it has not expired."""
         self._refresh_view()
         if self._document is None:
             raise self._unavailable()
-        token = self.oauth["accessToken"]
+        if self._unsaved is not None:
+            self._retry_save()
+        token: str = self.oauth["accessToken"]
         if self._fresh():
             return token
-        return self._refresh(token, force=False)
+        try:
+            return self._refresh(token, force=False)
+        except CredentialError:
+            if self._document is not None and self._valid():
+                return str(self.oauth["accessToken"])
+            raise
 
-    def renew(self, rejected: str) -> str:
-        """The upstream rejected `rejected` (401): adopt a newer token from storage, or refresh once."""
-        return self._refresh(rejected, force=True)
+    def renew(self, rejected: str) -> str | None:
+        """The upstream answered 401 to `rejected`: the token to retry with, or None to pass the 401 on
+        (the token was refreshed less than a minute ago; refreshing again would not help)."""
+        with self._lock:
+            self.load(force=True)
+            if self._document is not None and self.oauth["accessToken"] != rejected and self._valid():
+                return str(self.oauth["accessToken"])  # someone refreshed since: try the current one
+            if time.monotonic() - self._last_renew < RENEW_INTERVAL:
+                return None
+            self._last_renew = time.monotonic()
+            return self._refresh(rejected, force=True)
 
     def _refresh(self, stale: str, force: bool) -> str:
         with self._lock:
@@ -253,9 +222,9 @@ class OAuthCredential:
             if self._document is None:
                 raise self._unavailable()
             if self.oauth["accessToken"] != stale and self._fresh():
-                return self.oauth["accessToken"]  # another greenlet or process already did it
-            self._check_backoff()
-            reason = self.store.writable()
+                return str(self.oauth["accessToken"])  # another greenlet or process already did it
+            self._check_hold()
+            reason = self._unwritable()
             if reason:
                 raise self._fail(
                     503,
@@ -264,54 +233,172 @@ class OAuthCredential:
                 )
             try:
                 with files.locked(self.store.lock_path(), fcntl.LOCK_EX, LOCK_WAIT_SECONDS, mode_if_created=0o600):
-                    return self._refresh_locked(stale, force)
-            except TimeoutError as exc:
-                raise CredentialError(503, f"credential {self.tag}: {exc}") from None
+                    return self._under_claude_lock(stale, force)
+            except files.LockTimeout as exc:
+                raise self._fail(503, f"credential {self.tag}: {exc}") from None
             except OSError as exc:
                 message = f"credential {self.tag}: cannot lock {self.store.lock_path()}: {exc.strerror}"
                 raise self._fail(503, message) from None
 
+    def _under_claude_lock(self, stale: str, force: bool) -> str:
+        lock = locks.ClaudeLock(locks.lock_path(self.store.path))
+        try:
+            held = lock.acquire(LOCK_WAIT_SECONDS, while_waiting=lambda: self._adopted(stale))
+        except locks.LockBusy as exc:
+            raise self._fail(503, f"credential {self.tag}: not refreshing while {exc}") from None
+        except OSError as exc:
+            if not self._no_claude_lock:
+                log.warning("credential %s: cannot take Claude Code's refresh lock %s (%s); refreshing "
+                            "under ccm-wsgi's own lock only", self.tag, lock.path, exc.strerror)
+                self._no_claude_lock = True
+            return self._refresh_locked(stale, force)
+        if not held:
+            return str(self.oauth["accessToken"])  # adopted while waiting
+        with lock:
+            return self._refresh_locked(stale, force)
+
+    def _adopted(self, stale: str) -> bool:
+        """While waiting for the lock: has someone else refreshed meanwhile?"""
+        self.load(force=True)
+        return self._document is not None and self.oauth["accessToken"] != stale and self._fresh()
+
     def _refresh_locked(self, stale: str, force: bool) -> str:
-        self.load(force=True)  # under the lock: the other side may have written a new token
+        self.load(force=True)  # under the locks: the other side may have written a new token
         if self._document is None:
             raise self._unavailable()
         oauth = self.oauth
         if oauth["accessToken"] != stale and self._fresh():
-            return oauth["accessToken"]
+            return str(oauth["accessToken"])
         if not force and self._fresh():
-            return oauth["accessToken"]
+            return str(oauth["accessToken"])
         refresh_token = oauth.get("refreshToken")
         if not refresh_token:
             raise self._fail(503, self._login_message("the credential has no refresh token"))
+        if self._unsaved is None and self._adopt_pending(refresh_token):
+            return str(self.oauth["accessToken"])
+        try:
+            reservation = self.store.reserve(self._document)
+        except OSError as exc:
+            raise self._fail(503, f"credential {self.tag}: not refreshing: there is no room to save the new "
+                                  f"login beside {self.store.path} ({exc.strerror})") from None
         try:
             answer = self._post_refresh(refresh_token, oauth.get("scopes"))
         except RefreshRejected as rejected:
-            # A local `claude` may have rotated the token outside our lock: adopt its login if so.
+            if reservation is not None:
+                reservation.abandon()
+            # A local `claude` may have rotated the token outside our locks: adopt its login if so.
             self.load(force=True)
             if self._document is not None and self.oauth.get("refreshToken") != refresh_token and self._fresh():
-                return self.oauth["accessToken"]
+                return str(self.oauth["accessToken"])
             raise self._fail(503, self._login_message(str(rejected)), long=True) from None
-        document = json.loads(json.dumps(self._document))  # a deep copy that keeps every foreign key
+        except BaseException:
+            if reservation is not None:
+                reservation.abandon()
+            raise
+        document = self._refreshed(answer)
+        try:
+            self.store.write(document, reservation)
+        except OSError as exc:
+            self._keep_unsaved(document, refresh_token, exc)
+        else:
+            self._saved()
+        self._document, self._error = document, None
+        self._signature = self.store.signature()
+        self._hold, self._backoff = None, BACKOFF_MIN
+        log.info("credential %s: access token refreshed (valid for %ss)", self.tag, answer.get("expires_in"))
+        return str(document[OAUTH_KEY]["accessToken"])
+
+    def _refreshed(self, answer: dict[str, Any]) -> dict[str, Any]:
+        assert self._document is not None
+        document: dict[str, Any] = json.loads(json.dumps(self._document))  # a deep copy keeping foreign keys
         new = document[OAUTH_KEY]
         new["accessToken"] = answer["access_token"]
         if answer.get("refresh_token"):
             new["refreshToken"] = answer["refresh_token"]
         new["expiresAt"] = now_ms() + int(answer.get("expires_in") or 3600) * 1000
+        scope = answer.get("scope")
+        if isinstance(scope, str) and scope.strip():
+            new["scopes"] = scope.split()
+        return document
+
+    # -- a refreshed login that could not be saved ---------------------------------------------
+
+    def _keep_unsaved(self, document: dict[str, Any], spent: str, exc: OSError) -> None:
+        self._unsaved, self._spent = document, spent
+        self._save_delay = SAVE_RETRY_MIN
+        self._next_save = time.monotonic() + self._save_delay
+        log.error("credential %s: refreshed, but saving %s failed (%s); the new login is kept in memory and "
+                  "saved as soon as possible - do not log in or out meanwhile", self.tag, self.store.describe(),
+                  exc.strerror)
         try:
-            self.store.write(document)
-        except OSError as exc:
-            log.error("credential %s: refreshed, but saving %s failed: %s", self.tag, self.source(), exc.strerror)
-        self._document, self._error = document, None
-        self._signature = self.store.signature()
-        self._failure, self._backoff = None, BACKOFF_MIN
-        log.info("credential %s: access token refreshed (valid for %ss)", self.tag, answer.get("expires_in"))
-        return new["accessToken"]
+            self.store.write_pending(document, spent)
+        except OSError as pending_exc:
+            log.error("credential %s: cannot keep the unsaved login for this host's other ccm-wsgi processes "
+                      "either (%s)", self.tag, pending_exc.strerror)
+        gevent.spawn_later(self._save_delay, self._retry_save)
+
+    def _retry_save(self) -> None:
+        if self._unsaved is None or time.monotonic() < self._next_save:
+            return
+        with self._lock:
+            unsaved = self._unsaved
+            if unsaved is None:
+                return
+            try:
+                with files.locked(self.store.lock_path(), fcntl.LOCK_EX, 1.0, mode_if_created=0o600):
+                    self.store.write(unsaved)
+            except OSError as exc:
+                self._save_delay = min(self._save_delay * 2, SAVE_RETRY_MAX)
+                self._next_save = time.monotonic() + self._save_delay
+                log.error("credential %s: the refreshed login is still not saved to %s (%s); retrying in %gs",
+                          self.tag, self.store.describe(), exc.strerror, self._save_delay)
+                gevent.spawn_later(self._save_delay, self._retry_save)
+                return
+            self._saved()
+            self._signature = self.store.signature()
+            log.info("credential %s: the refreshed login is now saved to %s", self.tag, self.store.describe())
+
+    def _saved(self) -> None:
+        if self._unsaved is not None:
+            self.store.clear_pending()
+        self._unsaved, self._spent = None, ""
+
+    def _adopt_pending(self, on_disk_refresh: str) -> bool:
+        """Another process of this host refreshed but could not save: take its login instead of spending
+        the refresh token the stale file still holds (that would log the subscription out)."""
+        try:
+            pending = self.store.read_pending(on_disk_refresh)
+        except OSError:
+            return False
+        if pending is None:
+            return False
+        log.warning("credential %s: adopting a refreshed login another process could not save", self.tag)
+        self._unsaved, self._spent, self._document = pending, on_disk_refresh, pending
+        self._next_save = 0.0
+        self._retry_save()
+        return True
+
+    def _unwritable(self) -> str | None:
+        """Why a refreshed login could not be saved (so no refresh may happen), None when it can be."""
+        if self.store.keychain is not None:
+            return None
+        import os
+
+        target = os.path.realpath(self.store.path)
+        directory = os.path.dirname(target)
+        if not os.access(directory, os.W_OK):
+            return f"the directory {directory} is not writable"
+        if os.path.exists(target) and not os.access(target, os.W_OK):
+            return f"{self.store.path} is not writable"
+        return None
+
+    # -- the token endpoint ----------------------------------------------------------------------
 
     def _post_refresh(self, refresh_token: str, scopes: Any) -> dict[str, Any]:
         body: dict[str, Any] = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": CLIENT_ID}
         if isinstance(scopes, list) and scopes:
             body["scope"] = " ".join(str(s) for s in scopes)
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": USER_AGENT}
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": TOKEN_USER_AGENT}
         last_error = ""
         for attempt in range(3):
             if attempt:
@@ -322,11 +409,12 @@ class OAuthCredential:
                     timeout=urllib3.Timeout(connect=10.0, read=30.0), retries=False, redirect=False,
                 )
             except urllib3.exceptions.HTTPError as exc:
-                describe = getattr(self.http, "ccm_describe_error", None)  # names the outbound (detour)
-                last_error = describe(exc) if describe is not None else type(exc).__name__
+                last_error = self.describe_error(exc)
                 if isinstance(exc, NOT_SENT):
                     continue
-                break  # the endpoint may have spent the refresh token already: never send it twice
+                # The endpoint may have spent the refresh token already: never send it again while the
+                # current access token still works.
+                raise self._hold_after_lost_answer(last_error) from None
             return self._refresh_answer(resp)
         raise self._fail(502, f"credential {self.tag}: the token endpoint is unreachable ({last_error})")
 
@@ -340,6 +428,11 @@ class OAuthCredential:
         code = answer.get("error") if isinstance(answer, dict) else None
         # only an OAuth error code (invalid_grant, ...): whatever else the endpoint says is never repeated
         reason = f"HTTP {resp.status}" + (f" {code}" if isinstance(code, str) and OAUTH_ERROR.fullmatch(code) else "")
+        if resp.status == 429:
+            wait = retry_after_seconds(resp.headers.get("retry-after"))
+            raise self._hold_for(wait, CredentialError(
+                503, f"credential {self.tag}: the token endpoint refused more refreshes for now ({reason}); "
+                     f"not asking again for {wait:.0f}s", retry_after=wait))
         if resp.status in (400, 401, 403):
             raise RefreshRejected(f"the token endpoint refused the refresh ({reason})")
         raise self._fail(502, f"credential {self.tag}: the token endpoint failed ({reason})")
@@ -347,23 +440,54 @@ class OAuthCredential:
     def _login_message(self, reason: str) -> str:
         return (
             f"the Claude subscription login of credential {self.tag} must be renewed: {reason}. "
-            "Run `claude` and /login on the proxy host; the new login is picked up without a restart."
+            "Run `ccm-wsgi login` (or `claude` and /login) on the proxy host; the new login is picked up "
+            "without a restart."
         )
 
-    # -- failure back-off: no refresh storms ----------------------------------------------------
+    # -- holding refreshes back: no storms, no second spending of a refresh token -----------------
 
     def _fail(self, status: int, message: str, long: bool = False) -> CredentialError:
         log.error("credential %s: refresh failed: %s", self.tag, message)
-        error = CredentialError(status, message)
-        self._failure = error
-        self._failure_signature = self.store.signature()
-        self._failure_until = time.monotonic() + (BACKOFF_MAX if long else self._backoff)
+        error = self._hold_for(BACKOFF_MAX if long else self._backoff, CredentialError(status, message))
         self._backoff = min(self._backoff * 2, BACKOFF_MAX)
         return error
 
-    def _check_backoff(self) -> None:
-        if self._failure is None or time.monotonic() >= self._failure_until:
+    def _hold_for(self, seconds: float, error: CredentialError) -> CredentialError:
+        self._hold = error
+        self._hold_signature = self.store.signature()
+        self._hold_until = time.monotonic() + seconds
+        return error
+
+    def _hold_after_lost_answer(self, why: str) -> CredentialError:
+        """The refresh token may be spent with its answer lost. While the current access token still works,
+        sending it again could only log the subscription out; once less than a minute remains there is
+        nothing left to lose, and it is sent again after the usual back-off."""
+        remaining = self._remaining_ms() / 1000 if self._document is not None else 0.0
+        if remaining > 60.0 + BACKOFF_MIN:
+            wait, when = remaining - 60.0, "while the current access token still works"
+        else:
+            wait, when = BACKOFF_MIN, f"for {BACKOFF_MIN:g}s"
+        message = f"credential {self.tag}: the refresh request was sent but its answer was lost ({why}); " \
+                  f"it is not sent again {when}"
+        log.error("credential %s: refresh failed: %s", self.tag, message)
+        return self._hold_for(wait, CredentialError(502, message))
+
+    def _check_hold(self) -> None:
+        if self._hold is None or time.monotonic() >= self._hold_until:
             return
-        if self.store.signature() != self._failure_signature:
-            return  # the file changed: try again at once
-        raise self._failure
+        if self.store.signature() != self._hold_signature:
+            return  # the file changed (a new login, or someone else refreshed): look again at once
+        raise self._hold
+
+
+def retry_after_seconds(value: str | None) -> float:
+    """`Retry-After` as seconds (delta-seconds or an HTTP date), within sane bounds."""
+    if value:
+        value = value.strip()
+        try:
+            seconds = float(value) if value.replace(".", "", 1).isdigit() else (
+                parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError, OverflowError):
+            seconds = RETRY_AFTER_DEFAULT
+        return min(max(seconds, 1.0), RETRY_AFTER_MAX)
+    return RETRY_AFTER_DEFAULT

@@ -111,7 +111,8 @@ class Proxy:
         except ProxyError as err:
             return self._fail(ex, err, start_response)
         except CredentialError as err:
-            return self._fail(ex, ProxyError(err.status, "api_error", err.message), start_response)
+            headers = [] if err.retry_after is None else [("retry-after", str(max(1, round(err.retry_after))))]
+            return self._fail(ex, ProxyError(err.status, "api_error", err.message, headers), start_response)
         except NoCredential as err:
             return self._fail(ex, err.as_proxy_error(), start_response)
         except Exception:
@@ -213,10 +214,13 @@ class Proxy:
             )
             if upstream.status != 401 or attempt or account.external:
                 return upstream
+            renewed = credential.renew(token)
+            if renewed is None:  # refreshed less than a minute ago: another refresh would not help
+                return upstream
             upstream.drain_conn()
             upstream.release_conn()
-            log.warning("credential %s: upstream answered 401, renewing the access token", account.tag)
-            token = credential.renew(token)
+            log.warning("credential %s: upstream answered 401, retrying with a renewed access token", account.tag)
+            token = renewed
         raise AssertionError("unreachable")
 
     def _tap(self, account: Account, upstream: urllib3.BaseHTTPResponse, sse: bool) -> Tap | None:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import gevent
 import urllib3
 
-from ..credentials.oauth import USER_AGENT, CredentialError
-from ..upstream.request import OAUTH_BETA
+from ..anthropic import API_USER_AGENT, OAUTH_BETA, USAGE_PATH
+from ..credentials.oauth import CredentialError
 
 if TYPE_CHECKING:
     from .providers import Account
@@ -39,8 +39,8 @@ def poll_once(account: Account) -> None:
         url = account.base_url + "/ccm/v1/status"
         headers = {"Authorization": "Bearer " + token}
     else:
-        url = account.base_url + "/api/oauth/usage"
-        headers = {"Authorization": "Bearer " + token, "anthropic-beta": OAUTH_BETA, "User-Agent": USER_AGENT,
+        url = account.base_url + USAGE_PATH
+        headers = {"Authorization": "Bearer " + token, "anthropic-beta": OAUTH_BETA, "User-Agent": API_USER_AGENT,
                    "Content-Type": "application/json"}
     try:
         resp = account.pool.request("GET", url, headers=headers, timeout=TIMEOUT, retries=False, redirect=False)

@@ -34,7 +34,7 @@ class ExternalCredential:
     def access_token(self) -> str:
         return self._token
 
-    def renew(self, rejected: str) -> str:
+    def renew(self, rejected: str) -> str | None:
         raise CredentialError(502, f"credential {self.tag}: the peer ccm instance rejected our token")
 
     def available(self) -> bool:

@@ -31,7 +31,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import base64
-import functools
 import logging
 import os
 import re
@@ -160,11 +159,6 @@ class Outbounds:
         self._pools: dict[str, urllib3.PoolManager] = {"": self._direct}
         for tag, outbound in self.outbounds.items():
             self._pools[tag] = self._build(outbound)
-        for tag, manager in self._pools.items():
-            if tag and manager is self._direct:
-                continue  # the shared direct manager describes itself as the direct connection
-            # what the token refresh (which only holds the manager) puts in its error messages
-            manager.ccm_describe_error = functools.partial(self.describe_error, tag)  # type: ignore[attr-defined]
 
     def pool(self, tag: str) -> urllib3.PoolManager:
         """The manager for a detour tag; "" and `direct` outbounds mean no proxy."""

@@ -26,9 +26,8 @@ from urllib3.exceptions import (
     ProxyError as UrllibProxyError,
 )
 
+from ..anthropic import OAUTH_BETA
 from ..errors import ProxyError
-
-OAUTH_BETA = "oauth-2025-04-20"
 
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
