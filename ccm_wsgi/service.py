@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import os
@@ -17,7 +16,8 @@ from .credentials import keychain
 from .credentials.oauth import OAuthCredential
 from .credentials.store import CredentialStore, default_path, real_home
 from .http.auth import Authenticator
-from .http.proxy import Proxy
+from .http.drain import Drain
+from .http.proxy import Proxy, ProxySettings
 from .pool import poller
 from .pool.balancer import Balancer, aggregate_status
 from .pool.providers import Account, ExternalCredential, PoolProvider, SingleProvider
@@ -43,7 +43,7 @@ class Service:
         self.cfg = cfg
         self.tag = cfg.tag
         self.outbounds = outbounds
-        self.active = 0  # requests in flight, for graceful shutdown
+        self.drain = Drain()  # requests in flight, for a graceful stop
         self.pricing = Pricing(cfg.pricing, log)
         self.auth = Authenticator(cfg.users, cfg.admin_tokens)
         self.providers: dict[str, SingleProvider | PoolProvider] = {}
@@ -57,20 +57,19 @@ class Service:
             ))
             self.accounts = [account]
             self.default_provider = SingleProvider(account)
-        self.proxy = Proxy(self)
+        self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain)
         self._greenlets: list[Any] = []
 
     def _default_account(self, c: CredentialConfig) -> Account:
-        pool = self.outbounds.pool(c.detour)
-        credential = OAuthCredential(c.tag, credential_store(c.credential_path), self.cfg.token_url, pool,
-                                     functools.partial(self.outbounds.describe_error, c.detour))
+        route = self.outbounds.route(c.detour, self.cfg.connect_timeout)
+        credential = OAuthCredential(c.tag, credential_store(c.credential_path), self.cfg.token_url, route)
         cap_5h, cap_weekly = caps(c.reserve_5h, c.reserve_weekly, c.limit_5h, c.limit_weekly)
-        return Account(c.tag, credential, pool, self.cfg.upstream_url, c.detour, self._usage(c.usages_path),
+        return Account(c.tag, credential, route, self.cfg.upstream_url, self._usage(c.usages_path),
                        cap_5h=cap_5h, cap_weekly=cap_weekly, poll_interval=c.poll_interval)
 
     def _external_account(self, c: CredentialConfig) -> Account:
-        pool = self.outbounds.pool(c.detour)
-        return Account(c.tag, ExternalCredential(c.tag, c.token), pool, c.url, c.detour, self._usage(c.usages_path),
+        route = self.outbounds.route(c.detour, self.cfg.connect_timeout)
+        return Account(c.tag, ExternalCredential(c.tag, c.token), route, c.url, self._usage(c.usages_path),
                        external=True, poll_interval=c.poll_interval)
 
     def _usage(self, path: str) -> UsageStore | None:

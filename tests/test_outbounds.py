@@ -174,7 +174,7 @@ def test_direct_pool_is_shared_and_unknown_tags_raise(upstream: Upstream) -> Non
     out = outbounds(Out("direct", "plain"), Out("direct", "slow", connect_timeout=3.0))
     assert out.pool("") is out.pool("plain")
     assert out.pool("slow") is not out.pool("")
-    assert (out.connect_timeout("slow"), out.connect_timeout("plain"), out.connect_timeout("")) == (3.0, None, None)
+    assert [out.route(tag, 9.0).connect_timeout for tag in ("slow", "plain", "")] == [3.0, 9.0, 9.0]
     assert get(out, "plain", upstream.url("/d")).data == b"hello /d"
     with pytest.raises(KeyError, match="outbound detour not found: nope"):
         out.pool("nope")

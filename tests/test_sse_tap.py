@@ -15,7 +15,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ccm_wsgi.accounting.sse import Decoder, SSETap, Usage, decoder_for, parse_json_usage, request_info
+from ccm_wsgi.accounting.decoding import Decoder, decoder_for
+from ccm_wsgi.accounting.sse import SSETap, Usage, parse_json_usage
+from ccm_wsgi.http.request import facts
 
 COUNTERS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
@@ -434,11 +436,9 @@ def test_parse_json_usage() -> None:
         assert parse_json_usage(garbage).input_tokens == 0
 
 
-def test_request_info() -> None:
-    assert request_info(b'{"model":"claude-opus-4-6","messages":[{"role":"user"},{"role":"assistant"}]}') == (
-        "claude-opus-4-6",
-        2,
-    )
-    assert request_info(b'{"model": 5, "messages": {}}') == ("", 0)
+def test_request_facts() -> None:
+    body = b'{"model":"claude-opus-4-6","messages":[{"role":"user"},{"role":"assistant"}]}'
+    assert (facts(body, None).model, facts(body, None).messages_count) == ("claude-opus-4-6", 2)
+    assert (facts(b'{"model": 5, "messages": {}}', None).model, facts(b'{"model": 5}', None).messages_count) == ("", 0)
     for garbage in (b"", b"garbage", b"[]", b"null", b"\x00\xff", b"[" * 100_000):
-        assert request_info(garbage) == ("", 0)
+        assert (facts(garbage, None).model, facts(garbage, None).messages_count) == ("", 0)

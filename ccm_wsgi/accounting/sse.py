@@ -20,16 +20,10 @@ even when `input_tokens` is 0, and each field present in a later `message_delta.
 from __future__ import annotations
 
 import json
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import brotli
-import zstandard
-
 MAX_EVENT = 1 << 20
-MAX_DECODED_PER_CHUNK = 64 << 20
 _MARK = b'"message_'
 _BOUNDARY = b"\n\n"
 _COUNTERS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
@@ -238,121 +232,3 @@ def parse_json_usage(body: bytes) -> Usage:
         _merge_usage(usage, message.get("usage"))
         usage.stopped = True
     return usage
-
-
-def request_info(body: bytes) -> tuple[str, int]:
-    """(model, number of messages) of a Messages request body; ("", 0) for anything unparsable."""
-    return request_fields(_loads(body))
-
-
-def parse_request(body: bytes) -> Any:
-    """The decoded request JSON, or None; for callers that need more than `request_fields`."""
-    return _loads(body)
-
-
-def request_fields(request: Any) -> tuple[str, int]:
-    """(model, number of messages) of an already decoded request body."""
-    if not isinstance(request, dict):
-        return "", 0
-    model = request.get("model")
-    messages = request.get("messages")
-    return (model if isinstance(model, str) else ""), (len(messages) if isinstance(messages, list) else 0)
-
-
-# --- Content-Encoding -------------------------------------------------------------------------
-
-
-class _Zlib:
-    """gzip (possibly several members) or deflate (zlib-wrapped, or raw as some servers send it)."""
-
-    def __init__(self, wbits: int, raw_fallback: bool) -> None:
-        self._wbits = wbits
-        self._obj = zlib.decompressobj(wbits)
-        self._fallback = raw_fallback  # deflate: switch to raw deflate if the zlib header is wrong
-        self._seen = b""
-
-    def __call__(self, data: bytes) -> bytes:
-        if self._fallback:
-            self._seen += data
-            try:
-                out = self._obj.decompress(data)
-            except zlib.error:
-                self._fallback = False
-                self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
-                return self._obj.decompress(self._seen)
-            if len(self._seen) >= 2:
-                self._fallback = False
-                self._seen = b""
-            return out
-        out = self._obj.decompress(data)
-        while self._obj.eof and self._obj.unused_data:  # another gzip member follows
-            rest = self._obj.unused_data
-            self._obj = zlib.decompressobj(self._wbits)
-            out += self._obj.decompress(rest)
-        return out
-
-
-class _Zstd:
-    def __init__(self) -> None:
-        self._dctx = zstandard.ZstdDecompressor()
-        self._obj = self._dctx.decompressobj()
-
-    def __call__(self, data: bytes) -> bytes:
-        out = self._obj.decompress(data)
-        while self._obj.eof and self._obj.unused_data:  # another frame follows
-            rest = self._obj.unused_data
-            self._obj = self._dctx.decompressobj()
-            out += self._obj.decompress(rest)
-        return out
-
-
-def _stage(encoding: str) -> Callable[[bytes], bytes] | None:
-    if encoding in ("gzip", "x-gzip"):
-        return _Zlib(16 + zlib.MAX_WBITS, raw_fallback=False)
-    if encoding == "deflate":
-        return _Zlib(zlib.MAX_WBITS, raw_fallback=True)
-    if encoding == "br":
-        return brotli.Decompressor().process
-    if encoding == "zstd":
-        return _Zstd()
-    return None
-
-
-class Decoder:
-    """Incremental decoder for a `Content-Encoding` list (applied in reverse). Never raises: on a
-    decoding error or an unknown coding it sets `.failed` and returns b"" from then on."""
-
-    def __init__(self, encodings: list[str]) -> None:
-        self.encodings = encodings
-        self.failed = False
-        self._stages: list[Callable[[bytes], bytes]] = []
-        for encoding in reversed(encodings):
-            if encoding == "identity":
-                continue
-            stage = _stage(encoding)
-            if stage is None:
-                self.failed = True
-                break
-            self._stages.append(stage)
-
-    def decompress(self, chunk: bytes) -> bytes:
-        if self.failed:
-            return b""
-        try:
-            for stage in self._stages:
-                chunk = stage(chunk)
-                if len(chunk) > MAX_DECODED_PER_CHUNK:  # a compression bomb: stop counting, keep relaying
-                    raise ValueError("decoded chunk too large")
-        except Exception:  # zlib.error, brotli.error, zstandard.ZstdError, ...
-            self.failed = True
-            return b""
-        return chunk
-
-
-def decoder_for(content_encoding: str | None) -> Decoder | None:
-    """A Decoder for a response's Content-Encoding, or None when the body is not encoded."""
-    if not content_encoding:
-        return None
-    encodings = [e.strip().lower() for e in content_encoding.split(",")]
-    encodings = [e for e in encodings if e and e != "identity"]
-    return Decoder(encodings) if encodings else None

@@ -40,6 +40,7 @@ import urllib3
 
 from .. import files
 from ..anthropic import CLIENT_ID, TOKEN_USER_AGENT
+from ..upstream.outbounds import Route
 from . import locks
 from .store import OAUTH_KEY, CredentialStore
 
@@ -77,13 +78,11 @@ def now_ms() -> int:
 class OAuthCredential:
     """One subscription login. `access_token()` is cheap when the token is fresh (one stat call)."""
 
-    def __init__(self, tag: str, store: CredentialStore, token_url: str, http: urllib3.PoolManager,
-                 describe_error: Any = None):
+    def __init__(self, tag: str, store: CredentialStore, token_url: str, route: Route):
         self.tag = tag
         self.store = store
         self.token_url = token_url
-        self.http = http
-        self.describe_error = describe_error or (lambda exc: type(exc).__name__)
+        self.route = route
         self._document: dict[str, Any] | None = None
         self._signature: tuple[int, int, int] | None = None
         self._error: str | None = "not loaded yet"
@@ -404,12 +403,13 @@ class OAuthCredential:
             if attempt:
                 gevent.sleep(0.2 * attempt)
             try:
-                resp = self.http.request(
+                resp = self.route.pool.request(
                     "POST", self.token_url, body=json.dumps(body).encode(), headers=headers,
-                    timeout=urllib3.Timeout(connect=10.0, read=30.0), retries=False, redirect=False,
+                    timeout=urllib3.Timeout(connect=self.route.connect_timeout, read=30.0), retries=False,
+                    redirect=False,
                 )
             except urllib3.exceptions.HTTPError as exc:
-                last_error = self.describe_error(exc)
+                last_error = self.route.describe(exc)
                 if isinstance(exc, NOT_SENT):
                     continue
                 # The endpoint may have spent the refresh token already: never send it again while the

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, request
 
-from ..errors import ProxyError, error_body
+from ..errors import JSON_HEADERS, ProxyError, error_body
+from .guard import OpenGuard
+from .proxy import abandon, has_body, status_line
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -22,6 +24,30 @@ METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 def json_response(body: bytes, status: int = 200) -> Response:
     return Response(body, status=status, content_type="application/json")
+
+
+def refuse(err: ProxyError, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    body = err.body()
+    headers = [*JSON_HEADERS, ("Content-Length", str(len(body))), *err.headers]
+    if has_body(environ):
+        abandon(environ["wsgi.input"])
+        headers.append(("Connection", "close"))
+    start_response(status_line(err.status), headers)
+    return [body]
+
+
+def closing_unread(environ: dict[str, Any], start_response: Any) -> Any:
+    """A request body the route did not read is not waited for: the connection ends with the answer."""
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        stream = environ["wsgi.input"]
+        length = getattr(stream, "content_length", None)
+        if length is None or getattr(stream, "position", 0) < length:
+            abandon(stream)
+            headers = [*headers, ("Connection", "close")]
+        return start_response(status, headers, exc_info)
+
+    return start
 
 
 def create_app(service: Service) -> Flask:
@@ -60,10 +86,19 @@ def create_app(service: Service) -> Flask:
 
     flask_wsgi = app.wsgi_app
     proxy = service.proxy
+    guard = OpenGuard([service.cfg.tls.server_name if service.cfg.tls else ""]) if service.auth.open else None
 
     def dispatch(environ: dict[str, Any], start_response: Any) -> Any:
-        if environ.get("PATH_INFO", "")[:4] == "/v1/":
+        path = environ.get("PATH_INFO", "")
+        if guard is not None and path != "/healthz":
+            try:
+                guard.check(environ)
+            except ProxyError as err:
+                return refuse(err, environ, start_response)
+        if path[:4] == "/v1/":
             return proxy(environ, start_response)
+        if has_body(environ):
+            return flask_wsgi(environ, closing_unread(environ, start_response))
         return flask_wsgi(environ, start_response)
 
     app.wsgi_app = dispatch  # type: ignore[method-assign]

@@ -2,39 +2,53 @@
 
 It is a plain WSGI callable rather than a Flask view: this is the hot path, and Werkzeug's request
 and response objects would cost about a fifth of the CPU per request without adding anything here.
+Its collaborators are given to it (who is calling, which credentials serve a user, prices, the drain of
+a graceful stop); it reaches into nothing else.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import gevent
 import urllib3
+from gevent import GreenletExit
 from urllib3.exceptions import HTTPError
 
-from ..accounting.sse import SSETap, Usage, decoder_for, parse_request, request_fields
+from ..accounting.decoding import decoder_for
+from ..accounting.pricing import Pricing
+from ..accounting.sse import SSETap, Usage
 from ..accounting.usage import make_record
+from ..anthropic import RATELIMIT_PREFIX
 from ..credentials.oauth import CredentialError
 from ..errors import JSON_HEADERS, ProxyError
-from ..pool.balancer import NoCredential, session_id
+from ..pool.balancer import NoCredential
 from ..pool.quota import is_quota_429
 from ..upstream.request import request_headers, response_headers, send
+from .auth import Authenticator
+from .drain import SHUTDOWN, Drain
 from .relay import DecodingTap, JSONTap, Relay, Tap
+from .request import Facts, facts, session_header
 
 if TYPE_CHECKING:
-    from ..pool.providers import Account, PoolProvider, SingleProvider
-    from ..service import Service
+    from ..config import Service as ServiceConfig
+    from ..config import User
+    from ..pool.providers import Account, Provider
 
 log = logging.getLogger("ccm_wsgi.proxy")
 access_log = logging.getLogger("ccm_wsgi.access")
 
 SMALL_BODY = 1024 * 1024  # non-streaming bodies up to this size are sent in one write
-BODY_MIN_RATE = 64 * 1024  # bytes/s: a body must arrive within client_timeout + its size at this rate
+BODY_MIN_RATE = 64 * 1024  # bytes/s: a body must keep arriving at this rate (after client_timeout)
+BODY_PIECE = 64 * 1024
 CLOSE = [("Connection", "close")]
+WEEK_RESET = RATELIMIT_PREFIX + "7d-reset"
+NO_FACTS = Facts()
 
 
 def status_line(status: int, reason: str | None = None) -> str:
@@ -44,6 +58,22 @@ def status_line(status: int, reason: str | None = None) -> str:
         except ValueError:
             reason = "Unknown"
     return f"{status} {reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """The service settings the handler acts on."""
+
+    headers: Mapping[str, tuple[str, ...]]
+    max_body: int
+    response_timeout: float
+    idle_timeout: float
+    client_timeout: float
+
+    @classmethod
+    def of(cls, cfg: ServiceConfig) -> ProxySettings:
+        return cls(cfg.headers, cfg.max_request_body_size, cfg.response_timeout, cfg.stream_idle_timeout,
+                   cfg.client_timeout)
 
 
 @dataclass(slots=True)  # one per request or open stream: no per-instance dict
@@ -57,9 +87,9 @@ class Exchange:
     status: int = 0
     sent: int = 0
     streamed: bool = False
+    body_read: bool = False
     account: Account | None = None
-    request_model: str = ""
-    messages_count: int = 0
+    facts: Facts = NO_FACTS
     beta: str = ""
     week_reset: str | None = None
     usage: Usage | None = None
@@ -70,19 +100,15 @@ def raw_target(environ: dict[str, Any]) -> str:
     """The request target as the client wrote it (still percent-encoded), query included."""
     raw = environ.get("RAW_URI")
     if raw:
-        return raw
+        return raw  # type: ignore[no-any-return]
     path = environ.get("PATH_INFO", "")
     query = environ.get("QUERY_STRING")
-    return path + ("?" + query if query else "")
-
-
-def header_getter(environ: dict[str, Any]) -> Any:
-    return lambda name: environ.get("HTTP_" + name.upper().replace("-", "_"))
+    return path + ("?" + query if query else "")  # type: ignore[no-any-return]
 
 
 def safe_path(environ: dict[str, Any]) -> str:
     """The decoded path if it is a plain `/v1/...` path; dot segments and absolute forms are refused."""
-    path = environ.get("PATH_INFO", "")
+    path: str = environ.get("PATH_INFO", "")
     target = raw_target(environ)
     if not path.startswith("/v1/") or not target.startswith("/v1/"):
         raise ProxyError(404, "not_found_error", "Not found")
@@ -92,63 +118,81 @@ def safe_path(environ: dict[str, Any]) -> str:
     return path
 
 
+def has_body(environ: dict[str, Any]) -> bool:
+    length = environ.get("CONTENT_LENGTH")
+    return bool(length and length != "0") or environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+
+
 class Proxy:
-    def __init__(self, service: Service):
-        self.service = service
-        cfg = service.cfg
-        self.configured_headers = cfg.headers
-        self.max_body = cfg.max_request_body_size
-        self.connect_timeout = cfg.connect_timeout
-        self.response_timeout = cfg.response_timeout
-        self.idle_timeout = cfg.stream_idle_timeout
-        self.client_timeout = cfg.client_timeout
+    def __init__(
+        self,
+        auth: Authenticator,
+        provider_for: Callable[[User | None], Provider],
+        pricing: Pricing,
+        settings: ProxySettings,
+        drain: Drain,
+    ):
+        self.auth = auth
+        self.provider_for = provider_for
+        self.pricing = pricing
+        self.settings = settings
+        self.drain = drain
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         ex = Exchange(time.monotonic(), environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
-        self.service.active += 1
+        self.drain.active += 1
         try:
             return self._proxy(environ, start_response, ex)
         except ProxyError as err:
-            return self._fail(ex, err, start_response)
+            return self._fail(ex, err, environ, start_response)
         except CredentialError as err:
             headers = [] if err.retry_after is None else [("retry-after", str(max(1, round(err.retry_after))))]
-            return self._fail(ex, ProxyError(err.status, "api_error", err.message, headers), start_response)
+            return self._fail(ex, ProxyError(err.status, "api_error", err.message, headers), environ, start_response)
         except NoCredential as err:
-            return self._fail(ex, err.as_proxy_error(), start_response)
+            return self._fail(ex, err.as_proxy_error(), environ, start_response)
+        except GreenletExit:  # the grace period of a stop ended while this request waited for its upstream
+            ex.cut = SHUTDOWN
+            self._finish(ex)
+            raise
         except Exception:
             log.exception("internal error while proxying %s %s", ex.method, printable(ex.path))
-            return self._fail(ex, ProxyError(500, "api_error", "internal error in ccm-wsgi"), start_response)
+            err = ProxyError(500, "api_error", "internal error in ccm-wsgi")
+            return self._fail(ex, err, environ, start_response)
 
     def _proxy(self, environ: dict[str, Any], start_response: Any, ex: Exchange) -> Any:
+        if self.drain.draining:
+            raise ProxyError(503, "api_error", "ccm-wsgi is shutting down; retry on a new connection", CLOSE)
         safe_path(environ)
-        user = self.service.auth.authenticate(environ)
+        user = self.auth.authenticate(environ)
         ex.user = user.name if user is not None else ""
         body = self._read_body(environ)
-        provider = self.service.provider_for(user)
-        request = parse_request(body) if provider.pooled else None
-        session = session_id(header_getter(environ), request) if provider.pooled else ""
+        ex.body_read = True
+        ex.facts = facts(body, session_header(environ))
+        provider = self.provider_for(user)
         allow_external = user.allow_external_usage if user is not None else True
-        account = provider.select(session, allow_external=allow_external)
-        upstream, account = self._send(provider, account, session, allow_external, environ, body)
+        account = provider.select(ex.facts.session, allow_external=allow_external)
+        upstream, account = self._send(provider, account, ex.facts.session, allow_external, environ, body)
+        del body  # not held while the response is relayed
         ex.account, ex.status = account, upstream.status
-        if account.usage is not None:
-            ex.request_model, ex.messages_count = request_fields(parse_request(body) if request is None else request)
-            ex.beta = environ.get("HTTP_ANTHROPIC_BETA", "")
+        ex.beta = environ.get("HTTP_ANTHROPIC_BETA", "")
         headers = upstream.headers
-        ctype = headers.get("content-type", "")
-        sse = ctype.startswith("text/event-stream")
+        sse = headers.get("content-type", "").startswith("text/event-stream")
         tap = self._tap(account, upstream, sse)
         if tap is not None:
-            ex.week_reset = headers.get("anthropic-ratelimit-unified-7d-reset")
+            ex.week_reset = headers.get(WEEK_RESET)
+        extra = CLOSE if self.drain.draining else []
         length = headers.get("content-length")
         if not sse and length is not None and length.isdigit() and int(length) <= SMALL_BODY:
-            return self._whole(upstream, ex, tap, start_response)
+            return self._whole(upstream, ex, tap, start_response, extra)
         ex.streamed = True
-        start_response(status_line(upstream.status, upstream.reason), response_headers(upstream, keep_length=not sse))
-        return Relay(upstream, sse, tap, lambda relay: self._finish_relay(ex, relay), self.idle_timeout)
+        start_response(status_line(upstream.status, upstream.reason),
+                       [*response_headers(upstream, keep_length=not sse), *extra])
+        relay = Relay(upstream, sse, tap, lambda relay: self._finish_relay(ex, relay), self.settings.idle_timeout)
+        self.drain.track(relay)
+        return relay
 
     def _send(
-        self, provider: SingleProvider | PoolProvider, account: Account, session: str, allow_external: bool,
+        self, provider: Provider, account: Account, session: str, allow_external: bool,
         environ: dict[str, Any], body: bytes,
     ) -> tuple[urllib3.BaseHTTPResponse, Account]:
         """Forward, and in a pool move the request (and its session) on when an account's quota is spent."""
@@ -166,52 +210,64 @@ class Proxy:
             log.info("retrying with credential %s after a quota 429 from %s", account.tag, previous.tag)
 
     def _read_body(self, environ: dict[str, Any]) -> bytes:
+        """The whole body. It must keep arriving: the socket timeout alone only bounds silence, so a client
+        trickling a byte at a time (slowloris) is cut once it falls behind client_timeout plus its size at
+        BODY_MIN_RATE; a chunked body is held to the same pace as it arrives."""
         stream = environ["wsgi.input"]
         length = environ.get("CONTENT_LENGTH")
+        max_body = self.settings.max_body
         if length:
             if not length.isdigit():
                 raise ProxyError(400, "invalid_request_error", "invalid Content-Length")
-            if int(length) > self.max_body:
-                abandon(stream)  # not read, not waited for
-                raise ProxyError(413, "request_too_large", f"request body exceeds {self.max_body} bytes", CLOSE)
-            size = int(length)
+            if int(length) > max_body:
+                raise ProxyError(413, "request_too_large", f"request body exceeds {max_body} bytes", CLOSE)
+            size: int | None = int(length)
         elif environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
-            size = self.max_body + 1
+            size = None
         else:
             return b""
-        # The socket timeout only bounds silence: a client trickling a byte at a time (slowloris) is
-        # bounded by this deadline instead. Either way the rest of the body is not waited for.
-        with gevent.Timeout(self.client_timeout + size / BODY_MIN_RATE) as deadline:
-            try:
-                body = stream.read(size)
-            except gevent.Timeout as exc:
-                if exc is not deadline:
-                    raise
+        started = time.monotonic()
+        parts: list[bytes] = []
+        got = 0
+        while size is None or got < size:
+            want = BODY_PIECE if size is None else min(BODY_PIECE, size - got)
+            allowed = self.settings.client_timeout + (got + want) / BODY_MIN_RATE - (time.monotonic() - started)
+            piece = self._read_piece(stream, want, allowed)
+            if not piece:
+                if size is not None:
+                    raise ProxyError(400, "invalid_request_error", "the request body was cut short", CLOSE)
+                break
+            parts.append(piece)
+            got += len(piece)
+            if got > max_body:
                 abandon(stream)
-                raise ProxyError(408, "invalid_request_error", "the request body did not arrive in time", CLOSE) \
-                    from None
-            except Exception as exc:  # the client went away, stalled or sent a broken chunked body
-                abandon(stream)
-                status = 408 if isinstance(exc, TimeoutError) else 400
-                raise ProxyError(status, "invalid_request_error", "the request body was cut short", CLOSE) from None
-        if len(body) > self.max_body:
+                raise ProxyError(413, "request_too_large", f"request body exceeds {max_body} bytes", CLOSE)
+        return b"".join(parts)
+
+    @staticmethod
+    def _read_piece(stream: Any, want: int, allowed: float) -> bytes:
+        try:
+            with gevent.Timeout(max(allowed, 0.001)):
+                return stream.read(want)  # type: ignore[no-any-return]
+        except gevent.Timeout:
             abandon(stream)
-            raise ProxyError(413, "request_too_large", f"request body exceeds {self.max_body} bytes", CLOSE)
-        return body
+            raise ProxyError(408, "invalid_request_error", "the request body did not arrive in time", CLOSE) \
+                from None
+        except Exception as exc:  # the client went away, stalled or sent a broken chunked body
+            abandon(stream)
+            status = 408 if isinstance(exc, TimeoutError) else 400
+            raise ProxyError(status, "invalid_request_error", "the request body was cut short", CLOSE) from None
 
     def _forward(self, account: Account, environ: dict[str, Any], body: bytes) -> urllib3.BaseHTTPResponse:
-        """Send upstream; on a 401 adopt or refresh the token once and send once more."""
-        headers = request_headers(environ, self.configured_headers)
+        """Send upstream; on a 401 retry once with a renewed token when renewing can help."""
+        headers = request_headers(environ, self.settings.headers)
         url = account.base_url + raw_target(environ)
         method = environ.get("REQUEST_METHOD", "GET")
         credential = account.credential
         token = credential.access_token()
         for attempt in range(2):
             headers["authorization"] = "Bearer " + token
-            upstream = send(
-                account.pool, method, url, body, headers, self.connect_timeout, self.response_timeout,
-                lambda exc: self.service.outbounds.describe_error(account.outbound, exc),
-            )
+            upstream = send(account.route, method, url, body, headers, self.settings.response_timeout)
             if upstream.status != 401 or attempt or account.external:
                 return upstream
             renewed = credential.renew(token)
@@ -230,7 +286,8 @@ class Proxy:
         decoder = decoder_for(upstream.headers.get("content-encoding"))
         return DecodingTap(tap, decoder) if decoder is not None else tap
 
-    def _whole(self, upstream: urllib3.BaseHTTPResponse, ex: Exchange, tap: Tap | None, start_response: Any) -> Any:
+    def _whole(self, upstream: urllib3.BaseHTTPResponse, ex: Exchange, tap: Tap | None, start_response: Any,
+               extra: list[tuple[str, str]]) -> Any:
         try:
             data = upstream.read(decode_content=False)
         except (HTTPError, OSError):
@@ -242,14 +299,20 @@ class Proxy:
             tap.feed(data)
             ex.usage = tap.finish()
         ex.sent = len(data)
-        start_response(status_line(upstream.status, upstream.reason), response_headers(upstream, keep_length=True))
+        headers = [*response_headers(upstream, keep_length=False), ("Content-Length", str(len(data))), *extra]
+        start_response(status_line(upstream.status, upstream.reason), headers)
         self._finish(ex)
         return [data]
 
-    def _fail(self, ex: Exchange, err: ProxyError, start_response: Any) -> list[bytes]:
+    def _fail(self, ex: Exchange, err: ProxyError, environ: dict[str, Any], start_response: Any) -> list[bytes]:
         body = err.body()
         ex.status, ex.sent = err.status, len(body)
         headers = [*JSON_HEADERS, ("Content-Length", str(len(body))), *err.headers]
+        if (not ex.body_read and has_body(environ)) or self.drain.draining:
+            # a body nobody will read is not waited for: the connection ends with this answer
+            abandon(environ["wsgi.input"])
+            if ("Connection", "close") not in headers:
+                headers += CLOSE
         start_response(status_line(err.status), headers)
         self._finish(ex)
         return [body]
@@ -261,13 +324,14 @@ class Proxy:
 
     def _finish(self, ex: Exchange) -> None:
         """Record usage and write the access line; runs exactly once per request."""
-        self.service.active -= 1
+        self.drain.active -= 1
         cost = None
         if ex.usage is not None and ex.account is not None and ex.account.usage is not None:
-            record = make_record(ex.user, ex.usage, ex.request_model, ex.messages_count, ex.beta, ex.week_reset)
+            record = make_record(ex.user, ex.usage, ex.facts.model, ex.facts.messages_count, ex.beta,
+                                 ex.week_reset)
             if record is not None:
                 ex.account.usage.record(record)
-                cost = self.service.pricing.cost(
+                cost = self.pricing.cost(
                     record.model, record.context_window, record.input_tokens, record.output_tokens,
                     record.cache_read_input_tokens, record.cache_creation_input_tokens,
                     record.cache_creation_5m_input_tokens, record.cache_creation_1h_input_tokens,
@@ -297,7 +361,7 @@ def access_line(ex: Exchange, cost: float | None) -> str:
     usage = ex.usage
     if usage is not None and (usage.input_tokens or usage.output_tokens):
         line += (
-            f" model={usage.model or ex.request_model} in={usage.input_tokens} out={usage.output_tokens}"
+            f" model={usage.model or ex.facts.model} in={usage.input_tokens} out={usage.output_tokens}"
             f" cache_read={usage.cache_read_input_tokens} cache_write={usage.cache_creation_input_tokens}"
         )
         if cost is not None:

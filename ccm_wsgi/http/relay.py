@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import urllib3
 from urllib3.exceptions import HTTPError, ReadTimeoutError
 
+from ..accounting.decoding import Decoder
 from ..accounting.sse import Usage, parse_json_usage
 from ..errors import sse_error_event
 
@@ -34,6 +35,13 @@ JSON_TAP_LIMIT = 8 * 1024 * 1024
 JSON_TAP_EDGE = 64 * 1024  # of a larger body only the head (its `model`) and the tail (its `usage`) are kept
 _MODEL_KEY = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*(?=\{)')
+
+
+_CUT_MESSAGES = {
+    "idle timeout": "upstream sent nothing for {0.idle_timeout:g}s",
+    "upstream dropped": "the upstream connection was lost mid-stream",
+    "shutdown": "ccm-wsgi is shutting down; the response was cut short",
+}
 
 
 class Tap(Protocol):
@@ -85,7 +93,7 @@ def edges_usage(head: bytes, tail: bytes) -> Usage:
 class DecodingTap:
     """Feeds the decompressed bytes of a `Content-Encoding` body to another tap; the client gets the raw ones."""
 
-    def __init__(self, inner: Tap, decoder: Any):
+    def __init__(self, inner: Tap, decoder: Decoder):
         self.inner = inner
         self.decoder = decoder
 
@@ -101,7 +109,8 @@ class DecodingTap:
 class Relay:
     """Iterable WSGI body over an urllib3 response; `finish(relay)` is called once from `close()`."""
 
-    __slots__ = ("_closed", "_pending", "complete", "cut", "finish", "idle_timeout", "sent", "sse", "tap", "upstream")
+    __slots__ = ("__weakref__", "_closed", "_pending", "complete", "cut", "finish", "idle_timeout", "sent", "sse",
+                 "tap", "upstream")
 
     def __init__(
         self,
@@ -150,13 +159,11 @@ class Relay:
                 self._consume()
             self.complete = True
         except ReadTimeoutError:
-            self.cut = "idle timeout"
-            if self.sse:
-                tail = sse_error_event("api_error", f"upstream sent nothing for {self.idle_timeout:g}s")
+            self.cut = self.cut or "idle timeout"
         except (HTTPError, OSError):
-            self.cut = "upstream dropped"
-            if self.sse:
-                tail = sse_error_event("api_error", "the upstream connection was lost mid-stream")
+            self.cut = self.cut or "upstream dropped"
+        if self.cut and self.sse:
+            tail = sse_error_event("api_error", _CUT_MESSAGES.get(self.cut, self.cut).format(self))
         if tail:
             yield tail
         # Finish (usage journaled, access line) before the server writes the end of the chunked body:
@@ -183,6 +190,12 @@ class Relay:
 
     def usage(self) -> Usage | None:
         return self.tap.finish() if self.tap is not None else None
+
+    def cut_short(self, reason: str) -> None:
+        """End the response now (a graceful stop ran out of time): recorded as partial, like any cut stream."""
+        if not self._closed:
+            self.cut = reason
+            self.close()
 
     def close(self) -> None:
         if self._closed:

@@ -10,15 +10,19 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import contextlib  # noqa: E402
 import http.client  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
+import weakref  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import gevent.pool  # noqa: E402
+import gevent.socket  # noqa: E402
 from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 
 from .. import config as config_mod  # noqa: E402
@@ -29,6 +33,8 @@ from ..service import Service  # noqa: E402
 from ..upstream.outbounds import Outbounds  # noqa: E402
 from . import tls  # noqa: E402
 from .app import create_app  # noqa: E402
+from .drain import Drain  # noqa: E402
+from .sockets import KeepAlive  # noqa: E402
 
 log = logging.getLogger("ccm_wsgi.server")
 
@@ -82,18 +88,40 @@ class Handler(WSGIHandler):
 
     _head_timer: Any = None
     _head: bytearray | None = None  # a response head waiting to be sent with the first body bytes
+    busy = False  # between a request's head and the end of its response; otherwise idle on keep-alive
 
     def __init__(self, sock: Any, address: Any, server: Any, rfile: Any = None):
         # pywsgi reads requests through an 8 KiB buffer that every connection keeps for its whole life
         # (an open stream included); 4 KiB holds a request head, and larger reads bypass the buffer
         super().__init__(sock, address, server, sock.makefile("rb", RFILE_BUFFER) if rfile is None else rfile)
 
+    def handle(self) -> None:
+        self.server.connections.add(self)
+        try:
+            super().handle()
+        finally:
+            self.server.connections.discard(self)
+
     def handle_one_request(self) -> Any:
+        if self.server.drain.draining:
+            return None  # stopping: no new request on a kept-alive connection
         self._head_timer = timer = gevent.Timeout.start_new(self.server.client_timeout, HeadTimeout)
         try:
             return super().handle_one_request()
         finally:
             timer.close()
+            self.busy = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        if self.server.drain.draining and ("Connection", "close") not in headers:
+            headers = [*headers, ("Connection", "close")]  # the connection ends with this response
+        return super().start_response(status, headers, exc_info)
+
+    def close_if_idle(self) -> None:
+        """A stop began: a connection waiting for its next request is closed now."""
+        if not self.busy and self.socket is not None:
+            with contextlib.suppress(OSError):
+                self.socket.shutdown(socket.SHUT_RDWR)
 
     def MessageClass(self, fp: Any, *args: Any) -> Any:  # pywsgi's name
         headers = super().MessageClass(_HeadReader(fp, MAX_HEAD), *args)
@@ -116,6 +144,7 @@ class Handler(WSGIHandler):
         return str(status), _client_error(status, "invalid_request_error", message)
 
     def get_environ(self) -> dict[str, Any]:
+        self.busy = True
         if self._head_timer is not None:
             self._head_timer.close()  # the head is in: the application takes as long as it needs
         env = super().get_environ()
@@ -166,20 +195,92 @@ class Handler(WSGIHandler):
 
 
 class Server(WSGIServer):
-    """pywsgi with TCP_NODELAY (its header and body writes are separate: Nagle would add 40 ms) and a
-    client socket timeout (idle keep-alive connections and slow clients do not hold a greenlet forever)."""
+    """pywsgi with TCP_NODELAY (its header and body writes are separate: Nagle would add 40 ms), a client
+    socket timeout (idle keep-alive connections and slow clients do not hold a greenlet forever), TCP
+    keep-alive as configured, a deadline on the TLS handshake, and the connections it serves known, so
+    that a graceful stop can close the idle ones."""
 
     handler_class = Handler
 
-    def __init__(self, *args: Any, client_timeout: float, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, client_timeout: float, drain: Drain, keep_alive: KeepAlive, **kwargs: Any):
+        super().__init__(*args, spawn=gevent.pool.Pool(), **kwargs)
         self.client_timeout = client_timeout
+        self.drain = drain
+        self.keep_alive = keep_alive
+        self.connections: weakref.WeakSet[Handler] = weakref.WeakSet()
         self.log_requests = kwargs.get("log", "default") is not None
+        self._handshake_failures = FailureLog("TLS handshake")
+
+    def get_listener(self, address: Any, backlog: Any = None, family: Any = None) -> Any:  # type: ignore[override]
+        """gevent's listener, plus SO_REUSEPORT when `reuse_addr` is set: as with sing-box, another process
+        may then listen on the same port (a restart without a gap)."""
+        sock = gevent.socket.socket(family=family or socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.keep_alive.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            exc.strerror = f"{exc.strerror}: {address[0]} port {address[1]}"
+            raise
+        sock.listen(backlog or BACKLOG)
+        sock.setblocking(False)
+        return sock
+
+    def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> None:
+        """The handshake has the whole request head's deadline (client_timeout): a client that connects
+        and sends nothing, or half a ClientHello, cannot hold its socket. A failed handshake is one log
+        line (debug, plus a rate-limited summary at info), never a traceback."""
+        client_socket.settimeout(self.client_timeout)
+        try:
+            with gevent.Timeout(self.client_timeout, HandshakeTimeout):
+                tls_socket = self.wrap_socket(client_socket, **self.ssl_args)
+        except (HandshakeTimeout, OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._handshake_failures.note(address, exc)
+            with contextlib.suppress(OSError):
+                client_socket.close()
+            return
+        try:
+            self.handle(tls_socket, address)
+        finally:
+            with contextlib.suppress(OSError):
+                tls_socket.close()
 
     def handle(self, sock: socket.socket, address: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.keep_alive.apply(sock)
         sock.settimeout(self.client_timeout)
         super().handle(sock, address)
+
+    def close_idle(self) -> None:
+        for handler in list(self.connections):
+            handler.close_if_idle()
+
+
+class HandshakeTimeout(Exception):
+    """The TLS handshake did not finish within client_timeout."""
+
+
+class FailureLog:
+    """Failures a client can cause at will are logged at debug level one by one, and at info level at most
+    once a minute as a count: a scanner cannot fill the disk through the log."""
+
+    def __init__(self, what: str, every: float = 60.0):
+        self.what = what
+        self.every = every
+        self.count = 0
+        self.next = 0.0
+
+    def note(self, address: Any, exc: BaseException) -> None:
+        peer = address[0] if isinstance(address, tuple) else str(address)
+        reason = "timed out" if isinstance(exc, HandshakeTimeout) else type(exc).__name__
+        log.debug("%s with %s failed: %s", self.what, peer, reason)
+        self.count += 1
+        now = time.monotonic()
+        if now >= self.next:
+            log.info("%s failed %d time(s) in the last %gs (last: %s, %s)", self.what, self.count, self.every,
+                     peer, reason)
+            self.count, self.next = 0, now + self.every
 
 
 class ErrorLog:
@@ -206,7 +307,8 @@ def build(cfg: config_mod.Config) -> list[tuple[Service, Server]]:
             kwargs["ssl_context"] = ctx
         server = Server(
             (service_cfg.listen, service_cfg.listen_port), create_app(service), backlog=BACKLOG,
-            log=None, error_log=ErrorLog(), client_timeout=service_cfg.client_timeout, **kwargs,
+            log=None, error_log=ErrorLog(), client_timeout=service_cfg.client_timeout, drain=service.drain,
+            keep_alive=KeepAlive.of(service_cfg), **kwargs,
         )
         pairs.append((service, server))
     return pairs
@@ -240,17 +342,23 @@ def run(config_path: str | None) -> int:
 
 
 def shutdown(pairs: list[tuple[Service, Server]]) -> None:
-    """Stop accepting, wait for in-flight requests up to the grace period, then save and leave."""
-    log.info("shutting down: no new connections, waiting for requests in flight")
-    for _, server in pairs:
+    """Stop accepting and close idle connections; let the requests in flight finish within the grace
+    period (no new request starts on a kept-alive connection); then cut and record what is left, save
+    usage and leave."""
+    log.info("shutting down: no new connections or requests, waiting for the requests in flight")
+    for service, server in pairs:
         server.close()
+        service.drain.begin()
+        server.close_idle()
     grace = max(s.cfg.shutdown_grace for s, _ in pairs)
     deadline = time.monotonic() + grace
-    while any(s.active > 0 for s, _ in pairs) and time.monotonic() < deadline:
+    while any(s.drain.active > 0 for s, _ in pairs) and time.monotonic() < deadline:
         gevent.sleep(0.05)
-    left = sum(s.active for s, _ in pairs)
+    left = sum(s.drain.active for s, _ in pairs)
     if left:
         log.warning("grace period of %gs over: cutting %d request(s) still in flight", grace, left)
+        for service, _ in pairs:
+            service.drain.cut()
     for _, server in pairs:
         server.stop(timeout=1)
     for service, _ in pairs:

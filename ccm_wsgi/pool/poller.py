@@ -43,7 +43,7 @@ def poll_once(account: Account) -> None:
         headers = {"Authorization": "Bearer " + token, "anthropic-beta": OAUTH_BETA, "User-Agent": API_USER_AGENT,
                    "Content-Type": "application/json"}
     try:
-        resp = account.pool.request("GET", url, headers=headers, timeout=TIMEOUT, retries=False, redirect=False)
+        resp = account.route.pool.request("GET", url, headers=headers, timeout=TIMEOUT, retries=False, redirect=False)
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         log.warning("quota poll for %s failed: %s", account.tag, type(exc).__name__)
         quota.observe_poll_failure(now)

@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import urllib3
-
 from ..credentials.oauth import CredentialError
+from ..upstream.outbounds import Route
 from .balancer import Balancer
 from .quota import Quota
 
@@ -48,9 +47,8 @@ class ExternalCredential:
 class Account:
     tag: str
     credential: Any  # OAuthCredential or ExternalCredential
-    pool: urllib3.PoolManager
+    route: Route
     base_url: str
-    outbound: str
     usage: Any = None  # UsageStore when this credential counts usage
     external: bool = False
     cap_5h: float = 100.0
@@ -99,3 +97,6 @@ class PoolProvider:
 
     def on_rate_limited(self, account: Account, headers: Mapping[str, str], session: str) -> None:
         self.balancer.on_rate_limited(account, headers, session)
+
+
+Provider = SingleProvider | PoolProvider

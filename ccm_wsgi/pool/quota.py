@@ -66,7 +66,9 @@ class Quota:
 
     # --- feeding data in -------------------------------------------------------------------------
 
-    def observe_headers(self, headers: Mapping[str, str], now: float, external: bool = False) -> bool:
+    def observe_headers(
+        self, headers: Mapping[str, str], now: float, external: bool = False, authoritative: bool = False
+    ) -> bool:
         """Update from a response's rate-limit headers (§10.2); True if any utilisation/reset parsed.
 
         Default credentials get Anthropic's raw fractions, rounded up and only allowed to rise within
@@ -81,7 +83,7 @@ class Quota:
         ):
             util_raw = _first(found, names, "utilization")
             reset_raw = _first(found, names, "reset")
-            parsed |= self._observe_window(util_raw, reset_raw, util_attr, reset_attr, now, external)
+            parsed |= self._observe_window(util_raw, reset_raw, util_attr, reset_attr, now, external, authoritative)
         status = found.get(PREFIX + "status", "")
         if status:
             self.status = status.lower()[:64]
@@ -94,9 +96,13 @@ class Quota:
         return parsed
 
     def _observe_window(
-        self, util_raw: str | None, reset_raw: str | None, util_attr: str, reset_attr: str, now: float, external: bool
+        self, util_raw: str | None, reset_raw: str | None, util_attr: str, reset_attr: str, now: float,
+        external: bool, authoritative: bool,
     ) -> bool:
-        """Apply one window's utilisation/reset pair; returns whether either value was usable."""
+        """Apply one window's utilisation/reset pair; returns whether either value was usable.
+
+        `authoritative` (a quota 429): its reset instants replace the stored ones even when earlier, since
+        the answer that refused the request knows best when the window frees."""
         fraction = _number(util_raw)
         if fraction is not None and not 0 <= fraction <= MAX_FRACTION:
             fraction = None
@@ -110,7 +116,10 @@ class Quota:
         stored_reset = getattr(self, reset_attr)
         # The stored window is over (its reset passed) or a later reset arrived: a new window.
         changed = 0 < stored_reset <= now
-        if reset is not None and reset > stored_reset:
+        if authoritative and reset is not None:
+            changed = changed or reset != stored_reset
+            setattr(self, reset_attr, reset)
+        elif reset is not None and reset > stored_reset:
             changed = changed or reset > stored_reset + RESET_JITTER
             setattr(self, reset_attr, reset)
         if fraction is not None:
@@ -176,7 +185,7 @@ class Quota:
         while benching a usable one for days costs capacity. The headers also update the windows.
         """
         with contextlib.suppress(Exception):  # belt and braces: a 429 must never become a 500
-            self.observe_headers(headers, now, external)
+            self.observe_headers(headers, now, external, authoritative=True)
         found = _lower(headers)
         until = _limit_reset(found, now)
         self.limited_until = until

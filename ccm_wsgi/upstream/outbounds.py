@@ -37,7 +37,8 @@ import re
 import socket
 import ssl
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import urllib3
@@ -54,6 +55,17 @@ TLS_VERSIONS = {
 }
 SOCKS_SCHEMES = {"4": "socks4", "4a": "socks4a", "5": "socks5h"}
 _TUNNEL_STATUS = re.compile(r"Tunnel connection failed: (\d{3}) ?(.*)")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How requests reach their upstream through one detour: its connection pool, the connect timeout that
+    applies (the outbound's own, else the service's), and how its failures are worded for a 502."""
+
+    tag: str
+    pool: urllib3.PoolManager
+    connect_timeout: float
+    describe: Callable[[BaseException], str]
 
 
 class ProxyRefused(UrllibProxyError):
@@ -167,10 +179,11 @@ class Outbounds:
         except KeyError:
             raise KeyError(f"outbound detour not found: {tag}") from None
 
-    def connect_timeout(self, tag: str) -> float | None:
-        """The outbound's own `connect_timeout`, if it set one (a per-request Timeout overrides the pool's)."""
+    def route(self, tag: str, connect_timeout: float) -> Route:
+        """The route of a detour tag; the outbound's own `connect_timeout` wins over `connect_timeout`."""
         outbound = self.outbounds.get(tag)
-        return getattr(outbound, "connect_timeout", None) if outbound is not None else None
+        own = getattr(outbound, "connect_timeout", None) if outbound is not None else None
+        return Route(tag, self.pool(tag), own or connect_timeout, lambda exc: self.describe_error(tag, exc))
 
     def clear(self) -> None:
         """Close every idle connection; the managers stay usable and reconnect on demand."""

@@ -28,6 +28,7 @@ from urllib3.exceptions import (
 
 from ..anthropic import OAUTH_BETA
 from ..errors import ProxyError
+from .outbounds import Route
 
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
@@ -141,30 +142,22 @@ _TIMEOUTS: dict[tuple[float, float], urllib3.Timeout] = {}
 
 
 def send(
-    pool: urllib3.PoolManager,
-    method: str,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    connect_timeout: float,
-    response_timeout: float,
-    describe: Any,
+    route: Route, method: str, url: str, body: bytes, headers: dict[str, str], response_timeout: float,
 ) -> urllib3.BaseHTTPResponse:
     """Send and wait for the response headers; failures become 502 (cannot reach) or 504 (no answer)."""
-    timeout = _TIMEOUTS.get((connect_timeout, response_timeout))
+    key = (route.connect_timeout, response_timeout)
+    timeout = _TIMEOUTS.get(key)
     if timeout is None:  # one per configured pair (urllib3 clones it per request anyway)
-        timeout = _TIMEOUTS[(connect_timeout, response_timeout)] = urllib3.Timeout(
-            connect=connect_timeout, read=response_timeout
-        )
+        timeout = _TIMEOUTS[key] = urllib3.Timeout(connect=route.connect_timeout, read=response_timeout)
     try:
-        return pool.urlopen(
+        return route.pool.urlopen(
             method, url, body=body or None, headers=headers, preload_content=False, decode_content=False,
             redirect=False, retries=False, timeout=timeout,
         )
     except (NewConnectionError, UrllibProxyError) as exc:  # NewConnectionError subclasses ConnectTimeoutError
-        raise ProxyError(502, "api_error", f"upstream unreachable: {describe(exc)}") from None
+        raise ProxyError(502, "api_error", f"upstream unreachable: {route.describe(exc)}") from None
     except (ReadTimeoutError, ConnectTimeoutError) as exc:
         what = "connect" if isinstance(exc, ConnectTimeoutError) else "answer"
-        raise ProxyError(504, "api_error", f"upstream did not {what} in time: {describe(exc)}") from None
+        raise ProxyError(504, "api_error", f"upstream did not {what} in time: {route.describe(exc)}") from None
     except (HTTPError, OSError) as exc:
-        raise ProxyError(502, "api_error", f"upstream unreachable: {describe(exc)}") from None
+        raise ProxyError(502, "api_error", f"upstream unreachable: {route.describe(exc)}") from None
