@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccm_wsgi.pool.balancer import Balancer, NoCredential, aggregate_status, session_id
+from ccm_wsgi.http.request import facts
+from ccm_wsgi.pool.balancer import Balancer, NoCredential, aggregate_status
 from ccm_wsgi.pool.quota import Quota, caps, format_duration, is_quota_429, plan_weight
 
 T0 = 1_750_000_000.0
@@ -514,23 +514,21 @@ def test_member_status_for_admin() -> None:
 # --- session id ----------------------------------------------------------------------------------
 
 
-def headers(values: dict[str, str]) -> Callable[[str], str | None]:
-    """A `headers_get` over a plain dict."""
-    return lambda name: values.get(name)
+def session_of(header: str | None, body: object) -> str:
+    return facts(json.dumps(body).encode(), header).session
 
 
 def test_session_id_sources() -> None:
     sid = "0b6f0c55-1d2e-4f4a-9a3c-6a1f5d1e2c3b"
     both = {"metadata": {"user_id": "u_session_x"}}
-    assert session_id(headers({"x-claude-code-session-id": f" {sid} "}), both) == sid
+    assert session_of(f" {sid} ", both) == sid
     current = {"metadata": {"user_id": json.dumps({"device_id": "d", "account_uuid": "a", "session_id": sid})}}
-    assert session_id(headers({}), current) == sid
+    assert session_of(None, current) == sid
     legacy = {"metadata": {"user_id": f"user_abc_account_def_session_{sid}"}}
-    assert session_id(headers({}), legacy) == sid
+    assert session_of(None, legacy) == sid
 
 
 def test_session_id_garbage() -> None:
-    none = headers({})
     for body in (
         None,
         [],
@@ -541,14 +539,21 @@ def test_session_id_garbage() -> None:
         {"metadata": {"user_id": "{not json"}},
         {"metadata": {"user_id": '{"session_id": 7}'}},
     ):
-        assert session_id(none, body) == ""
-
-    def broken(name: str) -> str:
-        raise RuntimeError(name)
-
-    assert session_id(broken, {"metadata": {"user_id": "a_session_b"}}) == "b"
-    long_id = session_id(headers({"x-claude-code-session-id": "x" * 5000}), None)
+        assert session_of(None, body) == ""
+    assert session_of("", {"metadata": {"user_id": "a_session_b"}}) == "b"
+    long_id = session_of("x" * 5000, None)
     assert long_id.startswith("sha256:") and len(long_id) < 100
+
+
+def test_one_user_cannot_evict_the_others_pins() -> None:
+    a, b = acct("a"), acct("b")
+    bal = Balancer("pool", [a, b], "round_robin", max_sessions=100, max_per_user=10)
+    assert bal.select("alice-session", user="alice").tag == "a"
+    for n in range(500):  # made-up session ids, far beyond both bounds
+        bal.select(f"junk-{n}", user="mallory")
+    assert bal.pinned("alice-session", user="alice") == "a"
+    assert sum(1 for sid in bal.sessions() if sid.startswith("junk-")) == 10
+    assert bal.select("alice-session", user="alice").tag == "a"
 
 
 _HEADER_NAMES = [

@@ -170,8 +170,8 @@ class Proxy:
         ex.facts = facts(body, session_header(environ))
         provider = self.provider_for(user)
         allow_external = user.allow_external_usage if user is not None else True
-        account = provider.select(ex.facts.session, allow_external=allow_external)
-        upstream, account = self._send(provider, account, ex.facts.session, allow_external, environ, body)
+        account = provider.select(ex.facts.session, allow_external=allow_external, user=ex.user)
+        upstream, account = self._send(provider, account, ex, allow_external, environ, body)
         del body  # not held while the response is relayed
         ex.account, ex.status = account, upstream.status
         ex.beta = environ.get("HTTP_ANTHROPIC_BETA", "")
@@ -192,7 +192,7 @@ class Proxy:
         return relay
 
     def _send(
-        self, provider: Provider, account: Account, session: str, allow_external: bool,
+        self, provider: Provider, account: Account, ex: Exchange, allow_external: bool,
         environ: dict[str, Any], body: bytes,
     ) -> tuple[urllib3.BaseHTTPResponse, Account]:
         """Forward, and in a pool move the request (and its session) on when an account's quota is spent."""
@@ -203,10 +203,10 @@ class Proxy:
             if upstream.status != 429 or not provider.pooled or not is_quota_429(upstream.headers):
                 return upstream, account
             tried.add(account.tag)
-            provider.on_rate_limited(account, upstream.headers, session)
+            provider.on_rate_limited(account, upstream.headers, ex.facts.session, ex.user)
             upstream.drain_conn()
             upstream.release_conn()
-            previous, account = account, provider.select(session, frozenset(tried), allow_external)
+            previous, account = account, provider.select(ex.facts.session, frozenset(tried), allow_external, ex.user)
             log.info("retrying with credential %s after a quota 429 from %s", account.tag, previous.tag)
 
     def _read_body(self, environ: dict[str, Any]) -> bytes:

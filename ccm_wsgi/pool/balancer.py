@@ -11,23 +11,18 @@ completion without a switch and needs no lock. (Not thread-safe; the service run
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import ProxyError
 from .quota import Quota, format_duration
+from .sessions import MAX_PER_USER, MAX_SESSIONS, SESSION_TTL, Key, SessionPins
 
 STRATEGIES = ("least_used", "round_robin", "random", "fallback")
 WEEK_HOURS = 168.0
-MAX_SESSIONS = 10_000
-MAX_SESSION_ID = 200  # longer client-supplied ids are hashed so the table stays small
 
 
 class Member(Protocol):
@@ -65,12 +60,6 @@ class NoCredential(Exception):
         return ProxyError(429, "rate_limit_error", self.message, headers)
 
 
-@dataclass
-class _Pin:
-    tag: str
-    last_used: float
-
-
 class Balancer:
     """Selection over `members` (in configured order) with sticky sessions keyed by session id."""
 
@@ -81,10 +70,11 @@ class Balancer:
         strategy: str = "least_used",
         rebalance_threshold: float = 0.0,
         grace: float = 900.0,
-        session_ttl: float = 86400.0,
+        session_ttl: float = SESSION_TTL,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         max_sessions: int = MAX_SESSIONS,
+        max_per_user: int = MAX_PER_USER,
     ):
         strategy = (strategy or "least_used").strip().lower().replace("-", "_")
         if strategy not in STRATEGIES:
@@ -95,49 +85,51 @@ class Balancer:
         self.rebalance_threshold = rebalance_threshold
         self.grace = grace
         self.session_ttl = session_ttl
-        self.max_sessions = max(1, max_sessions)
         self._rng = rng or random.Random()
         self._clock = clock
         self._counter = 0
-        self._pins: OrderedDict[str, _Pin] = OrderedDict()  # least recently used first
+        self._pins = SessionPins(session_ttl, max_sessions, max_per_user)
 
     # --- selection ----------------------------------------------------------------------------
 
-    def select(self, session: str, exclude: frozenset[str] = frozenset(), allow_external: bool = True) -> Member:
+    def select(
+        self, session: str, exclude: frozenset[str] = frozenset(), allow_external: bool = True, user: str = ""
+    ) -> Member:
         """The member for this request; raises NoCredential when none is usable.
 
         `exclude` holds tags already tried for this request (quota 429 failover); `allow_external`
-        is the user's scope. A pinned session keeps its member unless the rules above move it.
+        is the user's scope. A pinned session keeps its member unless the rules above move it; pins are
+        kept per `user`, so one user's session ids never displace another's.
         """
         now = self._clock()
-        self._purge(now)
+        self._pins.purge(now)
         usable = [m for m in self.usable_members(allow_external, now) if m.tag not in exclude]
         if self.strategy == "fallback":
             if not usable:
                 raise self._failure(allow_external, now)
             return usable[0]
+        key = (user, session)
         if session:
-            kept = self._keep_pin(session, usable, now)
+            kept = self._keep_pin(key, usable, now)
             if kept is not None:
                 return kept
         choice = self._pick(usable, now)
         if choice is None:
             raise self._failure(allow_external, now)
         if session:
-            self._pin(session, choice.tag, now)
+            self._pins.pin(key, choice.tag, now)
         return choice
 
-    def _keep_pin(self, session: str, usable: list[Member], now: float) -> Member | None:
+    def _keep_pin(self, key: Key, usable: list[Member], now: float) -> Member | None:
         """The session's pinned member if it may stay there; otherwise drop the pin."""
-        pin = self._pins.get(session)
+        pin = self._pins.get(key, now)
         if pin is None:
             return None
         member = next((m for m in usable if m.tag == pin.tag), None)
         if member is not None and not self._should_rebalance(member, usable, now):
-            pin.last_used = now
-            self._pins.move_to_end(session)
+            self._pins.touch(key, now)
             return member
-        self._pins.pop(session, None)
+        self._pins.drop(key)
         return None
 
     def _should_rebalance(self, pinned: Member, usable: list[Member], now: float) -> bool:
@@ -180,16 +172,17 @@ class Balancer:
 
     # --- failure, 429, introspection ---------------------------------------------------------
 
-    def on_rate_limited(self, member: Member, headers: Mapping[str, str], session: str) -> float:
+    def on_rate_limited(self, member: Member, headers: Mapping[str, str], session: str, user: str = "") -> float:
         """A quota 429 from `member`: bench it until its reset (returned) and unpin the session.
 
         The next `select(session, exclude=...)` re-pins the session to whatever it picks, so the
         conversation follows the request to the new credential.
         """
-        until = member.quota.observe_429(headers, self._clock(), external=member.external)
-        pin = self._pins.get(session) if session else None
+        now = self._clock()
+        until = member.quota.observe_429(headers, now, external=member.external)
+        pin = self._pins.get((user, session), now) if session else None
         if pin is not None and pin.tag == member.tag:
-            self._pins.pop(session, None)
+            self._pins.drop((user, session))
         return until
 
     def usable_members(self, allow_external: bool = True, now: float | None = None) -> list[Member]:
@@ -202,20 +195,20 @@ class Balancer:
         now = self._clock() if now is None else now
         return member.available() and member.quota.usable(member.cap_5h, member.cap_weekly, now, self.grace)
 
-    def pinned(self, session: str) -> str | None:
+    def pinned(self, session: str, user: str = "") -> str | None:
         """The tag `session` is pinned to, if any (compare before/after `select` to log new assignments)."""
-        pin = self._pins.get(session) if session else None
-        return pin.tag if pin is not None and self._clock() - pin.last_used < self.session_ttl else None
+        pin = self._pins.get((user, session), self._clock()) if session else None
+        return pin.tag if pin is not None else None
 
     def sessions(self) -> dict[str, str]:
         """Live session id → member tag (for the admin status)."""
-        self._purge(self._clock())
-        return {sid: pin.tag for sid, pin in self._pins.items()}
+        self._pins.purge(self._clock())
+        return {session: pin.tag for (_, session), pin in self._pins.items()}
 
     def member_status(self, member: Member) -> dict[str, object]:
         """One member's state for the admin status: quota snapshot, caps, weight, usability, sessions."""
         now = self._clock()
-        self._purge(now)
+        self._pins.purge(now)
         state = member.quota.snapshot(now)
         state.update(
             tag=member.tag,
@@ -225,7 +218,7 @@ class Balancer:
             cap_5h=member.cap_5h,
             cap_weekly=member.cap_weekly,
             plan_weight=_weight(member),
-            sessions=sum(1 for pin in self._pins.values() if pin.tag == member.tag),
+            sessions=sum(1 for _, pin in self._pins.items() if pin.tag == member.tag),
         )
         return state
 
@@ -246,24 +239,6 @@ class Balancer:
         if retry_after is not None:
             message += f", {'earliest ' if len(scoped) > 1 else ''}reset in {format_duration(retry_after)}"
         return NoCredential(message, retry_after, False)
-
-    # --- session table ------------------------------------------------------------------------
-
-    def _pin(self, session: str, tag: str, now: float) -> None:
-        """Remember session → tag; evict the least recently used beyond the size cap."""
-        self._pins[session] = _Pin(tag, now)
-        self._pins.move_to_end(session)
-        while len(self._pins) > self.max_sessions:
-            self._pins.popitem(last=False)
-
-    def _purge(self, now: float) -> None:
-        """Drop sessions unused for `session_ttl` (§15 #32); the table is in last-use order."""
-        while self._pins:
-            oldest = next(iter(self._pins.values()))
-            if now - oldest.last_used < self.session_ttl:
-                break
-            self._pins.popitem(last=False)
-
 
 def _weight(member: Member) -> float:
     """The member's plan weight, with nonsense (≤ 0, NaN) treated as 1 so arithmetic stays sane."""
@@ -292,44 +267,6 @@ def _least_used(usable: list[Member], now: float) -> Member | None:
         if score > best_score:
             best, best_score = member, score
     return best
-
-
-def session_id(headers_get: Callable[[str], str | None], body_json: object) -> str:
-    """The stickiness key: `X-Claude-Code-Session-Id`, else the session inside `metadata.user_id`.
-
-    `user_id` is a JSON string in current Claude Code (`{"device_id":..,"session_id":..}`) and
-    `user_<hash>_account_<uuid>_session_<uuid>` in older ones. Returns "" when there is none.
-    """
-    try:
-        header = headers_get("x-claude-code-session-id")
-    except Exception:
-        header = None
-    if isinstance(header, str) and header.strip():
-        return _bounded(header.strip())
-    try:
-        user_id = body_json["metadata"]["user_id"]  # type: ignore[index]
-    except (KeyError, TypeError, IndexError):
-        return ""
-    if not isinstance(user_id, str):
-        return ""
-    text = user_id.strip()
-    if text.startswith("{"):
-        try:
-            inner = json.loads(text).get("session_id")
-        except (ValueError, AttributeError):
-            inner = None
-        if isinstance(inner, str) and inner.strip():
-            return _bounded(inner.strip())
-    if "_session_" in text:
-        return _bounded(text.rsplit("_session_", 1)[1])
-    return ""
-
-
-def _bounded(session: str) -> str:
-    """Client-chosen ids are kept as is when short, hashed when long, so memory stays bounded."""
-    if len(session) <= MAX_SESSION_ID:
-        return session
-    return "sha256:" + hashlib.sha256(session.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def aggregate_status(

@@ -76,10 +76,11 @@ class SingleProvider:
         self.account = account
         self.accounts = [account]
 
-    def select(self, session: str, exclude: frozenset[str] = frozenset(), allow_external: bool = True) -> Account:
+    def select(self, session: str, exclude: frozenset[str] = frozenset(), allow_external: bool = True,
+               user: str = "") -> Account:
         return self.account
 
-    def on_rate_limited(self, account: Account, headers: Mapping[str, str], session: str) -> None:
+    def on_rate_limited(self, account: Account, headers: Mapping[str, str], session: str, user: str = "") -> None:
         raise AssertionError("a single provider never fails over")
 
 
@@ -92,11 +93,12 @@ class PoolProvider:
         self.balancer = balancer
         self.accounts: list[Account] = balancer.members  # type: ignore[assignment]
 
-    def select(self, session: str, exclude: frozenset[str] = frozenset(), allow_external: bool = True) -> Account:
-        return self.balancer.select(session, exclude, allow_external)  # type: ignore[return-value]
+    def select(self, session: str, exclude: frozenset[str] = frozenset(), allow_external: bool = True,
+               user: str = "") -> Account:
+        return self.balancer.select(session, exclude, allow_external, user)  # type: ignore[return-value]
 
-    def on_rate_limited(self, account: Account, headers: Mapping[str, str], session: str) -> None:
-        self.balancer.on_rate_limited(account, headers, session)
+    def on_rate_limited(self, account: Account, headers: Mapping[str, str], session: str, user: str = "") -> None:
+        self.balancer.on_rate_limited(account, headers, session, user)
 
 
 Provider = SingleProvider | PoolProvider
