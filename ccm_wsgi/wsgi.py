@@ -16,10 +16,13 @@ the file; records are durable in the journal either way.
 from __future__ import annotations
 
 import os
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from . import config as config_mod
 
+STOP_POLL = 0.1  # seconds between looks at whether gunicorn told the worker to stop
 _built: tuple[Any, Any] | None = None
 
 
@@ -49,8 +52,6 @@ def load_config() -> tuple[config_mod.Config, config_mod.Service]:
 
 
 def _build() -> tuple[Any, Any]:
-    import logging
-
     from . import logs
     from .http.app import create_app
     from .service import Service
@@ -79,6 +80,25 @@ def __getattr__(name: str) -> Any:
     if _built is None:
         _built = _build()
     return _built[0] if name == "service" else _built[1]
+
+
+def drain_when_stopping(alive: Callable[[], bool]) -> None:
+    """In a worker (a greenlet started by `post_worker_init`): once gunicorn tells the worker to stop, refuse
+    new requests at once and, when `shutdown_grace` is over, cut the responses still running so that they
+    are recorded before the master's SIGKILL (its `graceful_timeout` is set a few seconds later)."""
+    import gevent
+
+    while alive():
+        gevent.sleep(STOP_POLL)
+    if _built is None:
+        return
+    service = _built[0]
+    service.drain.begin()
+    gevent.sleep(service.cfg.shutdown_grace)
+    cut = service.drain.cut()
+    if cut:
+        logging.getLogger("ccm_wsgi.server").warning(
+            "grace period of %gs over: cut %d response(s) still in flight", service.cfg.shutdown_grace, cut)
 
 
 def shutdown() -> None:

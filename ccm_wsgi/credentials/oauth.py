@@ -222,6 +222,8 @@ class OAuthCredential:
                 raise self._unavailable()
             if self.oauth["accessToken"] != stale and self._fresh():
                 return str(self.oauth["accessToken"])  # another greenlet or process already did it
+            if self._unsaved is None and self._adopt_pending(self.oauth.get("refreshToken") or ""):
+                return str(self.oauth["accessToken"])
             self._check_hold()
             reason = self._unwritable()
             if reason:
@@ -273,8 +275,6 @@ class OAuthCredential:
         refresh_token = oauth.get("refreshToken")
         if not refresh_token:
             raise self._fail(503, self._login_message("the credential has no refresh token"))
-        if self._unsaved is None and self._adopt_pending(refresh_token):
-            return str(self.oauth["accessToken"])
         try:
             reservation = self.store.reserve(self._document)
         except OSError as exc:
