@@ -15,8 +15,8 @@ the file; records are durable in the journal either way.
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 

@@ -7,7 +7,9 @@ The config is read here, in the master, so a bad one stops gunicorn at once with
 * bind: the service's `listen` and `listen_port` (`-b` on the command line or `CCM_BIND` win);
 * TLS: the service's `tls` object (the same context, ALPN `http/1.1` only, certificate files
   reloaded when they change), through gunicorn's `ssl_context` hook, in every worker;
-* graceful shutdown: `shutdown_grace` of the service is gunicorn's `graceful_timeout`.
+* graceful shutdown: each worker refuses new requests as soon as it is told to stop, lets its responses
+  run for `shutdown_grace`, then cuts and records the ones still running; gunicorn's `graceful_timeout`
+  is a few seconds longer, so its SIGKILL never comes before the records are written.
 
 Timeouts and long streams: gunicorn never limits a request's duration with the gevent worker (its
 `timeout` is a heartbeat the worker sends from its own greenlet, however long the responses are), so a
@@ -46,7 +48,8 @@ worker_class = "gevent"
 worker_connections = 4096  # streams per worker: each one is a greenlet
 backlog = 4096
 timeout = 120  # heartbeat of the worker process (see above), not a request timeout
-graceful_timeout = max(1, round(_service.shutdown_grace))
+STOP_MARGIN = 5  # seconds for a worker to record its cut responses and save usage after shutdown_grace
+graceful_timeout = max(1, round(_service.shutdown_grace)) + STOP_MARGIN
 keepalive = 5  # idle keep-alive connections delay a graceful stop by at most this long
 max_requests = 0  # never recycle a worker in the middle of someone's stream
 preload_app = False
@@ -78,6 +81,13 @@ def post_request(worker, req, environ, resp):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+def post_worker_init(worker):
+    """In the worker, with its service built: follow gunicorn's stop (see `wsgi.drain_when_stopping`)."""
+    import gevent
+
+    gevent.spawn(sys.modules["ccm_wsgi.wsgi"].drain_when_stopping, lambda: worker.alive)
 
 
 def worker_exit(server, worker):

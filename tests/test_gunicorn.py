@@ -265,7 +265,7 @@ def test_settings_follow_the_service(tmp_path, monkeypatch):
     monkeypatch.delenv("CCM_BIND", raising=False)
     monkeypatch.setenv("CCM_SERVICE", "b")
     settings = runpy.run_path(str(GUNICORN_CONF))
-    assert settings["bind"] == ["[::1]:18081"] and settings["graceful_timeout"] == 600
+    assert settings["bind"] == ["[::1]:18081"] and settings["graceful_timeout"] == 600 + 5  # grace + stop margin
     assert settings["worker_class"] == "gevent" and settings["preload_app"] is False
     assert settings["max_requests"] == 0 and callable(settings["worker_exit"])
     monkeypatch.setenv("CCM_SERVICE", "a")

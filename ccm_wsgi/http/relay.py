@@ -13,11 +13,13 @@ response can rely on its usage being on disk; pywsgi's own `close()` call is the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import logging
 import re
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -192,10 +194,19 @@ class Relay:
         return self.tap.finish() if self.tap is not None else None
 
     def cut_short(self, reason: str) -> None:
-        """End the response now (a graceful stop ran out of time): recorded as partial, like any cut stream."""
-        if not self._closed:
-            self.cut = reason
+        """End the response now (a graceful stop ran out of time): recorded as partial, like any cut stream.
+
+        Called from another greenlet: the upstream socket is shut down, so that the greenlet relaying this
+        response sees its upstream end, sends the client an SSE `error` event and records the exchange."""
+        if self._closed:
+            return
+        self.cut = reason
+        sock = getattr(self.upstream.connection, "sock", None)
+        if sock is None:
             self.close()
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         if self._closed:
