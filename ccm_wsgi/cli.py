@@ -1,4 +1,4 @@
-"""The `ccm-wsgi` command: serve, check, usage, token (CONTRACT §1)."""
+"""The `ccm-wsgi` command: serve, check, usage, token."""
 
 from __future__ import annotations
 

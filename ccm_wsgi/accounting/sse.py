@@ -13,7 +13,7 @@ Memory is bounded: only the current unterminated event is kept, and an event lon
 
 Field semantics follow the WHATWG event-stream format (LF, CRLF or CR line endings, `data:` with an
 optional single space, multi-line data joined with LF, comments, unknown fields ignored), and the
-usage rules fix sing-box's gaps (reference §15 #10): every field of `message_start.usage` is taken,
+usage rules avoid sing-box's undercounting: every field of `message_start.usage` is taken,
 even when `input_tokens` is 0, and each field present in a later `message_delta.usage` overrides it.
 """
 

@@ -1,4 +1,4 @@
-"""Background quota polling, one greenlet per account (never in the request path, §15 #25-26).
+"""Background quota polling, one greenlet per account, never in the request path.
 
 Response headers keep the quota fresh while traffic flows; when an account is idle its state is
 refreshed from Anthropic's usage API (default credentials) or the peer's `/ccm/v1/status`

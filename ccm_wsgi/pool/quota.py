@@ -5,14 +5,14 @@ Two sources feed a `Quota`: the `anthropic-ratelimit-unified-*` headers on every
 (needed for idle credentials). Everything here is pure: no I/O, no locks, and every method takes the
 current time as `now` (epoch seconds) so that tests can drive the clock.
 
-Deliberate differences from sing-box (reference §10, §15):
+Deliberate differences from sing-box:
 
 * Header values are parsed leniently and a malformed one is ignored; nothing here ever raises on
-  input from the network (§15 #23). Both `5h`/`7d` and `five_hour`/`seven_day` spellings are read.
-* A window whose reset instant has passed counts as 0 % (§15 #24), so a credential comes back on its
+  input from the network. Both `5h`/`7d` and `five_hour`/`seven_day` spellings are read.
+* A window whose reset instant has passed counts as 0 %, so a credential comes back on its
   own when its window rolls over instead of waiting for the next poll.
-* Failed polls do not bench a credential while its last good data is younger than a grace period
-  (§15 #25); a 429 from the usage API is never a failure.
+* Failed polls do not bench a credential while its last good data is younger than a grace period;
+  a 429 from the usage API is never a failure.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Quota:
     def observe_headers(
         self, headers: Mapping[str, str], now: float, external: bool = False, authoritative: bool = False
     ) -> bool:
-        """Update from a response's rate-limit headers (§10.2); True if any utilisation/reset parsed.
+        """Update from a response's rate-limit headers; True if any utilisation/reset parsed.
 
         Default credentials get Anthropic's raw fractions, rounded up and only allowed to rise within
         a window, because concurrent responses arrive out of order and an older, lower value must not
@@ -130,7 +130,7 @@ class Quota:
         return fraction is not None or reset is not None
 
     def observe_usage_api(self, body: object, now: float) -> bool:
-        """Apply a 200 from `/api/oauth/usage` (§10.5 step 7); an unusable body counts as a poll failure.
+        """Apply a 200 from `/api/oauth/usage`; an unusable body counts as a poll failure.
 
         The API reports percentages directly, and they may go down (it is the authority), so no
         monotonic guard. Accepts the decoded JSON or raw bytes/str.
@@ -177,7 +177,7 @@ class Quota:
         self.poll_retry_at = now + wait
 
     def observe_429(self, headers: Mapping[str, str], now: float, external: bool = False) -> float:
-        """Mark a quota 429: unusable until the instant it ends, which is returned (§10.3, lenient).
+        """Mark a quota 429: unusable until the instant it ends, which is returned.
 
         The window named by `representative-claim` decides; without a claim we know, the overall
         `unified-reset`, then the earliest window reset in the headers, then `retry-after`, then a
@@ -204,7 +204,7 @@ class Quota:
         return self.limited_until > now
 
     def utilization(self, now: float) -> tuple[float, float]:
-        """(5h, weekly) percent; a window whose reset has passed is a fresh window at 0 % (§15 #24)."""
+        """(5h, weekly) percent; a window whose reset has passed is a fresh window at 0 %."""
         five = 0.0 if 0 < self.five_hour_reset <= now else self.five_hour
         week = 0.0 if 0 < self.weekly_reset <= now else self.weekly
         return five, week
@@ -255,7 +255,7 @@ class Quota:
         return min(future) if future else 0.0
 
     def weight(self, external: bool) -> float:
-        """Plan weight of this credential (§10.7): the peer's report for external ones, else from the plan."""
+        """Plan weight of this credential: the peer's report for external ones, else from the plan."""
         if external:
             return self.remote_plan_weight if self.remote_plan_weight > 0 else EXTERNAL_DEFAULT_WEIGHT
         return plan_weight(self.account_type, self.rate_limit_tier)
@@ -293,7 +293,7 @@ def is_quota_429(headers: Mapping[str, str]) -> bool:
 
 
 def plan_weight(account_type: str, rate_limit_tier: str) -> float:
-    """Relative capacity of a plan (§10.7): Max 20x = 10, Max 5x / Team 5x = 5, anything else 1."""
+    """Relative capacity of a plan: Max 20x = 10, Max 5x / Team 5x = 5, anything else 1."""
     kind = (account_type or "").strip().lower()
     tier = (rate_limit_tier or "").strip().lower()
     if kind == "max":
@@ -304,7 +304,7 @@ def plan_weight(account_type: str, rate_limit_tier: str) -> float:
 
 
 def caps(reserve_5h: int, reserve_weekly: int, limit_5h: int, limit_weekly: int) -> tuple[float, float]:
-    """Stop-using thresholds in percent (§3.3): an explicit limit wins, else 100 minus the reserve (min 1)."""
+    """Stop-using thresholds in percent: an explicit limit wins, else 100 minus the reserve (min 1)."""
 
     def one(reserve: int, limit: int) -> float:
         return float(limit) if limit > 0 else 100.0 - max(reserve, 1)

@@ -1,6 +1,6 @@
 """The upstream request: which client headers go to Anthropic, and how a send failure is reported.
 
-Rules (CONTRACT §3): hop-by-hop headers (and those named in `Connection`) are dropped, and so are
+Rules: hop-by-hop headers (and those named in `Connection`) are dropped, and so are
 `Host` and the client's own credentials (`Authorization`, `x-api-key`), which belong to ccm-wsgi, not
 to Anthropic. `anthropic-beta` always starts with the OAuth flag, followed by every value the client
 sent (all header lines, de-duplicated). Configured `headers` replace same-named ones.
