@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import ProxyError
+from ..names import STRATEGIES
 from .quota import Quota, format_duration
 
-STRATEGIES = ("least_used", "round_robin", "random", "fallback")
 WEEK_HOURS = 168.0
 MAX_SESSIONS = 10_000
 MAX_SESSION_ID = 200  # longer client-supplied ids are hashed so the table stays small
@@ -86,8 +86,7 @@ class Balancer:
         clock: Callable[[], float] = time.time,
         max_sessions: int = MAX_SESSIONS,
     ):
-        strategy = (strategy or "least_used").strip().lower().replace("-", "_")
-        if strategy not in STRATEGIES:
+        if strategy not in STRATEGIES:  # the config spells them out (least-used -> least_used)
             raise ValueError(f"unknown balancer strategy: {strategy}")
         self.tag = tag
         self.members = list(members)
