@@ -239,6 +239,10 @@ class Section(BaseModel):
         """Problems between fields (or with the raw keys in `read`), at locations relative to this object."""
         return ()
 
+    def was_read(self, *keys: str) -> bool:
+        """Whether the values of `keys` were read (always, but on a partial object: see the module docstring)."""
+        return not self._broken.intersection(keys)
+
     @classmethod
     def unknown_key(cls, key: str) -> str:
         """The message for a key this section does not have."""
@@ -255,7 +259,8 @@ class Section(BaseModel):
         strict = cls.model_config.get("extra") == "forbid"  # an opaque object is not looked into
         problems = [Problem((key,), "duplicate key") for key in sorted(duplicate_keys(data)) if strict]
         given = {key: value for key, value in data.items() if value is not None or key not in cls._nullable}
-        problems += [Problem((key,), marker.message) for key, marker in cls._required.items() if key not in given]
+        missing = [key for key in cls._required if key not in given]
+        problems += [Problem((key,), cls._required[key].message) for key in missing]
         errors: list[Problem] = []
         result: Self | None
         try:
@@ -264,6 +269,7 @@ class Section(BaseModel):
             errors = [cls._translated(p) for p in problems_of(exc)]
             result = cls._salvage(given, errors, handler, ctx)
         if result is not None:
+            result._broken |= frozenset(missing)  # a required key that is absent reads as broken too
             problems += result.relations(Reading(given, result._broken))
         if ctx is not None:
             ctx.keep(data, result)

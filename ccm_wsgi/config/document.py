@@ -154,7 +154,7 @@ def _overlaps(a: _Address, b: _Address) -> bool:
 
 
 def _listener_problems(service: Service, loc: Loc, listeners: list[tuple[_Address, int, Loc]]) -> Iterator[Problem]:
-    if service.listen_port == 0 or service._broken & {"listen", "listen_port"}:
+    if service.listen_port == 0 or not service.was_read("listen", "listen_port"):
         return  # an ephemeral port never clashes; an invalid address is reported, its default must not clash
     address = ipaddress.ip_address(service.listen)
     for other, port, where in listeners:

@@ -48,6 +48,8 @@ class Limits(Section):
     def relations(self, read: Reading) -> Iterator[Problem]:
         periods: dict[str, Loc] = {}
         for index, budget in entries(self.budget):
+            if not budget.was_read("per"):
+                continue
             first = claim(periods, budget.per, ("budget", index))
             if first is not None:
                 yield Problem(("budget", index, "per"), f"duplicate period {quote(budget.per)} (same as {REF})",

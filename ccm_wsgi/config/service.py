@@ -63,7 +63,7 @@ FORBIDDEN_HEADERS = {
     **dict.fromkeys(sorted(HOP_BY_HOP), _NEVER_FORWARDED),
 }
 _IGNORED = "accepted for sing-box compatibility; not used"
-_STATE_HINT = 'or shared state: "state": {"type": "redis", "url": ...}'
+_STATE_HINT = 'or use shared state: "state": {"type": "redis", "url": ...}'
 Pooled = DefaultCredential | ExternalCredential
 
 
@@ -199,11 +199,9 @@ class Service(SocketOptions):
                         yield Problem((*loc, key), "only valid with credentials")
             else:
                 yield from _user_credential_problems(user, loc, catalogue)
-            if not user.name or not (user.token or user.token_sha256):
-                continue  # reported; a missing name or token cannot clash
-            if first := claim(names, user.name, loc):
+            if user.name and (first := claim(names, user.name, loc)):  # a missing or invalid one cannot clash
                 yield Problem((*loc, "name"), f"duplicate name {quote(user.name)} (same as {REF})", (first,))
-            if first := claim(digests, user.digest, loc):
+            if (user.token or user.token_sha256) and (first := claim(digests, user.digest, loc)):
                 field = "token_sha256" if user.token_sha256 else "token"
                 yield Problem((*loc, field), f"duplicate token (same as {REF})", (first,))
 
@@ -219,18 +217,21 @@ class Service(SocketOptions):
         for loc, limits, users in places:
             if not limits.needs_ledger:
                 continue
-            what = " and ".join(key for key in ("budget", "window_share") if getattr(limits, key))
+            keys = [key for key in ("budget", "window_share") if getattr(limits, key)]
+            what = f"{' and '.join(keys)} {'are' if len(keys) > 1 else 'is'} counted from the usage records"
             if catalogue is None:
                 if not self.usages_path:
-                    yield Problem(loc, f"{what} needs the usage records: set the service's usages_path, {_STATE_HINT}")
+                    yield Problem(loc, f"{what}: set the service's usages_path ({_STATE_HINT})")
                 continue
             first = next(iter(catalogue), "")
             missing = sorted({c.tag for user in users
                               for c in _reach(catalogue, user.credential if user is not None else first)
                               if not c.usages_path})
             if missing:
-                yield Problem(loc, f"{what} needs the usage records of every credential it can use: set usages_path "
-                                   f"on {', '.join(quote(tag) for tag in missing)}, {_STATE_HINT}")
+                names = ", ".join(quote(tag) for tag in missing)
+                yield Problem(loc, f"{what}, which credential{'s' if len(missing) > 1 else ''} {names} "
+                                   f"{'do' if len(missing) > 1 else 'does'} not keep: set usages_path there "
+                                   f"({_STATE_HINT})")
 
 
 def _reach(catalogue: Mapping[str, Any], tag: str) -> tuple[Pooled, ...]:

@@ -160,9 +160,11 @@ class InboundTLS(_TLS):
                                                       "set verify-if-given or require-and-verify")
 
     def _unreadable_client_cas(self, read: Reading) -> Iterator[Problem]:
-        listed = isinstance(read.given.get("client_certificate_path"), list)
-        for index, file in enumerate(self.client_certificate_path):
-            problem = readable(file)
+        """Each given path that cannot be read, also beside an item that is not a path (reported already)."""
+        given = read.given.get("client_certificate_path")
+        listed = isinstance(given, list)
+        for index, file in enumerate(given if isinstance(given, list) else [given]):
+            problem = readable(file) if isinstance(file, str) and file and "\0" not in file else None
             if problem:
                 yield Problem(("client_certificate_path", index) if listed else ("client_certificate_path",), problem)
 

@@ -9,7 +9,8 @@ Each case is one file, `<name>.json`: `{"note", "config" | "config_text", "probl
 case was written: the first set was recorded from the hand-written validator that the typed model
 replaced, so a case's paths are the contract (`tests/test_config_corpus.py`) and its messages show
 the wording of the time. Existing files are kept unless `--force`: add a case, run the script, read
-the new file before committing it.
+the new file before committing it. Cases named `new-*` (and `ok-new-keys`) cover keys the typed model
+added; they were recorded from it.
 """
 
 from __future__ import annotations
@@ -440,6 +441,32 @@ CASES: dict[str, tuple[str, Any]] = {
                                                                                [{**ALICE, "credential": "e"}])),
     "user-external-only-balancer": ("a user bound to a balancer of external credentials only", multi(
         [EXTERNAL, {"tag": "p", "type": "balancer", "credentials": "e"}], [{**ALICE, "credential": "p"}])),
+    # ---------------------------------------------------------------- keys of the typed model (recorded from it)
+    "new-admin-token-short": ("typed model: admin tokens follow the user-token rules", service(admin_tokens=["admin"])),
+    "new-placeholder-tokens": ("typed model: the examples' placeholder tokens are refused", service(
+        users=[{"name": "alice", "token": "ak-ccm-change-me-alice"}], admin_tokens=["ak-ccm-changeme-admin"])),
+    "new-limits-types": ("typed model: limits of the wrong types", service(usages_path="/u.json", limits={
+        "budget": [{"usd": 0, "per": "year"}, {"usd": "1"}], "requests_per_minute": 0, "max_concurrent": 1.5,
+        "models": [], "window_share": {"five_hour": 101, "weekly": 0}, "daily": 1})),
+    "new-budget-period-twice": ("typed model: one budget per period", service(usages_path="/u.json", limits={
+        "budget": [{"usd": 1, "per": "day"}, {"usd": 2, "per": "day"}]})),
+    "new-ledger-missing": ("typed model: budgets and shares need usage records", {"services": [
+        {"type": "ccm", "tag": "single", "limits": {"budget": [{"usd": 1, "per": "day"}]}},
+        {"type": "ccm", "tag": "pool", "listen_port": 8081, "state": None,
+         "credentials": [{"tag": "a", "usages_path": "/a.json"}, {"tag": "b"}],
+         "users": [{**ALICE, "credential": "b", "limits": {"window_share": {"weekly": 10}}}]}]}),
+    "new-user-controls": ("typed model: disabled and expires", service(users=[
+        {**ALICE, "disabled": 1, "expires": "2026-12-31 23:59:59"}])),
+    "new-service-keys": ("typed model: overage, authorize_url and state", service(
+        overage="never", authorize_url="https://u:p@claude.com/x", state={"type": "redis", "url": "http://x"})),
+    "ok-new-keys": ("typed model: every new key, valid", service(
+        usages_path="/u.json", overage="deny", authorize_url="https://claude.com/cai/oauth/authorize",
+        limits={"budget": [{"usd": 5, "per": "day"}, {"usd": 50, "per": "month"}], "requests_per_minute": 30,
+                "max_concurrent": 2, "models": ["claude-sonnet-*", "claude-haiku-*"],
+                "window_share": {"five_hour": 30, "weekly": 20}},
+        users=[{**ALICE, "disabled": False, "expires": "2026-12-31T23:59:59Z", "limits": {"models": "claude-*"}}],
+        state={"type": "redis", "url": "redis://127.0.0.1:6379/0", "key_prefix": "team-a:"},
+        reuse_addr=True, tcp_keep_alive="2m", tcp_keep_alive_interval="20s")),
     # ---------------------------------------------------------------- several problems at once
     "check-every-problem": ("what `ccm-wsgi check` prints for a document with five problems", {
         "outbounds": [SOCKS, {**SOCKS, "server_port": 1081}],
