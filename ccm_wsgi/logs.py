@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-from .config import LogConfig
 from .names import LOG_LEVELS
+
+if TYPE_CHECKING:
+    from .config import LogConfig
 
 # sing-box's levels (as the config normalised them), most verbose first, onto Python's
 PYTHON_LEVELS = dict(zip(LOG_LEVELS, (logging.DEBUG, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR,
@@ -15,8 +18,8 @@ PYTHON_LEVELS = dict(zip(LOG_LEVELS, (logging.DEBUG, logging.DEBUG, logging.INFO
 
 def setup(cfg: LogConfig) -> None:
     root = logging.getLogger("ccm_wsgi")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     root.propagate = False
     if cfg.disabled:
         root.addHandler(logging.NullHandler())

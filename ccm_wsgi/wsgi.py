@@ -16,11 +16,16 @@ the file; records are durable in the journal either way.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import config as config_mod
 
-_built: tuple[Any, Any] | None = None
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .service import Service
+
+_built: tuple[Service, Flask] | None = None
 
 
 class ConfigProblem(Exception):
@@ -48,7 +53,7 @@ def load_config() -> tuple[config_mod.Config, config_mod.Service]:
     return cfg, services[0]
 
 
-def _build() -> tuple[Any, Any]:
+def _build() -> tuple[Service, Flask]:
     import logging
 
     from . import logs

@@ -24,12 +24,14 @@ import logging
 import os
 import ssl
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from ..config import InboundTLS
 from ..names import CLIENT_AUTHENTICATION, TLS_VERSIONS, openssl_cipher_list
+
+if TYPE_CHECKING:
+    from ..config import InboundTLS
 
 log = logging.getLogger("ccm_wsgi.tls")
 
