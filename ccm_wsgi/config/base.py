@@ -370,6 +370,13 @@ def check_value(check: Callable[[Any], T], value: object, loc: Loc) -> T | Probl
         return Problem(loc, str((exc.context or {}).get("message", exc.message())))
 
 
+def key_of(data: Mapping[str, Any], key: str, check: Callable[[Any], T]) -> T | Problem:
+    """A required key read before its object (the key a tagged union dispatches on): its value or its problem."""
+    if data.get(key) is None:
+        return Problem((key,), "required")
+    return check_value(check, data[key], (key,))
+
+
 def claim(seen: dict[T, Loc], value: T, loc: Loc) -> Loc | None:
     """Record that `loc` uses `value`; the first location that used it, if it was not `loc`."""
     first = seen.setdefault(value, loc)

@@ -24,6 +24,7 @@ from .base import (
     check_value,
     context_of,
     fail,
+    key_of,
     problem_error,
     problems_of,
     quote,
@@ -48,6 +49,8 @@ def _kind(value: str) -> Any:
 
 
 PollInterval = Annotated[float, duration(zero_means=POLL_INTERVAL)]
+Reserve = Annotated[int, integer(0, 99)]  # percent
+Cap = Annotated[int, integer(0, 100)]  # percent
 Tag = Annotated[str, plain(name), REQUIRED]
 PeerUrl = Annotated[str, url(base=True), Required(
     "required: an external credential without url only works over reverse tunnels, which ccm-wsgi does not support")]
@@ -72,14 +75,10 @@ class DefaultCredential(_Credential):
     credential_path: FilePath = Field(default="", description="the credential file (default: Claude Code's own)")
     usages_path: FilePath = Field(default="", description="this credential's usage file (none: usage is not recorded)")
     detour: Str = Field(default="", description="tag of the outbound that carries this credential's traffic")
-    reserve_5h: Annotated[int, integer(0, 99)] = Field(default=0,
-        description="percent of the 5-hour window left unused")
-    reserve_weekly: Annotated[int, integer(0, 99)] = Field(default=0,
-        description="percent of the weekly window left unused")
-    limit_5h: Annotated[int, integer(0, 100)] = Field(default=0,
-        description="stop at this percent of the 5-hour window")
-    limit_weekly: Annotated[int, integer(0, 100)] = Field(default=0,
-        description="stop at this percent of the weekly window")
+    reserve_5h: Reserve = Field(default=0, description="percent of the 5-hour window left unused")
+    reserve_weekly: Reserve = Field(default=0, description="percent of the weekly window left unused")
+    limit_5h: Cap = Field(default=0, description="stop at this percent of the 5-hour window")
+    limit_weekly: Cap = Field(default=0, description="stop at this percent of the weekly window")
 
     def relations(self, read: Reading) -> Iterator[Problem]:
         for window in ("5h", "weekly"):
@@ -113,12 +112,12 @@ class BalancerCredential(_Credential):
     strategy: Strategy = Field(
         default_factory=lambda data: "fallback" if data.get("type") == "fallback" else "least_used",
         description="least_used, round_robin, random or fallback (default: fallback for type fallback)")
-    credentials: Members = Field(default=
-        (), description="the tags of the default and external credentials to choose among, in order")
-    poll_interval: PollInterval = Field(default=POLL_INTERVAL,
-        description="poll each member's quota at least this often")
-    rebalance_threshold: Annotated[float, number(0.0, 100.0)] = Field(default=
-        0.0, description="least_used: move a session when its credential is this many points above the best")
+    credentials: Members = Field(
+        default=(), description="the tags of the default and external credentials to choose among, in order")
+    poll_interval: PollInterval = Field(
+        default=POLL_INTERVAL, description="poll each member's quota at least this often")
+    rebalance_threshold: Annotated[float, number(0.0, 100.0)] = Field(
+        default=0.0, description="least_used: move a session when its credential is this many points above the best")
 
     def relations(self, read: Reading) -> Iterator[Problem]:
         if self.type == "fallback" and "strategy" in read.given and self.strategy != "fallback":
@@ -143,8 +142,7 @@ def read_credential(value: Any, info: ValidationInfo) -> Credential:
         fail("must be an object")
     declared = "" if value.get("type") is None else check_value(string, value["type"], ("type",))
     if isinstance(declared, str) and declared not in ("", "fallback", *_TYPES):
-        tag = check_value(name, value.get("tag"), ("tag",)) if value.get("tag") is not None else Problem(
-            ("tag",), "required")
+        tag = key_of(value, "tag", name)
         ctx = context_of(info)
         if ctx is not None and isinstance(tag, str):
             ctx.keep(value, DefaultCredential.model_construct(tag=tag, type=declared))

@@ -23,11 +23,10 @@ from .base import (
     Problem,
     Reading,
     Section,
-    check_value,
     claim,
-    context_of,
     entries,
     fail,
+    key_of,
     problem_error,
     quote,
     read_as,
@@ -51,16 +50,13 @@ class OtherService(Section):
 
 
 def read_service(value: Any, info: ValidationInfo) -> Service | OtherService:
+    """A ccm service is read in full; any other is kept with its type only, unread, as sing-box's own."""
     if isinstance(value, (Service, OtherService)):
         return value
     if not isinstance(value, dict):
         fail("must be an object")
-    kind = check_value(name, value["type"], ("type",)) if value.get("type") is not None else Problem(
-        ("type",), "required")
+    kind = key_of(value, "type", name)
     if isinstance(kind, Problem):
-        ctx = context_of(info)
-        if ctx is not None:
-            ctx.keep(value, OtherService.model_construct(type=""))
         raise problem_error([kind])
     if kind == "ccm":
         return read_as(Service, value, info)
@@ -69,10 +65,10 @@ def read_service(value: Any, info: ValidationInfo) -> Service | OtherService:
 
 class Config(Section):
     log: LogConfig = Field(default_factory=LogConfig, description="logging")
-    outbound_list: tuple[OutboundEntry, ...] = Field(default=(), alias="outbounds",
-        description="ways out to the upstream")
-    service_list: tuple[Annotated[Service | OtherService, plain(read_service)], ...] = Field(default=
-        (), alias="services", description="the ccm services (and sing-box services of other types)")
+    outbound_list: tuple[OutboundEntry, ...] = Field(
+        default=(), alias="outbounds", description="ways out to the upstream")
+    service_list: tuple[Annotated[Service | OtherService, plain(read_service)], ...] = Field(
+        default=(), alias="services", description="the ccm services (and sing-box services of other types)")
     dns: Anything = Field(default=None, description=_SINGBOX)
     ntp: Anything = Field(default=None, description=_SINGBOX)
     inbounds: Anything = Field(default=None, description=_SINGBOX)

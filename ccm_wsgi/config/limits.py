@@ -21,8 +21,8 @@ Percent = Annotated[float | None, number(0.0, 100.0, above=True)]
 
 class Budget(Section):
     usd: Annotated[float, number(0.0, above=True), REQUIRED] = Field(default=0.0, description="US dollars per period")
-    per: Annotated[str, choice(*PERIODS), REQUIRED] = Field(default=
-        "day", description="day (from 00:00 UTC), week (from Monday 00:00 UTC) or month (from the 1st, 00:00 UTC)")
+    per: Annotated[str, choice(*PERIODS), REQUIRED] = Field(
+        default="day", description="day (from 00:00 UTC), week (from Monday 00:00 UTC) or month (from the 1st), in UTC")
 
 
 class WindowShare(Section):
@@ -36,13 +36,13 @@ class WindowShare(Section):
 
 class Limits(Section):
     budget: tuple[Budget, ...] = Field(default=(), description="USD per day, week or month (at most one per period)")
-    requests_per_minute: Annotated[int | None, integer(1)] = Field(default=None,
-        description="requests per sliding minute")
-    max_concurrent: Annotated[int | None, integer(1)] = Field(default=
-        None, description="requests in flight at once, streams included")
+    requests_per_minute: Annotated[int | None, integer(1)] = Field(
+        default=None, description="requests per sliding minute")
+    max_concurrent: Annotated[int | None, integer(1)] = Field(
+        default=None, description="requests in flight at once, streams included")
     models: Annotated[tuple[str, ...], plain(strings), each(
-        lambda pattern: None if pattern.strip() else "must not contain an empty pattern")] = Field(default=
-        (), description='fnmatch patterns of the models the user may ask for, e.g. "claude-sonnet-*"')
+        lambda pattern: None if pattern.strip() else "must not contain an empty pattern")] = Field(
+        default=(), description='fnmatch patterns of the models the user may ask for, e.g. "claude-sonnet-*"')
     window_share: WindowShare | None = Field(default=None, description="the user's share of the subscription's windows")
 
     def relations(self, read: Reading) -> Iterator[Problem]:

@@ -20,8 +20,8 @@ def log_level(value: object) -> str:
 
 
 class LogConfig(Section):
-    level: Annotated[str, plain(log_level)] = Field(default=
-        "info", description="the least severe level written: trace, debug, info, warn, error, fatal or panic")
+    level: Annotated[str, plain(log_level)] = Field(
+        default="info", description="the least severe level written: trace, debug, info, warn, error, fatal or panic")
     disabled: Bool = Field(default=False, description="write nothing at all")
     output: FilePath = Field(default="", description="a file to append to instead of stderr")
     timestamp: Bool = Field(default=True, description="start each line with the time")

@@ -14,7 +14,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo
 
-from .base import REQUIRED, Problem, Reading, Refused, Section, check_value, context_of, fail, problem_error, read_as
+from .base import (
+    REQUIRED,
+    Problem,
+    Reading,
+    Refused,
+    Section,
+    check_value,
+    context_of,
+    fail,
+    key_of,
+    problem_error,
+    read_as,
+)
 from .headers import Headers
 from .tls import OutboundTLS, if_enabled
 from .values import (
@@ -58,12 +70,12 @@ class _Dial(SocketOptions):
     """sing-box's dial fields."""
 
     tag: Str = Field(default="", description="the name a detour uses (default: the outbound's index)")
-    connect_timeout: Annotated[float | None, duration()] = Field(default=
-        None, description="connection set-up through this outbound (default: the service's connect_timeout)")
+    connect_timeout: Annotated[float | None, duration()] = Field(
+        default=None, description="connection set-up through this outbound (default: the service's connect_timeout)")
     detour: Annotated[object, Refused(
         "not supported by ccm-wsgi (chaining outbounds); point the service's detour at the first hop")] = None
-    tcp_keep_alive_interval: OptionalDuration = Field(default=0.0,
-        description="accepted for sing-box compatibility; not used")
+    tcp_keep_alive_interval: OptionalDuration = Field(
+        default=0.0, description="accepted for sing-box compatibility; not used")
     inet4_bind_address: Str = Field(default="", description="accepted for sing-box compatibility; not used")
     inet6_bind_address: Str = Field(default="", description="accepted for sing-box compatibility; not used")
     bind_address_no_port: Bool = Field(default=False, description="accepted for sing-box compatibility; not used")
@@ -95,8 +107,8 @@ class _Proxy(_Dial):
 
 class SocksOutbound(_Proxy):
     type: Annotated[Literal["socks"], _kind("socks")] = "socks"
-    version: Annotated[str, plain(socks_version)] = Field(default=
-        "5", description='"4", "4a" or "5"; 4a and 5 let the proxy resolve the name')
+    version: Annotated[str, plain(socks_version)] = Field(
+        default="5", description='"4", "4a" or "5"; 4a and 5 let the proxy resolve the name')
     network: Str = Field(default="", description="accepted for sing-box compatibility (ccm is TCP only)")
     udp_over_tcp: Anything = Field(default=None, description="accepted for sing-box compatibility (ccm is TCP only)")
 
@@ -107,11 +119,11 @@ class SocksOutbound(_Proxy):
 
 class HttpOutbound(_Proxy):
     type: Annotated[Literal["http"], _kind("http")] = "http"
-    path: Str = Field(default="",
-        description="accepted; cannot be put on a CONNECT line, so it is ignored with a warning")
+    path: Str = Field(
+        default="", description="accepted; cannot be put on a CONNECT line, so it is ignored with a warning")
     headers: Headers = Field(default={}, description="extra headers on the CONNECT request")
-    tls: Annotated[OutboundTLS | None, AfterValidator(if_enabled)] = Field(default=
-        None, description="TLS to the proxy (an https:// proxy)")
+    tls: Annotated[OutboundTLS | None, AfterValidator(if_enabled)] = Field(
+        default=None, description="TLS to the proxy (an https:// proxy)")
 
 
 class DirectOutbound(_Dial):
@@ -139,8 +151,7 @@ def read_outbound(value: Any, info: ValidationInfo) -> Outbound:
         return value
     if not isinstance(value, dict):
         fail("must be an object")
-    kind = check_value(name, value["type"], ("type",)) if value.get("type") is not None else Problem(
-        ("type",), "required")
+    kind = key_of(value, "type", name)
     if isinstance(kind, Problem):
         problems = [kind]
         tag = check_value(string, value.get("tag", ""), ("tag",)) if value.get("tag") is not None else ""

@@ -80,16 +80,16 @@ class Service(SocketOptions):
     usages_path: FilePath = Field(default="", description="single credential: the usage file")
     detour: Str = Field(default="", description="single credential: tag of the outbound for everything sent upstream")
     users: tuple[User, ...] = Field(default=(), description="who may call the service; none: anyone who can reach it")
-    headers: ServiceHeaders = Field(default=
-        {}, description="extra upstream headers, replacing same-named ones")
-    tls: Annotated[InboundTLS | None, AfterValidator(if_enabled)] = Field(default=None,
-        description="TLS on the listener")
+    headers: ServiceHeaders = Field(
+        default={}, description="extra upstream headers, replacing same-named ones")
+    tls: Annotated[InboundTLS | None, AfterValidator(if_enabled)] = Field(
+        default=None, description="TLS on the listener")
     credentials: tuple[CredentialEntry, ...] = Field(default=(), description="several subscriptions (a pool)")
     reuse_addr: Bool = Field(default=False, description="SO_REUSEADDR on the listening socket")
-    tcp_keep_alive: Annotated[float, duration(zero_means=300.0)] = Field(default=
-        300.0, description="idle time before the first TCP keep-alive probe on accepted connections")
-    tcp_keep_alive_interval: Annotated[float, duration(zero_means=75.0)] = Field(default=
-        75.0, description="time between TCP keep-alive probes")
+    tcp_keep_alive: Annotated[float, duration(zero_means=300.0)] = Field(
+        default=300.0, description="idle time before the first TCP keep-alive probe on accepted connections")
+    tcp_keep_alive_interval: Annotated[float, duration(zero_means=75.0)] = Field(
+        default=75.0, description="time between TCP keep-alive probes")
     disable_tcp_keep_alive: Bool = Field(default=False, description="no TCP keep-alive on accepted connections")
     udp_timeout: OptionalDuration = Field(default=0.0, description=_IGNORED)
     sniff: Bool = Field(default=False, description=_IGNORED)
@@ -102,16 +102,16 @@ class Service(SocketOptions):
     authorize_url: Url = Field(default=DEFAULT_AUTHORIZE_URL, description="the OAuth authorize page (ccm-wsgi login)")
     admin_tokens: tuple[UserToken, ...] = Field(default=(), description="tokens that see every user and credential")
     pricing: tuple[Price, ...] = Field(default=(), description="prices tried before the built-in table")
-    max_request_body_size: Annotated[int, integer(1, 2**53)] = Field(default=
-        32 * 1024 * 1024, description="larger request bodies get 413")
+    max_request_body_size: Annotated[int, integer(1, 2**53)] = Field(
+        default=32 * 1024 * 1024, description="larger request bodies get 413")
     connect_timeout: Duration = Field(default=10.0, description="upstream connection set-up")
     response_timeout: Duration = Field(default=600.0, description="wait for the upstream's response head")
     stream_idle_timeout: Duration = Field(default=300.0, description="silence allowed inside a response body")
     shutdown_grace: OptionalDuration = Field(default=30.0, description="how long a stop waits for requests in flight")
     client_timeout: Duration = Field(default=60.0, description="idle keep-alive connections and slow request heads")
     limits: Limits | None = Field(default=None, description="every user's limits, unless the user has its own")
-    overage: Annotated[str, choice("allow", "deny")] = Field(default=
-        "allow", description="deny: refuse requests once the subscription's own limits are reached")
+    overage: Annotated[str, choice("allow", "deny")] = Field(
+        default="allow", description="deny: refuse requests once the subscription's own limits are reached")
     state: RedisState | None = Field(default=None, description="shared state for several nodes (default: this host)")
 
     # -- what the runtime asks ----------------------------------------------------------------------

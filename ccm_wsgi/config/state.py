@@ -34,9 +34,9 @@ def redis_url(value: object) -> str:
 
 
 class RedisState(Section):
-    type: Annotated[str, choice("redis", what="state type"), REQUIRED] = Field(default=
-        "redis", description='"redis" (the only kind of shared state)')
-    url: Annotated[str, plain(redis_url), REQUIRED] = Field(default=
-        "", description="redis://HOST:PORT/DB, rediss://... (TLS) or unix:///path/to/socket")
-    key_prefix: Str = Field(default="ccm:",
-        description="prepended to every key, so that several teams can share one server")
+    type: Annotated[str, choice("redis", what="state type"), REQUIRED] = Field(
+        default="redis", description='"redis" (the only kind of shared state)')
+    url: Annotated[str, plain(redis_url), REQUIRED] = Field(
+        default="", description="redis://HOST:PORT/DB, rediss://... (TLS) or unix:///path/to/socket")
+    key_prefix: Str = Field(
+        default="ccm:", description="prepended to every key, so that several teams can share one server")

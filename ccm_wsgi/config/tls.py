@@ -96,8 +96,8 @@ class _TLS(Section):
     """What inbound and outbound `tls` share."""
 
     enabled: Bool = Field(default=False, description="TLS is used only when true")
-    server_name: Str = Field(default="",
-        description="inbound: the only SNI name served; outbound: the name sent and verified")
+    server_name: Str = Field(
+        default="", description="inbound: the only SNI name served; outbound: the name sent and verified")
     min_version: TlsVersion = Field(default="", description="1.0, 1.1, 1.2 or 1.3")
     max_version: TlsVersion = Field(default="", description="1.0, 1.1, 1.2 or 1.3")
     cipher_suites: CipherSuites = Field(default=(), description="Go's names of the TLS 1.0-1.2 suites allowed")
@@ -127,15 +127,15 @@ class _TLS(Section):
 class InboundTLS(_TLS):
     """TLS on a ccm service's listener."""
 
-    alpn: ClientAlpn = Field(default=
-        (), description='only "http/1.1" (HTTP/2 is not served)')
+    alpn: ClientAlpn = Field(
+        default=(), description='only "http/1.1" (HTTP/2 is not served)')
     key: Pem = Field(default="", description="inline PEM private key (a string or a list of lines)")
     key_path: FilePath = Field(default="", description="a PEM private key file")
-    client_authentication: ClientAuthentication = Field(default=
-        "no", description="no, verify-if-given or require-and-verify")
+    client_authentication: ClientAuthentication = Field(
+        default="no", description="no, verify-if-given or require-and-verify")
     client_certificate: Pem = Field(default="", description="inline PEM of the CAs that sign client certificates")
-    client_certificate_path: FilePaths = Field(default=(),
-        description="PEM files of the CAs that sign client certificates")
+    client_certificate_path: FilePaths = Field(
+        default=(), description="PEM files of the CAs that sign client certificates")
     acme: Annotated[object, unsupported(
         "no ACME client; obtain a certificate elsewhere and use certificate_path and key_path")] = None
     ech: Annotated[object, unsupported(_NO_ECH)] = None
@@ -172,8 +172,8 @@ class InboundTLS(_TLS):
 class OutboundTLS(_TLS):
     """TLS to an http proxy (an `https://` proxy)."""
 
-    alpn: ProxyAlpn = Field(default=
-        (), description='only "http/1.1"')
+    alpn: ProxyAlpn = Field(
+        default=(), description='only "http/1.1"')
     insecure: Bool = Field(default=False, description="accept any certificate of the proxy")
     disable_sni: Bool = Field(default=False, description="send no server name (it is still verified)")
     utls: Annotated[object, unsupported("Python's ssl module cannot imitate another client's TLS fingerprint")] = None

@@ -27,16 +27,16 @@ class User(Section):
     name: UserName = Field(default="", description="shown in logs, usage and the status page")
     token: UserToken = Field(default="", description="the user's bearer token (at least 8 printable characters)")
     token_sha256: Sha256Hex = Field(default="", description="instead of token: its SHA-256, in hex")
-    credential: Str = Field(default="",
-        description="pooled services: the tag of the credential or balancer serving the user")
-    external_credential: Str = Field(default=
-        "", description="pooled services: the external credential this user is (never routed back to it)")
-    allow_external_usage: Bool = Field(default=False,
-        description="pooled services: may be served by external credentials")
+    credential: Str = Field(
+        default="", description="pooled services: the tag of the credential or balancer serving the user")
+    external_credential: Str = Field(
+        default="", description="pooled services: the external credential this user is (never routed back to it)")
+    allow_external_usage: Bool = Field(
+        default=False, description="pooled services: may be served by external credentials")
     limits: Limits | None = Field(default=None, description="this user's limits, replacing the service's limits")
     disabled: Bool = Field(default=False, description="refuse every request of this user")
-    expires: Expires = Field(default=
-        None, description="refuse requests from this RFC 3339 time on (with a zone)")
+    expires: Expires = Field(
+        default=None, description="refuse requests from this RFC 3339 time on (with a zone)")
 
     def relations(self, read: Reading) -> Iterator[Problem]:
         if ("token" in read.given) == ("token_sha256" in read.given):
