@@ -23,6 +23,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ccm_wsgi tests conf
+	$(VENV)/bin/mypy --strict ccm_wsgi/config ccm_wsgi/names.py
 
 bench: $(STAMP)
 	sh tests/bench/run.sh

@@ -18,6 +18,7 @@ setup(
         "pysocks>=1.7.1",
         "brotli>=1.1",
         "zstandard>=0.22",
+        "pydantic>=2.7",
     ],
     extras_require={
         "gunicorn": ["gunicorn[gevent]>=23.0"],
@@ -29,6 +30,7 @@ setup(
             "anthropic>=0.40",
             "trustme>=1.1",
             "ruff>=0.6",
+            "mypy>=1.10",
         ],
     },
     entry_points={"console_scripts": ["ccm-wsgi=ccm_wsgi.cli:main"]},

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
-LEVELS = {
-    "trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-    "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL, "panic": logging.CRITICAL,
-}
+from .names import LOG_LEVELS
+
+if TYPE_CHECKING:
+    from .config import LogConfig
+
+# sing-box's levels (as the config normalised them), most verbose first, onto Python's
+PYTHON_LEVELS = dict(zip(LOG_LEVELS, (logging.DEBUG, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR,
+                                      logging.CRITICAL, logging.CRITICAL), strict=True))
 
 
-def setup(cfg: Any) -> None:
+def setup(cfg: LogConfig) -> None:
     root = logging.getLogger("ccm_wsgi")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     root.propagate = False
     if cfg.disabled:
         root.addHandler(logging.NullHandler())
@@ -25,4 +29,4 @@ def setup(cfg: Any) -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if cfg.timestamp else "%(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
-    root.setLevel(LEVELS.get(cfg.level, logging.INFO))
+    root.setLevel(PYTHON_LEVELS[cfg.level])

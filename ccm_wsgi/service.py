@@ -8,10 +8,9 @@ import os
 import time
 from typing import Any
 
+from . import config
 from .accounting.pricing import Pricing
 from .accounting.usage import UsageStore
-from .config import Credential as CredentialConfig
-from .config import Service as ServiceConfig
 from .credentials import keychain
 from .credentials.oauth import OAuthCredential
 from .credentials.store import CredentialStore, default_path, real_home
@@ -39,35 +38,62 @@ def credential_store(path: str) -> CredentialStore:
 
 
 class Service:
-    def __init__(self, cfg: ServiceConfig, outbounds: Outbounds):
+    def __init__(self, cfg: config.Service, outbounds: Outbounds):
         self.cfg = cfg
         self.tag = cfg.tag
         self.outbounds = outbounds
         self.drain = Drain()  # requests in flight, for a graceful stop
         self.pricing = Pricing(cfg.pricing, log)
         self.auth = Authenticator(cfg.users, cfg.admin_tokens)
-        self.providers: dict[str, SingleProvider | PoolProvider] = {}
-        if cfg.credentials:
-            self.accounts = self._pool(cfg.credentials)
+        accounts = self._accounts(cfg.effective_credentials)
+        self.accounts = list(accounts.values())
+        self.providers: dict[str, PoolProvider] = {}
+        self.default_provider: SingleProvider | PoolProvider
+        if cfg.pooled:
+            self.providers = self._providers(cfg.credentials, accounts)
             self.default_provider = self.providers[cfg.credentials[0].tag]
-        else:
-            account = self._default_account(CredentialConfig(
-                tag="default", type="default", credential_path=cfg.credential_path, usages_path=cfg.usages_path,
-                detour=cfg.detour, limit_5h=100, limit_weekly=100, poll_interval=300.0,
-            ))
-            self.accounts = [account]
-            self.default_provider = SingleProvider(account)
+        else:  # one credential; its answers (429s included) pass through
+            self.default_provider = SingleProvider(self.accounts[0])
         self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain)
         self._greenlets: list[Any] = []
 
-    def _default_account(self, c: CredentialConfig) -> Account:
+    def _accounts(self, credentials: tuple[config.Credential, ...]) -> dict[str, Account]:
+        """An account per default or external credential, by tag."""
+        accounts: dict[str, Account] = {}
+        for c in credentials:
+            match c:
+                case config.DefaultCredential():
+                    accounts[c.tag] = self._default_account(c)
+                case config.ExternalCredential():
+                    accounts[c.tag] = self._external_account(c)
+                case config.BalancerCredential():
+                    pass  # a choice among the accounts, see _providers
+        return accounts
+
+    def _providers(self, credentials: tuple[config.Credential, ...],
+                   accounts: dict[str, Account]) -> dict[str, PoolProvider]:
+        """A provider per credential tag: a balancer's over its members, a one-member pool for the others."""
+        providers: dict[str, PoolProvider] = {}
+        for c in credentials:
+            match c:
+                case config.BalancerCredential():
+                    members = [accounts[t] for t in c.credentials]
+                    for member in members:
+                        member.poll_interval = min(member.poll_interval, c.poll_interval)
+                    balancer = Balancer(c.tag, members, c.strategy, c.rebalance_threshold)
+                case config.DefaultCredential() | config.ExternalCredential():
+                    balancer = Balancer(c.tag, [accounts[c.tag]], "fallback")
+            providers[c.tag] = PoolProvider(balancer)
+        return providers
+
+    def _default_account(self, c: config.DefaultCredential) -> Account:
         route = self.outbounds.route(c.detour, self.cfg.connect_timeout)
         credential = OAuthCredential(c.tag, credential_store(c.credential_path), self.cfg.token_url, route)
         cap_5h, cap_weekly = caps(c.reserve_5h, c.reserve_weekly, c.limit_5h, c.limit_weekly)
         return Account(c.tag, credential, route, self.cfg.upstream_url, self._usage(c.usages_path),
-                       cap_5h=cap_5h, cap_weekly=cap_weekly, poll_interval=c.poll_interval)
+                       cap_5h=cap_5h, cap_weekly=cap_weekly, poll_interval=self.cfg.default_poll_interval)
 
-    def _external_account(self, c: CredentialConfig) -> Account:
+    def _external_account(self, c: config.ExternalCredential) -> Account:
         route = self.outbounds.route(c.detour, self.cfg.connect_timeout)
         return Account(c.tag, ExternalCredential(c.tag, c.token), route, c.url, self._usage(c.usages_path),
                        external=True, poll_interval=c.poll_interval)
@@ -75,31 +101,12 @@ class Service:
     def _usage(self, path: str) -> UsageStore | None:
         return UsageStore(os.path.abspath(path), self.pricing, log) if path else None
 
-    def _pool(self, credentials: tuple[CredentialConfig, ...]) -> list[Account]:
-        """Accounts for default/external credentials; a provider per tag (balancers over accounts)."""
-        accounts: dict[str, Account] = {}
-        for c in credentials:
-            if c.type == "default":
-                accounts[c.tag] = self._default_account(c)
-            elif c.type == "external":
-                accounts[c.tag] = self._external_account(c)
-        for c in credentials:
-            if c.type == "balancer":
-                members = [accounts[t] for t in c.credentials]
-                for member in members:
-                    member.poll_interval = min(member.poll_interval, c.poll_interval)
-                balancer = Balancer(c.tag, members, c.strategy, c.rebalance_threshold)
-            else:
-                balancer = Balancer(c.tag, [accounts[c.tag]], "fallback")
-            self.providers[c.tag] = PoolProvider(balancer)
-        return list(accounts.values())
-
-    def provider_for(self, user: Any) -> SingleProvider | PoolProvider:
+    def provider_for(self, user: config.User | None) -> SingleProvider | PoolProvider:
         if user is not None and user.credential:
             return self.providers[user.credential]
         return self.default_provider
 
-    def status(self, user: Any) -> dict[str, float]:
+    def status(self, user: config.User | None) -> dict[str, float]:
         """The caller's view of its pool (§12): remaining headroom as utilisation, and plan weight."""
         accounts = self.provider_for(user).accounts
         exclude = user.external_credential if user is not None else ""
@@ -122,7 +129,7 @@ class Service:
         }
         return {"credentials": credentials, "pools": pools}
 
-    def usage_stores(self) -> list[Any]:
+    def usage_stores(self) -> list[UsageStore]:
         return [a.usage for a in self.accounts if a.usage is not None]
 
     def start(self) -> None:

@@ -18,12 +18,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import config as config_mod
 
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .service import Service
+
 STOP_POLL = 0.1  # seconds between looks at whether gunicorn told the worker to stop
-_built: tuple[Any, Any] | None = None
+_built: tuple[Service, Flask] | None = None
 
 
 class ConfigProblem(Exception):
@@ -51,7 +56,7 @@ def load_config() -> tuple[config_mod.Config, config_mod.Service]:
     return cfg, services[0]
 
 
-def _build() -> tuple[Any, Any]:
+def _build() -> tuple[Service, Flask]:
     from . import logs
     from .http.app import create_app
     from .service import Service

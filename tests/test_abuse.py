@@ -153,8 +153,8 @@ def test_token_lookup_is_by_digest_and_constant_time(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(auth_mod.hmac, "compare_digest", compare)
     hashed = "ak-ccm-hashed-user-token-000"
-    users = [User("alice", token=RawToken(ALICE)),
-             User("carol", token_sha256=hashlib.sha256(hashed.encode()).hexdigest())]
+    users = [User(name="alice", token=RawToken(ALICE)),
+             User(name="carol", token_sha256=hashlib.sha256(hashed.encode()).hexdigest())]
     authn = auth_mod.Authenticator(users, admin_tokens=[RawToken(BOB)])
     assert all(isinstance(k, bytes) and len(k) == 32 for k in authn._users)  # keys are digests
     assert authn.authenticate({"HTTP_AUTHORIZATION": "Bearer " + ALICE}).name == "alice"

@@ -111,11 +111,13 @@ def test_fallback_takes_first_usable_and_is_not_sticky() -> None:
     assert bal.sessions() == {}
 
 
-def test_strategy_spellings_and_unknown() -> None:
-    assert pool(acct("a"), strategy="least-used").strategy == "least_used"
-    assert pool(acct("a"), strategy="").strategy == "least_used"
-    with pytest.raises(ValueError):
-        pool(acct("a"), strategy="best")
+def test_strategy_names_are_the_config_ones() -> None:
+    """The config spells strategies out (least-used -> least_used, see tests/test_config.py); the balancer takes
+    only those."""
+    assert pool(acct("a"), strategy="round_robin").strategy == "round_robin"
+    for unknown in ("best", "least-used", ""):
+        with pytest.raises(ValueError):
+            pool(acct("a"), strategy=unknown)
 
 
 def test_scope_filters_external() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,9 @@ from hypothesis import strategies as st
 
 from ccm_wsgi import config
 from ccm_wsgi.config import ConfigError, parse, parse_duration
+from ccm_wsgi.config import tls as config_tls
+from ccm_wsgi.config.jsonc import object_pairs
+from ccm_wsgi.names import OPENSSL_CIPHERS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -139,16 +143,42 @@ def test_singbox_docs_example_loads_unchanged() -> None:
     assert svc.tls is None and svc.detour == "" and svc.credentials == ()
 
 
-@pytest.mark.parametrize("path", sorted(CONF.glob("*.json")), ids=lambda p: p.name)
-def test_example_configs_are_valid(path: Path, tmp_path: Path, tls_files: tuple[str, str]) -> None:
+PLACEHOLDER_TOKEN = re.compile(r'"(ak-ccm-change-me-[a-z]+)"')
+
+
+def example(path: Path, directory: Path, tls_files: tuple[str, str], *, tokens: bool) -> Path:
+    """An example config as an operator would use it; `tokens`: with its placeholder tokens replaced."""
     text = path.read_text()
     # tls.json points at /etc/ccm-wsgi/tls/; certificates must exist at load time, so use temporary ones
     text = text.replace("/etc/ccm-wsgi/tls/fullchain.pem", tls_files[0])
     text = text.replace("/etc/ccm-wsgi/tls/privkey.pem", tls_files[1])
-    copy_path = tmp_path / path.name
+    if tokens:  # what `ccm-wsgi token` prints, one per placeholder
+        text = PLACEHOLDER_TOKEN.sub(lambda m: '"ak-ccm-' + hashlib.sha256(m.group(1).encode()).hexdigest() + '"', text)
+    copy_path = directory / path.name
     copy_path.write_text(text)
-    cfg = config.load(str(copy_path))
+    return copy_path
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("*.json")), ids=lambda p: p.name)
+def test_example_configs_are_valid(path: Path, tmp_path: Path, tls_files: tuple[str, str]) -> None:
+    cfg = config.load(str(example(path, tmp_path, tls_files, tokens=True)))
     assert cfg.services
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("*.json")), ids=lambda p: p.name)
+def test_example_placeholders_are_refused(path: Path, tmp_path: Path, tls_files: tuple[str, str]) -> None:
+    """An example used as shipped fails `check` at each placeholder token, and only there."""
+    copy_path = example(path, tmp_path, tls_files, tokens=False)
+    placeholders = len(PLACEHOLDER_TOKEN.findall(copy_path.read_text()))
+    if not placeholders:
+        assert config.load(str(copy_path)).services
+        return
+    with pytest.raises(ConfigError) as info:
+        config.load(str(copy_path))
+    assert len(info.value.problems) == placeholders
+    for line in info.value.problems:
+        assert re.match(r"services\[0\]\.(users\[\d+\]\.token|admin_tokens\[\d+\]): ", line), line
+        assert "generate a token with `ccm-wsgi token`" in line and "change-me" not in line
 
 
 def test_expected_example_configs_exist() -> None:
@@ -198,7 +228,8 @@ def test_full_singbox_config_with_other_sections() -> None:
     assert (socks.version, socks.username, socks.connect_timeout) == ("4", "u", 5.0)
     corp = cfg.outbounds["corp"]
     assert corp.headers == {"X-A": ("1",), "X-B": ("2", "3")}
-    assert corp.tls == config.OutboundTLS(enabled=True, server_name="proxy", insecure=True, alpn=("http/1.1",))
+    assert corp.tls == config.OutboundTLS(enabled=True, server_name="proxy", insecure=True, alpn=("http/1.1",),
+                                          curve_preferences=("X25519",))
     a, b = cfg.services
     assert (a.tag, a.listen, a.detour, a.tcp_keep_alive, a.reuse_addr, a.tls) == ("a", "::1", "corp", 60.0, True, None)
     assert a.headers == {"anthropic-beta": ("x",)}
@@ -238,7 +269,7 @@ def test_pricing_defaults_cache_prices_from_input() -> None:
         {"model": "^claude-y", "input": 1, "output": 5, "cache_read": 0, "cache_write_5m": 1, "cache_write_1h": 3},
     ])).services
     x, y = svc.pricing
-    assert (x.pattern, x.input, x.output, x.cache_read, x.cache_write_5m, x.cache_write_1h) == (
+    assert (x.model, x.input, x.output, x.cache_read, x.cache_write_5m, x.cache_write_1h) == (
         "^claude-x(-|$)", 3.0, 15.0, 0.3, 3.75, 6.0)
     assert x.premium is not None
     assert (x.premium.input, x.premium.cache_read, x.premium.cache_write_5m, x.premium.cache_write_1h) == (
@@ -257,7 +288,7 @@ def test_inbound_tls(tls_files: tuple[str, str]) -> None:
     assert svc.tls == config.InboundTLS(
         enabled=True, server_name="ccm.example.com", alpn=("http/1.1",), min_version="1.2", max_version="1.3",
         cipher_suites=("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",), certificate=PEM.rstrip("\n"), key_path=key,
-        client_authentication="require-and-verify", client_certificate_path=(cert,),
+        client_authentication="require-and-verify", client_certificate_path=(cert,), curve_preferences=("X25519",),
     )
 
 
@@ -273,7 +304,7 @@ def test_disabled_tls_does_not_need_files() -> None:
     ({"type": "balancer", "strategy": "round_robin"}, ("balancer", "round_robin")),
     ({"type": "balancer", "strategy": "random"}, ("balancer", "random")),
     ({"type": "balancer", "strategy": "fallback"}, ("balancer", "fallback")),
-    ({"type": "fallback"}, ("balancer", "fallback")),
+    ({"type": "fallback"}, ("fallback", "fallback")),
 ])
 def test_balancer_types_and_strategy_spellings(fields: dict[str, Any], expected: tuple[str, str]) -> None:
     (svc,) = parse(service(credentials=[
@@ -377,7 +408,7 @@ INVALID: list[tuple[str, Any, str]] = [
     ("wildcard listener", {"services": [{"type": "ccm", "tag": "a", "listen": "::"},
                                         {"type": "ccm", "tag": "b", "listen": "127.0.0.1"}]},
      "services[1].listen_port: 127.0.0.1 port 8080 clashes with the listener of services[0]"),
-    ("duplicate JSON key", {"services": [config._object_pairs([("type", "ccm"), ("tag", "a"), ("tag", "b")])]},
+    ("duplicate JSON key", {"services": [object_pairs([("type", "ccm"), ("tag", "a"), ("tag", "b")])]},
      "services[0].tag: duplicate key"),
     # headers
     ("header authorization", service(headers={"Authorization": "x"}),
@@ -583,10 +614,10 @@ def test_invalid_config(data: Any, expected: str) -> None:
     assert any(line.startswith(expected) for line in found), found
 
 
-def test_problems_are_all_collected() -> None:
+def test_problems_are_all_collected_in_file_order() -> None:
     found = problems(service(listen="x", listen_port=-1, users=[{"name": ""}], tls={"acme": {"domain": "x"}}))
     assert [line.split(":")[0] for line in found] == [
-        "services[0].users[0].name", "services[0].users[0]", "services[0].listen", "services[0].listen_port",
+        "services[0].listen", "services[0].listen_port", "services[0].users[0]", "services[0].users[0].name",
         "services[0].tls.acme",
     ]
 
@@ -630,8 +661,8 @@ def test_cipher_suites_are_go_names_that_openssl_has(monkeypatch: pytest.MonkeyP
     suites = ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "TLS_AES_128_GCM_SHA256"]
     (svc,) = parse(service(tls={"cipher_suites": suites, "enabled": True, "certificate": PEM, "key": KEY})).services
     assert svc.tls is not None and svc.tls.cipher_suites == tuple(suites)
-    assert [config.OPENSSL_CIPHERS[s] for s in suites] == ["ECDHE-RSA-AES128-GCM-SHA256", ""]
-    monkeypatch.setattr(config, "_openssl_has", lambda cipher: False)
+    assert [OPENSSL_CIPHERS[s] for s in suites] == ["ECDHE-RSA-AES128-GCM-SHA256", ""]
+    monkeypatch.setattr(config_tls, "openssl_has", lambda cipher: False)
     assert problems(service(tls={"cipher_suites": suites[0]})) == [
         'services[0].tls.cipher_suites: cipher suite "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" is not available in '
         "this Python's OpenSSL"]

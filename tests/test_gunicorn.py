@@ -270,7 +270,7 @@ def test_settings_follow_the_service(tmp_path, monkeypatch):
     assert settings["max_requests"] == 0 and callable(settings["worker_exit"])
     monkeypatch.setenv("CCM_SERVICE", "a")
     settings = runpy.run_path(str(GUNICORN_CONF))
-    assert settings["bind"] == ["127.0.0.1:18080"] and settings["graceful_timeout"] == 30
+    assert settings["bind"] == ["127.0.0.1:18080"] and settings["graceful_timeout"] == 30 + 5
     monkeypatch.delenv("CCM_SERVICE")
     with pytest.raises(SystemExit):  # two services and no CCM_SERVICE
         runpy.run_path(str(GUNICORN_CONF))

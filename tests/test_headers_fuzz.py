@@ -138,8 +138,8 @@ HASHED = "ak-ccm-carol-hashed-0123456789"
 FIXED_401 = {b'{"type":"error","error":{"type":"authentication_error","message":"invalid ccm user token"}}',
              b'{"type":"error","error":{"type":"authentication_error","message":'
              b'"missing ccm user token (set ANTHROPIC_AUTH_TOKEN)"}}'}
-AUTH = Authenticator([User("alice", token=ALICE), User("bob", token=BOB),
-                      User("carol", token_sha256=hashlib.sha256(HASHED.encode()).hexdigest())])
+AUTH = Authenticator([User(name="alice", token=ALICE), User(name="bob", token=BOB),
+                      User(name="carol", token_sha256=hashlib.sha256(HASHED.encode()).hexdigest())])
 
 
 @SETTINGS

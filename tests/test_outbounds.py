@@ -25,7 +25,8 @@ import urllib3
 from proxies import Proxy, free_port, start_http_proxy, start_https_proxy, start_socks4, start_socks5
 from urllib3.exceptions import HTTPError
 
-from ccm_wsgi.config import Outbound, OutboundTLS, openssl_cipher_list
+from ccm_wsgi.config import DialOutbound, DirectOutbound, HttpOutbound, OutboundTLS, SocksOutbound
+from ccm_wsgi.names import openssl_cipher_list
 from ccm_wsgi.upstream.outbounds import Outbounds, ProxyRefused
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +41,10 @@ def TLS(enabled: bool = True, **kw: Any) -> OutboundTLS:
     return OutboundTLS(enabled=enabled, **kw)
 
 
-def Out(type: str, tag: str, server: str = "127.0.0.1", **kw: Any) -> Outbound:
-    return Outbound(type=type, tag=tag, server=server, **kw)
+def Out(type: str, tag: str, server: str = "127.0.0.1", **kw: Any) -> DialOutbound:
+    if type == "direct":
+        return DirectOutbound(tag=tag, **kw)
+    return {"socks": SocksOutbound, "http": HttpOutbound}[type](tag=tag, server=server, **kw)
 
 
 def outbounds(*items: Out, **kwargs: Any) -> Outbounds:
@@ -171,7 +174,7 @@ def failure(out: Outbounds, tag: str, url: str) -> str:
 # -- direct -----------------------------------------------------------------------------------------
 
 def test_direct_pool_is_shared_and_unknown_tags_raise(upstream: Upstream) -> None:
-    out = outbounds(Out("direct", "plain"), Out("direct", "slow", connect_timeout=3.0))
+    out = outbounds(Out("direct", "plain"), Out("direct", "slow", connect_timeout="3s"))
     assert out.pool("") is out.pool("plain")
     assert out.pool("slow") is not out.pool("")
     assert [out.route(tag, 9.0).connect_timeout for tag in ("slow", "plain", "")] == [3.0, 9.0, 9.0]
@@ -229,7 +232,7 @@ def test_silent_proxy_times_out_within_connect_timeout(upstream: Upstream) -> No
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
         port = listener.getsockname()[1]
-        out = outbounds(Out("socks", "mute", server_port=port, connect_timeout=0.3))
+        out = outbounds(Out("socks", "mute", server_port=port, connect_timeout="300ms"))
         with pytest.raises(HTTPError) as info:
             out.pool("mute").request("GET", upstream.url(), retries=False)
         assert out.describe_error("mute", info.value).endswith("connection timed out")
@@ -307,7 +310,7 @@ def test_https_proxy_refusals(https_proxy: Proxy, upstream: Upstream, tls_upstre
         Out("http", "no-sni", password=PASSWORD, tls=TLS(server_name="proxy.test", disable_sni=True,
                                                          certificate=good.certificate), **base),
         Out("http", "insecure", password=PASSWORD, tls=TLS(insecure=True), **base),
-        Out("socks", "other", password=PASSWORD),
+        Out("socks", "other", server_port=1, password=PASSWORD),
         ca_certs=ca_file,
     )
     label = f'outbound "bad-pass" (https 127.0.0.1:{https_proxy.port}): '
@@ -334,7 +337,7 @@ def test_tls_options_and_cipher_names() -> None:
 
 
 def test_clear_keeps_pools_usable(upstream: Upstream) -> None:
-    out = outbounds(Out("direct", "d", connect_timeout=2.0))
+    out = outbounds(Out("direct", "d", connect_timeout="2s"))
     assert get(out, "d", upstream.url("/1")).status == 200
     out.clear()
     assert get(out, "d", upstream.url("/2")).status == 200
@@ -351,18 +354,13 @@ import socks  # noqa: F401  (the "early" case imports PySocks before patching)
 if sys.argv[1] == "early":
     monkey.patch_all()
 import gevent, urllib3
+from ccm_wsgi.config import parse
 from ccm_wsgi.upstream.outbounds import Outbounds
-from dataclasses import dataclass, field
-
-@dataclass(frozen=True)
-class Out:
-    type: str; tag: str; server: str; server_port: int; username: str; password: str
-    version: str = "5"; path: str = ""; tls: object = None; connect_timeout: object = None
-    headers: dict = field(default_factory=dict)
 
 cfg = json.loads(sys.argv[2])
 try:
-    out = Outbounds({o["tag"]: Out(**o) for o in cfg["outbounds"]}, ca_certs=cfg["ca"])
+    out = Outbounds(parse({"outbounds": cfg["outbounds"], "services": [{"type": "ccm"}]}).outbounds,
+                    ca_certs=cfg["ca"])
 except RuntimeError as exc:
     print("RuntimeError:", exc); sys.exit(0)
 def fetch(tag, url):

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from ccm_wsgi.accounting.pricing import Pricing, round_cents, sum_cents
-from ccm_wsgi.config import Price
+from ccm_wsgi.config import Price, Rates
 
 M = 1_000_000
 
@@ -94,10 +94,12 @@ def test_new_opus_uses_the_newest_opus_premium() -> None:
 
 
 def test_config_override_beats_table_and_prices_new_models(caplog: pytest.LogCaptureFixture) -> None:
-    premium = Price("", 20, 80, 2, 25, 40)
+    premium = Rates(input=20, output=80, cache_read=2, cache_write_5m=25, cache_write_1h=40)
     overrides = (
-        Price(r"^claude-sonnet-4-5(-|$)", 4, 16, 0.4, 5, 8),
-        Price(r"^claude-opus-5-5", 6, 30, 0.6, 7.5, 12, premium),
+        Price(model=r"^claude-sonnet-4-5(-|$)", input=4, output=16, cache_read=0.4, cache_write_5m=5,
+              cache_write_1h=8),
+        Price(model=r"^claude-opus-5-5", input=6, output=30, cache_read=0.6, cache_write_5m=7.5, cache_write_1h=12,
+              premium=premium),
     )
     p = Pricing(overrides)
     with caplog.at_level(logging.WARNING):
@@ -111,7 +113,8 @@ def test_config_override_beats_table_and_prices_new_models(caplog: pytest.LogCap
 
 def test_invalid_override_pattern_is_matched_literally(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR):
-        p = Pricing((Price("claude-(x", 9, 9, 9, 9, 9),))
+        p = Pricing((Price.model_construct(model="claude-(x", input=9, output=9, cache_read=9, cache_write_5m=9,
+                                           cache_write_1h=9, premium=None),))  # the config would refuse it
     assert "claude-(x" in caplog.text
     assert usd(p, "claude-(x-1", in_=M) == 9
 

@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ..config import Price
+from ..config import Price
+from ..config import Rates as PriceRates
 
 LONG_CONTEXT = 1_000_000
 _MILLION = Decimal(1_000_000)
@@ -65,8 +65,8 @@ def _dec(value: Any) -> Decimal:
     return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
 
 
-def _rates(source: Any) -> Rates:
-    """Rates from a pricing.json mapping or from anything with the config `Price` attributes."""
+def _rates(source: dict[str, Any] | PriceRates) -> Rates:
+    """Rates from a pricing.json mapping or from the config's prices."""
     get = source.get if isinstance(source, dict) else functools.partial(getattr, source)
     return Rates(*(_dec(get(key)) for key in _RATE_KEYS))
 
@@ -84,13 +84,13 @@ def _table() -> _Table:
 
 
 def _override_row(price: Price, log: logging.Logger) -> Row:
-    pattern = price.pattern
+    pattern = price.model
     try:
         regex = re.compile(pattern)
     except re.error as exc:
         log.error("pricing pattern %r is not a valid regular expression (%s); matching it literally", pattern, exc)
         regex = re.compile(re.escape(pattern))
-    premium = getattr(price, "premium", None)
+    premium = price.premium
     return Row(f"config pattern {pattern!r}", regex, _rates(price), _rates(premium) if premium else None)
 
 

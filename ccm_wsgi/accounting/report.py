@@ -86,23 +86,21 @@ def _file_target(path: str) -> Target:
 
 
 def _config_targets(config_path: str) -> list[Target]:
-    from ..config import ConfigError, load
+    from ..config import BalancerCredential, ConfigError, load
 
     try:
         config = load(config_path)
     except ConfigError as exc:
-        raise ReportError("\n".join(getattr(exc, "problems", None) or [str(exc)])) from None
+        raise ReportError("\n".join(exc.problems)) from None
     targets: list[Target] = []
     seen: set[str] = set()
     for service in config.services:
-        if getattr(service, "type", "ccm") != "ccm":
-            continue
-        pricing = Pricing(tuple(getattr(service, "pricing", ()) or ()), log)
-        tag = getattr(service, "tag", "") or "ccm"
-        places = [(f"service {tag}", getattr(service, "usages_path", ""))]
-        for credential in getattr(service, "credentials", None) or ():
-            label = f"service {tag}, credential {getattr(credential, 'tag', '?')}"
-            places.append((label, getattr(credential, "usages_path", "")))
+        pricing = Pricing(service.pricing, log)
+        if service.pooled:
+            places = [(f"service {service.tag}, credential {c.tag}", c.usages_path)
+                      for c in service.credentials if not isinstance(c, BalancerCredential)]
+        else:
+            places = [(f"service {service.tag}", service.usages_path)]
         for label, path in places:
             if path and path not in seen:
                 seen.add(path)

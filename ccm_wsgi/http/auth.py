@@ -7,19 +7,15 @@ token is never logged or echoed; failures are logged with the client address onl
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 from collections.abc import Iterable
 from typing import Any
 
+from ..config import User, token_digest
 from ..errors import ProxyError
 
 log = logging.getLogger("ccm_wsgi.auth")
-
-
-def digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 def presented_token(environ: dict[str, Any]) -> str | None:
@@ -39,17 +35,17 @@ def presented_token(environ: dict[str, Any]) -> str | None:
 class Authenticator:
     """Maps token digests to user names. With no users configured everyone is let in as ""."""
 
-    def __init__(self, users: Iterable[Any], admin_tokens: Iterable[str] = ()):
-        self._users: dict[bytes, Any] = {}
+    def __init__(self, users: Iterable[User], admin_tokens: Iterable[str] = ()):
+        self._users: dict[bytes, User] = {}
         self._stored: dict[int, bytes] = {}  # id(user) -> its token's digest, computed once (not per request)
         for user in users:
-            key = bytes.fromhex(user.token_sha256) if user.token_sha256 else digest(user.token)
+            key = user.digest
             self._users[key] = user
             self._stored[id(user)] = key
-        self._admins = [digest(t) for t in admin_tokens]
+        self._admins = [token_digest(t) for t in admin_tokens]
         self.open = not self._users
 
-    def authenticate(self, environ: dict[str, Any]) -> Any | None:
+    def authenticate(self, environ: dict[str, Any]) -> User | None:
         """The user object, None when the service is open; raises a 401 ProxyError otherwise."""
         if self.open:
             return None
@@ -57,13 +53,13 @@ class Authenticator:
         if token is None:
             self._reject(environ, "no token")
             raise ProxyError(401, "authentication_error", "missing ccm user token (set ANTHROPIC_AUTH_TOKEN)")
-        user = self._lookup(digest(token)) if token else None
+        user = self._lookup(token_digest(token)) if token else None
         if user is None:
             self._reject(environ, "unknown or malformed token")
             raise ProxyError(401, "authentication_error", "invalid ccm user token")
         return user
 
-    def _lookup(self, key: bytes) -> Any | None:
+    def _lookup(self, key: bytes) -> User | None:
         user = self._users.get(key)
         if user is None:
             return None
@@ -73,7 +69,7 @@ class Authenticator:
         token = presented_token(environ)
         if not token or not self._admins:
             return False
-        key = digest(token)
+        key = token_digest(token)
         return any(hmac.compare_digest(key, admin) for admin in self._admins)
 
     @staticmethod

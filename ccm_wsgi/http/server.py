@@ -303,7 +303,7 @@ def build(cfg: config_mod.Config) -> list[tuple[Service, Server]]:
         kwargs: dict[str, Any] = {}
         if service_cfg.tls is not None:
             ctx = tls.server_context(service_cfg.tls)
-            tls.watch(ctx, service_cfg.tls)
+            ctx.watch()
             kwargs["ssl_context"] = ctx
         server = Server(
             (service_cfg.listen, service_cfg.listen_port), create_app(service), backlog=BACKLOG,

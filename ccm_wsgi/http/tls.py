@@ -24,24 +24,22 @@ import logging
 import os
 import ssl
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from ..config import openssl_cipher_list
+from ..names import CLIENT_AUTHENTICATION, TLS_VERSIONS, openssl_cipher_list
+
+if TYPE_CHECKING:
+    from ..config import InboundTLS
 
 log = logging.getLogger("ccm_wsgi.tls")
 
-VERSIONS = {
-    "1.0": ssl.TLSVersion.TLSv1, "1.1": ssl.TLSVersion.TLSv1_1,
-    "1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3,
-}
-CLIENT_AUTH = {"no": ssl.CERT_NONE, "verify-if-given": ssl.CERT_OPTIONAL, "require-and-verify": ssl.CERT_REQUIRED}
 ALPN = ["http/1.1"]
 POLL_SECONDS = 2.0
 
 
-def _load_chain(ctx: ssl.SSLContext, cfg: Any) -> None:
+def _load_chain(ctx: ssl.SSLContext, cfg: InboundTLS) -> None:
     if cfg.certificate_path and cfg.key_path:
         ctx.load_cert_chain(cfg.certificate_path, cfg.key_path)
         return
@@ -60,18 +58,18 @@ def _write(directory: str, name: str, text: str) -> str:
     return path
 
 
-def build_context(cfg: Any) -> ssl.SSLContext:
+def build_context(cfg: InboundTLS) -> ssl.SSLContext:
     """A new server `SSLContext` from the `tls` config; raises OSError or ssl.SSLError."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     if cfg.min_version:
-        ctx.minimum_version = VERSIONS[cfg.min_version]
+        ctx.minimum_version = ssl.TLSVersion[TLS_VERSIONS[cfg.min_version]]
     if cfg.max_version:
-        ctx.maximum_version = VERSIONS[cfg.max_version]
+        ctx.maximum_version = ssl.TLSVersion[TLS_VERSIONS[cfg.max_version]]
     ciphers = openssl_cipher_list(cfg.cipher_suites)
     if ciphers:  # TLS 1.3 suites cannot be chosen this way (OpenSSL always enables them)
         ctx.set_ciphers(ciphers)
     ctx.set_alpn_protocols(ALPN)
-    ctx.verify_mode = CLIENT_AUTH.get(cfg.client_authentication or "no", ssl.CERT_NONE)
+    ctx.verify_mode = ssl.VerifyMode[CLIENT_AUTHENTICATION[cfg.client_authentication]]
     if cfg.client_certificate:
         ctx.load_verify_locations(cadata=cfg.client_certificate)
     for path in cfg.client_certificate_path:
@@ -94,7 +92,7 @@ def _sni_checker(server_name: str) -> Any:
 class ServerContext:
     """Wraps accepted sockets with the newest context that loaded; `reload()` builds the next one."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: InboundTLS):
         self.cfg = cfg
         self.current = build_context(cfg)
         self.paths = [p for p in (cfg.certificate_path, cfg.key_path, *cfg.client_certificate_path) if p]
@@ -138,13 +136,8 @@ class ServerContext:
         return self.watcher
 
 
-def server_context(cfg: Any) -> ServerContext:
+def server_context(cfg: InboundTLS) -> ServerContext:
     return ServerContext(cfg)
-
-
-def watch(ctx: ServerContext, cfg: Any = None) -> gevent.Greenlet | None:
-    """Reload `ctx` whenever its certificate files change (see `ServerContext.watch`)."""
-    return ctx.watch()
 
 
 def _stamp(paths: list[str]) -> tuple[Any, ...]:

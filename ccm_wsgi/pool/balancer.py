@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from ..errors import ProxyError
+from ..names import STRATEGIES
 from .quota import Quota, format_duration
 from .sessions import MAX_PER_USER, MAX_SESSIONS, SESSION_TTL, Key, SessionPins
 
-STRATEGIES = ("least_used", "round_robin", "random", "fallback")
 WEEK_HOURS = 168.0
 
 
@@ -76,8 +76,7 @@ class Balancer:
         max_sessions: int = MAX_SESSIONS,
         max_per_user: int = MAX_PER_USER,
     ):
-        strategy = (strategy or "least_used").strip().lower().replace("-", "_")
-        if strategy not in STRATEGIES:
+        if strategy not in STRATEGIES:  # the config spells them out (least-used -> least_used)
             raise ValueError(f"unknown balancer strategy: {strategy}")
         self.tag = tag
         self.members = list(members)

@@ -45,14 +45,11 @@ import urllib3
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
 from urllib3.exceptions import ProxyError as UrllibProxyError
 
-from ..config import openssl_cipher_list
+from ..config import DialOutbound, DirectOutbound, HttpOutbound, OutboundTLS, SocksOutbound
+from ..names import TLS_VERSIONS, openssl_cipher_list
 
 log = logging.getLogger("ccm_wsgi.outbounds")
 
-TLS_VERSIONS = {
-    "1.0": ssl.TLSVersion.TLSv1, "1.1": ssl.TLSVersion.TLSv1_1,
-    "1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3,
-}
 SOCKS_SCHEMES = {"4": "socks4", "4a": "socks4a", "5": "socks5h"}
 _TUNNEL_STATUS = re.compile(r"Tunnel connection failed: (\d{3}) ?(.*)")
 
@@ -108,7 +105,7 @@ def _sni_context_class(base: type[ssl.SSLContext]) -> type[ssl.SSLContext]:
     return SNIContext
 
 
-def _proxy_context(tls: Any, server: str) -> tuple[ssl.SSLContext, str | None]:
+def _proxy_context(tls: OutboundTLS, server: str) -> tuple[ssl.SSLContext, str | None]:
     """The SSLContext for TLS to an http proxy, and the name urllib3 must check itself (or None)."""
     sni: str | None = tls.server_name or None
     assert_hostname = None
@@ -126,9 +123,9 @@ def _proxy_context(tls: Any, server: str) -> tuple[ssl.SSLContext, str | None]:
     else:
         ctx.load_default_certs()
     if tls.min_version:
-        ctx.minimum_version = TLS_VERSIONS[tls.min_version]
+        ctx.minimum_version = ssl.TLSVersion[TLS_VERSIONS[tls.min_version]]
     if tls.max_version:
-        ctx.maximum_version = TLS_VERSIONS[tls.max_version]
+        ctx.maximum_version = ssl.TLSVersion[TLS_VERSIONS[tls.max_version]]
     ciphers = openssl_cipher_list(tls.cipher_suites)
     if ciphers:
         ctx.set_ciphers(ciphers)
@@ -156,7 +153,7 @@ class Outbounds:
 
     def __init__(
         self,
-        outbounds: Mapping[str, Any],
+        outbounds: Mapping[str, DialOutbound],
         *,
         maxsize: int = 1024,
         connect_timeout: float = 10.0,
@@ -170,7 +167,7 @@ class Outbounds:
         self._direct = self._manager(urllib3.PoolManager, connect_timeout)
         self._pools: dict[str, urllib3.PoolManager] = {"": self._direct}
         for tag, outbound in self.outbounds.items():
-            self._pools[tag] = self._build(outbound)
+            self._pools[tag] = self._build(tag, outbound)
 
     def pool(self, tag: str) -> urllib3.PoolManager:
         """The manager for a detour tag; "" and `direct` outbounds mean no proxy."""
@@ -182,7 +179,7 @@ class Outbounds:
     def route(self, tag: str, connect_timeout: float) -> Route:
         """The route of a detour tag; the outbound's own `connect_timeout` wins over `connect_timeout`."""
         outbound = self.outbounds.get(tag)
-        own = getattr(outbound, "connect_timeout", None) if outbound is not None else None
+        own = outbound.connect_timeout if outbound is not None else None
         return Route(tag, self.pool(tag), own or connect_timeout, lambda exc: self.describe_error(tag, exc))
 
     def clear(self) -> None:
@@ -197,12 +194,13 @@ class Outbounds:
             return "direct connection"
         if outbound is None:
             return f'outbound "{tag}" (not configured)'
-        if outbound.type == "direct":
-            return f'outbound "{tag}" (direct)'
-        if outbound.type == "socks":
-            kind = "socks" + outbound.version
-        else:
-            kind = "https" if outbound.tls is not None and outbound.tls.enabled else "http"
+        match outbound:
+            case DirectOutbound():
+                return f'outbound "{tag}" (direct)'
+            case SocksOutbound():
+                kind = "socks" + outbound.version
+            case HttpOutbound():
+                kind = "https" if outbound.tls is not None else "http"
         return f'outbound "{tag}" ({kind} {_hostport(outbound.server, outbound.server_port)})'
 
     def describe_error(self, tag: str, exc: BaseException) -> str:
@@ -220,32 +218,30 @@ class Outbounds:
             timeout=urllib3.Timeout(connect=connect_timeout, read=None), ssl_context=self.ssl_context, **kwargs,
         )
 
-    def _build(self, outbound: Any) -> urllib3.PoolManager:
+    def _build(self, tag: str, outbound: DialOutbound) -> urllib3.PoolManager:
         timeout = outbound.connect_timeout or self._connect_timeout
-        if outbound.type == "direct":
-            if outbound.connect_timeout is None:
-                return self._direct
-            return self._manager(urllib3.PoolManager, timeout)
-        address = _hostport(outbound.server, outbound.server_port)
-        if outbound.type == "socks":
-            scheme = SOCKS_SCHEMES[outbound.version]
-            return self._manager(
-                _socks_module().SOCKSProxyManager, timeout, f"{scheme}://{address}",
-                username=outbound.username or None, password=outbound.password or None,
-            )
-        if outbound.type == "http":
-            return self._http(outbound, address, timeout)
-        raise ValueError(f'outbound "{outbound.tag}": type "{outbound.type}" cannot carry ccm traffic')
+        match outbound:
+            case DirectOutbound():
+                if outbound.connect_timeout is None:
+                    return self._direct
+                return self._manager(urllib3.PoolManager, timeout)
+            case SocksOutbound():
+                address = _hostport(outbound.server, outbound.server_port)
+                return self._manager(
+                    _socks_module().SOCKSProxyManager, timeout, f"{SOCKS_SCHEMES[outbound.version]}://{address}",
+                    username=outbound.username or None, password=outbound.password or None,
+                )
+            case HttpOutbound():
+                return self._http(tag, outbound, _hostport(outbound.server, outbound.server_port), timeout)
 
-    def _http(self, outbound: Any, address: str, timeout: float) -> urllib3.ProxyManager:
+    def _http(self, tag: str, outbound: HttpOutbound, address: str, timeout: float) -> urllib3.ProxyManager:
         headers = {name: ", ".join(values) for name, values in outbound.headers.items()}
         if outbound.username:
             headers = {k: v for k, v in headers.items() if k.lower() != "proxy-authorization"}
             headers.update(urllib3.make_headers(proxy_basic_auth=f"{outbound.username}:{outbound.password}"))
         if outbound.path:
-            log.warning('outbound "%s": path %r is not supported by ccm-wsgi and is ignored',
-                        outbound.tag, outbound.path)
-        tls = outbound.tls if outbound.tls is not None and outbound.tls.enabled else None
+            log.warning('outbound "%s": path %r is not supported by ccm-wsgi and is ignored', tag, outbound.path)
+        tls = outbound.tls
         kwargs: dict[str, Any] = {}
         if tls is not None:
             kwargs["proxy_ssl_context"], kwargs["proxy_assert_hostname"] = _proxy_context(tls, outbound.server)
@@ -254,14 +250,13 @@ class Outbounds:
                              proxy_headers=headers, **kwargs)
 
 
-def _secrets(outbounds: Iterable[Any]) -> list[str]:
+def _secrets(outbounds: Iterable[DialOutbound]) -> list[str]:
     """Strings that must never appear in an error message: passwords and Basic tokens."""
     found: set[str] = set()
     for outbound in outbounds:
-        password = getattr(outbound, "password", "")
-        if password:
-            found.add(password)
-            found.add(base64.b64encode(f"{outbound.username}:{password}".encode()).decode())
+        if not isinstance(outbound, DirectOutbound) and outbound.password:
+            found.add(outbound.password)
+            found.add(base64.b64encode(f"{outbound.username}:{outbound.password}".encode()).decode())
     return sorted(found, key=len, reverse=True)
 
 

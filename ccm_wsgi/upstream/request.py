@@ -28,12 +28,9 @@ from urllib3.exceptions import (
 
 from ..anthropic import OAUTH_BETA
 from ..errors import ProxyError
+from ..names import HOP_BY_HOP
 from .outbounds import Route
 
-HOP_BY_HOP = frozenset((
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-))
 # Never forwarded: framing the HTTP client recomputes, and the client's credentials for ccm-wsgi.
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "authorization", "x-api-key", "api-key"}
 # An obs-folded header line (RFC 9112 section 5.2) reaches the environ with its line break: one space instead.

@@ -1,0 +1,142 @@
+"""What each user spent, and how much of the subscription's windows their requests consumed.
+
+The ledger is derived from the usage records alone, in the order of the usage journal, so it is as durable
+and as exact as they are, and every process that reads the same journal (gunicorn workers, a restarted
+`ccm-wsgi`) arrives at the same figures. It is saved with the usage file at every fold.
+
+* Spend: USD per user per UTC day (priced as the usage file prices it), kept for the last five weeks, the
+  longest budget period plus a margin.
+* Window share: the subscription reports its 5-hour and weekly utilisation (0-100 points) on every
+  response. Each record carries what its response reported. The rule: the points by which the
+  utilisation rose are shared among the users whose requests completed since it last rose, in proportion
+  to what those requests cost. So the points attributed to all users add up exactly to the rise that
+  proxied traffic revealed: never more than the window's utilisation, and with only proxied traffic equal
+  to it (the utilisation before the first request the proxy saw in a window is not attributed to
+  anyone). A new window (a later reset instant) starts from zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .periods import day_name, day_number, day_of, oldest_day_kept
+
+WINDOWS = ("five_hour", "weekly")
+RESET_JITTER = 60.0  # resets from different sources differ by seconds; a new window moves by hours
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One window as a response reported it: utilisation (points), its reset (epoch seconds), and the
+    utilisation the proxy knew for the same window before the request was sent."""
+
+    utilization: float
+    reset: float
+    before: float = 0.0
+
+
+@dataclass(slots=True)
+class Window:
+    reset: float = 0.0
+    seen: float = 0.0  # utilisation accounted for so far
+    points: dict[str, float] = field(default_factory=dict)
+    pending: dict[str, float] = field(default_factory=dict)  # cost since the utilisation last rose
+
+    def observe(self, user: str, weight: float, reading: Reading) -> None:
+        if reading.reset > self.reset + RESET_JITTER:
+            self.reset, self.seen = reading.reset, reading.before
+            self.points.clear()
+            self.pending.clear()
+        elif reading.reset < self.reset - RESET_JITTER:
+            return  # a reading from a window already over
+        self.pending[user] = self.pending.get(user, 0.0) + weight
+        if reading.utilization <= self.seen:
+            return
+        rise = reading.utilization - self.seen
+        total = sum(self.pending.values())
+        for name, part in self.pending.items():
+            share = rise * part / total if total > 0 else (rise if name == user else 0.0)
+            self.points[name] = self.points.get(name, 0.0) + share
+        self.pending.clear()
+        self.seen = reading.utilization
+
+    def used(self, user: str, now: float) -> float:
+        return 0.0 if 0 < self.reset <= now else self.points.get(user, 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reset": self.reset, "seen": self.seen, "points": self.points, "pending": self.pending}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Window:
+        if not isinstance(raw, dict):
+            return cls()
+        return cls(_number(raw.get("reset")), _number(raw.get("seen")), _numbers(raw.get("points")),
+                   _numbers(raw.get("pending")))
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.spend: dict[str, dict[int, float]] = {}  # user -> UTC day number -> USD
+        self.windows = {name: Window() for name in WINDOWS}
+
+    def apply(self, user: str, when: float, cost: float, readings: dict[str, Reading]) -> None:
+        """Add one usage record (its user, time, cost and what its response reported)."""
+        if not user:
+            return
+        days = self.spend.setdefault(user, {})
+        day = day_of(when)
+        days[day] = days.get(day, 0.0) + cost
+        for name, reading in readings.items():
+            self.windows[name].observe(user, cost, reading)
+
+    def spent(self, user: str, first_day: int) -> float:
+        """USD spent by `user` from the start of day `first_day` on."""
+        return sum(usd for day, usd in self.spend.get(user, {}).items() if day >= first_day)
+
+    def used(self, user: str, window: str, now: float) -> float:
+        """Points of the current `window` attributed to `user`."""
+        return self.windows[window].used(user, now)
+
+    def reset(self, window: str) -> float:
+        return self.windows[window].reset
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        oldest = oldest_day_kept(now)
+        spend = {user: {day_name(day): usd for day, usd in sorted(days.items()) if day >= oldest}
+                 for user, days in sorted(self.spend.items())}
+        return {"spend": {user: days for user, days in spend.items() if days},
+                "windows": {name: window.to_json() for name, window in self.windows.items()}}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Ledger:
+        ledger = cls()
+        if not isinstance(raw, dict):
+            return ledger
+        spend = raw.get("spend")
+        if isinstance(spend, dict):
+            for user, days in spend.items():
+                if isinstance(days, dict):
+                    ledger.spend[user] = {day_number(day): _number(usd) for day, usd in days.items()
+                                          if _is_day(day)}
+        windows = raw.get("windows")
+        if isinstance(windows, dict):
+            for name in WINDOWS:
+                ledger.windows[name] = Window.from_json(windows.get(name))
+        return ledger
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _numbers(raw: Any) -> dict[str, float]:
+    return {str(k): _number(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def _is_day(text: Any) -> bool:
+    try:
+        day_number(text)
+    except (TypeError, ValueError):
+        return False
+    return True
