@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,11 +11,9 @@ import anthropic
 import pytest
 import urllib3
 
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.support.constants import MODEL
+from tests.support.fake_upstream import FakeUpstream
 
-from fake_upstream import FakeUpstream
-
-MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
 STREAM_BODY = json.dumps({"model": MODEL, "max_tokens": 16, "stream": True, "messages": HELLO}).encode()
 JSON_BODY = json.dumps({"model": MODEL, "max_tokens": 16, "messages": HELLO}).encode()

@@ -26,38 +26,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import procs
 import pytest
 import trustme
-import urllib3
-from conftest import ACCESS, ALICE, BOB, REFRESH
-from fake_upstream import FakeUpstream
-from procs import Proxy, request, service_config, wait_for, write_credentials
 
-MODEL = "claude-sonnet-4-6"
-USERS = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
+from tests.support import procs
+from tests.support.clients import messages_body, post_messages
+from tests.support.constants import ACCESS, ALICE, BOB, REFRESH, USERS
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.procs import Proxy, request, service_config, wait_for, write_credentials
+
 TOKEN_PATH = "/v1/oauth/token"
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def body(stream: bool = False) -> bytes:
-    return json.dumps({"model": MODEL, "max_tokens": 16, "stream": stream,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-def post(proxy: Proxy, stream: bool = False, token: str = ALICE, **knobs: Any) -> tuple[int, dict[str, str], bytes]:
-    """POST /v1/messages with x-fake-* knobs; the body as far as it came (a cut body is not an exception here)."""
-    headers = {"Authorization": "Bearer " + token, "content-type": "application/json"}
-    headers.update({"x-fake-" + k.replace("_", "-"): str(v) for k, v in knobs.items()})
-    r = request("POST", proxy.url + "/v1/messages", body=body(stream), headers=headers, preload_content=False)
-    data = b""
-    with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
-        for chunk in r.stream(65536, decode_content=False):
-            data += chunk
-    r.release_conn()
-    return r.status, dict(r.headers), data
 
 
 def error_type(data: bytes) -> str:
@@ -85,10 +66,6 @@ def stops_at_once(proxy: Proxy) -> None:
     proxy.signal(signal.SIGTERM)
     assert proxy.wait(15) == 0, proxy.log()
     assert time.monotonic() - start < 5, "a request was still counted as in flight"
-
-
-def access_lines(proxy: Proxy) -> list[str]:
-    return [line for line in proxy.log().splitlines() if "ccm_wsgi.access:" in line]
 
 
 @contextlib.contextmanager
@@ -170,46 +147,46 @@ def faulty(fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy], t
 
 def cheap_faults(proxy: Proxy) -> None:
     """Every fault that costs no timeout, with its documented answer."""
-    status, _, data = post(proxy, drop_after=0)  # reset before the status line
+    status, _, data = post_messages(proxy, drop_after=0)  # reset before the status line
     assert status == 502 and error_type(data) == "api_error" and b"upstream unreachable" in data
-    status, _, data = post(proxy, drop_after=1)  # reset in the middle of a small JSON body
+    status, _, data = post_messages(proxy, drop_after=1)  # reset in the middle of a small JSON body
     assert status == 502 and b"lost while reading the response" in data
     start = time.monotonic()
-    status, headers, data = post(proxy, drop_after=1, bytes=2_000_000)  # ... of a relayed one: cut at once
+    status, headers, data = post_messages(proxy, drop_after=1, bytes=2_000_000)  # ... of a relayed one: cut at once
     assert status == 200 and len(data) < int(headers["content-length"])
     assert time.monotonic() - start < 5, "the client was left waiting for the rest of a body that will not come"
     for drop in (0, 2):  # reset mid-stream
-        status, _, data = post(proxy, stream=True, drop_after=drop)
+        status, _, data = post_messages(proxy, stream=True, drop_after=drop)
         assert status == 200 and data.count(b"event: content_block_delta") == drop
         assert last_event(data) == (b'event: error\ndata: {"type":"error","error":{"type":"api_error",'
                                     b'"message":"the upstream connection was lost mid-stream"}}')
-    status, _, data = post(proxy, stream=True, error_after=1)  # the upstream's own error event
+    status, _, data = post_messages(proxy, stream=True, error_after=1)  # the upstream's own error event
     assert status == 200 and b'"overloaded_error"' in last_event(data)
     for code, kind in ((529, "overloaded_error"), (503, "api_error"), (500, "api_error")):
-        status, headers, data = post(proxy, status=code, retry_after=7)
+        status, headers, data = post_messages(proxy, status=code, retry_after=7)
         assert status == code and error_type(data) == kind
         assert headers.get("retry-after") == ("7" if code != 500 else None)
-    status, headers, data = post(proxy, invalid_json=1)  # passed on untouched, not counted
+    status, headers, data = post_messages(proxy, invalid_json=1)  # passed on untouched, not counted
     assert status == 200 and data == b'{"id":"msg_broken","type":"message","content":[{"type":"text","text":"Hel'
-    status, _, data = post(proxy, stream=True)
+    status, _, data = post_messages(proxy, stream=True)
     assert status == 200 and data.endswith(b'"message_stop"}\n\n')
 
 
 def test_upstream_faults_get_documented_answers_and_leak_nothing(faulty: Proxy, fake: FakeUpstream,
                                                                  tmp_path: Path) -> None:
-    assert post(faulty)[0] == 200
+    assert post_messages(faulty).status == 200
     base_fds, base_conns = fd_count(faulty), fake.stats()["open_connections"]
     cheap_faults(faulty)
     # stalls: before the headers (504), in a stream (SSE error), in a relayed JSON body (cut)
-    status, _, data = post(faulty, stall_before_headers=1)
+    status, _, data = post_messages(faulty, stall_before_headers=1)
     assert status == 504 and error_type(data) == "api_error" and b"did not answer in time" in data
-    status, _, data = post(faulty, stream=True, stall_after=1)
+    status, _, data = post_messages(faulty, stream=True, stall_after=1)
     assert status == 200 and last_event(data).startswith(b"event: error") and b"sent nothing for 1s" in data
     start = time.monotonic()
-    status, headers, data = post(faulty, stall_after=1, bytes=2_000_000)
+    status, headers, data = post_messages(faulty, stall_after=1, bytes=2_000_000)
     assert status == 200 and len(data) < int(headers["content-length"]) and time.monotonic() - start < 6
     # a 10 MB answer arrives whole and is counted
-    status, headers, data = post(faulty, bytes=10_000_000, input_tokens=1234, output_tokens=567)
+    status, headers, data = post_messages(faulty, bytes=10_000_000, input_tokens=1234, output_tokens=567)
     assert status == 200 and len(data) == int(headers["content-length"]) >= 10_000_000
     assert data.endswith(b'"output_tokens":567,"service_tier":"standard"}}')
     for _ in range(4):  # more rounds: a leak per fault would show as growth
@@ -217,8 +194,8 @@ def test_upstream_faults_get_documented_answers_and_leak_nothing(faulty: Proxy, 
     wait_for(lambda: fake.stats()["active_streams"] == 0, 10, what="no stream left open upstream")
     wait_for(lambda: fake.stats()["open_connections"] <= base_conns + 2, 10, what="upstream connections released")
     wait_for(lambda: fd_count(faulty) <= base_fds + 2, 10, what="proxy descriptors back to the baseline")
-    assert post(faulty, token=BOB)[0] == 200
-    lines = access_lines(faulty)
+    assert post_messages(faulty, token=BOB).status == 200
+    lines = faulty.access_lines()
     assert any("partial(upstream dropped)" in line for line in lines)
     assert any("partial(idle timeout)" in line for line in lines)
     assert any(" 10000" in line and " in=1234 out=567 " in line for line in lines), "the 10 MB answer was not counted"
@@ -273,7 +250,7 @@ def test_unreachable_and_untrusted_upstreams_are_502(tmp_path: Path, creds: Path
         base = fd_count(proxy)
         for _ in range(5):
             for tag, (_, says) in cases.items():
-                r = request("POST", f"http://127.0.0.1:{proxy.ports[tag]}/v1/messages", body=body(),
+                r = request("POST", f"http://127.0.0.1:{proxy.ports[tag]}/v1/messages", body=messages_body(),
                             headers={"Authorization": "Bearer " + ALICE})
                 message = json.loads(r.data)["error"]["message"]
                 assert r.status == 502 and says.lower() in message.lower(), (tag, message)
@@ -300,26 +277,26 @@ def test_refresh_whose_answer_is_lost_is_not_sent_again(expiring: tuple[Proxy, P
     before = path.read_bytes()
     for fault in ({"reset": True}, {"down": True}):  # the endpoint got the request, its answer never came
         fake.configure(token_endpoint={**fault, "times": 5})
-        status, _, data = post(proxy)
+        status, _, data = post_messages(proxy)
         assert status == 502 and "token endpoint is unreachable" in json.loads(data)["error"]["message"]
         assert len(token_posts(fake)) == 1, "a refresh token that may be spent was sent again"
-        assert post(proxy)[0] == 502 and len(token_posts(fake)) == 1  # backing off
+        assert post_messages(proxy).status == 502 and len(token_posts(fake)) == 1  # backing off
         assert path.read_bytes() == before
         fake.reset()
         write_credentials(path, ACCESS, REFRESH, expires_in=30)  # a changed file ends the back-off
         before = path.read_bytes()
     fake.configure(token_endpoint=None)
-    assert post(proxy)[0] == 200 and len(token_posts(fake)) == 1 and fake.stats()["refreshes"] == 1
+    assert post_messages(proxy).status == 200 and len(token_posts(fake)) == 1 and fake.stats()["refreshes"] == 1
 
 
 def test_token_endpoint_500_and_unreachable_back_off(expiring: tuple[Proxy, Path], fake: FakeUpstream,
                                                      tmp_path: Path, start_proxy: Callable[..., Proxy]) -> None:
     proxy, path = expiring
     fake.configure(token_endpoint={"status": 500, "times": 1})
-    status, _, data = post(proxy)
+    status, _, data = post_messages(proxy)
     assert status == 502 and "token endpoint failed (HTTP 500 server_error)" in json.loads(data)["error"]["message"]
     for _ in range(5):  # no refresh storm: the next ones wait for the back-off (or a changed file)
-        assert post(proxy)[0] == 502
+        assert post_messages(proxy).status == 502
     assert len(token_posts(fake)) == 1
     assert "refresh failed" in proxy.log() and json.loads(path.read_text())["claudeAiOauth"]["accessToken"] == ACCESS
     # a token endpoint nobody listens on: a connection that never opened is retried, then a clear 502
@@ -329,16 +306,16 @@ def test_token_endpoint_500_and_unreachable_back_off(expiring: tuple[Proxy, Path
     other = write_credentials(tmp_path / "other" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
     cfg = service_config(fake.url, other, users=USERS, token_url=f"http://127.0.0.1:{dead}/v1/oauth/token")
     down = start_proxy({"services": [cfg]}, name="down")
-    status, _, data = post(down)
+    status, _, data = post_messages(down)
     assert status == 502 and "token endpoint is unreachable" in json.loads(data)["error"]["message"]
-    assert post(down, token=BOB)[0] == 502 and request("GET", down.url + "/healthz").status == 200
+    assert post_messages(down, token=BOB).status == 502 and request("GET", down.url + "/healthz").status == 200
 
 
 def test_slow_token_endpoint_refreshes_once_for_everyone(expiring: tuple[Proxy, Path], fake: FakeUpstream) -> None:
     proxy, path = expiring
     fake.configure(token_endpoint={"delay_ms": 1500, "times": 1})
     results: list[int] = []
-    threads = [threading.Thread(target=lambda t=t: results.append(post(proxy, token=t)[0]))
+    threads = [threading.Thread(target=lambda t=t: results.append(post_messages(proxy, token=t).status))
                for t in (ALICE, BOB) * 3]
     for t in threads:
         t.start()
@@ -354,7 +331,7 @@ def test_invalid_grant_is_not_retried(expiring: tuple[Proxy, Path], fake: FakeUp
     proxy, path = expiring
     fake.revoke(refresh_token=REFRESH)  # spent elsewhere
     for _ in range(4):
-        status, _, data = post(proxy)
+        status, _, data = post_messages(proxy)
         assert status == 503 and "must be renewed" in json.loads(data)["error"]["message"]
     assert fake.stats()["invalid_grant"] == 1 and len(token_posts(fake)) == 1
     assert json.loads(path.read_text())["claudeAiOauth"]["refreshToken"] == REFRESH
@@ -363,7 +340,7 @@ def test_invalid_grant_is_not_retried(expiring: tuple[Proxy, Path], fake: FakeUp
 def test_broken_credential_files_are_clear_503s_until_fixed(fake: FakeUpstream, creds: Path,
                                                             start_proxy: Callable[..., Proxy]) -> None:
     proxy = start_proxy({"services": [service_config(fake.url, creds, users=USERS)]})
-    assert post(proxy)[0] == 200
+    assert post_messages(proxy).status == 200
     good = creds.read_text()
     cases: list[tuple[Callable[[], None], str]] = [
         (lambda: creds.write_text(""), "file is empty"),
@@ -377,13 +354,13 @@ def test_broken_credential_files_are_clear_503s_until_fixed(fake: FakeUpstream, 
     ]
     for breaks, says in cases:
         breaks()
-        status, _, data = post(proxy)
+        status, _, data = post_messages(proxy)
         message = json.loads(data)["error"]["message"]
         assert status == 503 and says in message and str(creds) in message, message
         assert request("GET", proxy.url + "/healthz").status == 200
     creds.unlink()
     creds.write_text(good)
-    assert post(proxy)[0] == 200 and creds.read_text() == good  # picked up again, never rewritten
+    assert post_messages(proxy).status == 200 and creds.read_text() == good  # picked up again, never rewritten
     assert "Traceback" not in proxy.log()
 
 
@@ -391,14 +368,14 @@ def test_read_only_credentials_directory_is_never_refreshed(expiring: tuple[Prox
     proxy, path = expiring
     before = path.read_bytes()
     with read_only(path.parent):
-        status, _, data = post(proxy)
+        status, _, data = post_messages(proxy)
         message = json.loads(data)["error"]["message"]
         assert status == 503 and "is not writable" in message and "refuses to refresh" in message
         assert token_posts(fake) == [] and path.read_bytes() == before
         # a fresh login written by its owner (before the directory went read-only) is used as it is
     write_credentials(path, ACCESS, REFRESH, expires_in=3600)
     with read_only(path.parent):
-        assert post(proxy)[0] == 200 and token_posts(fake) == []
+        assert post_messages(proxy).status == 200 and token_posts(fake) == []
 
 
 def claude_refreshes(fake: FakeUpstream, path: Path, refresh: str) -> tuple[str, str, bytes]:
@@ -426,13 +403,14 @@ def test_local_claude_rotates_the_token_while_requests_are_in_flight(
         fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy]) -> None:
     proxy = start_proxy({"services": [service_config(fake.url, creds, users=USERS)]})
     streamed: list[bytes] = []
-    in_flight = threading.Thread(target=lambda: streamed.append(post(proxy, stream=True, wait_release="rot")[2]))
+    in_flight = threading.Thread(
+        target=lambda: streamed.append(post_messages(proxy, stream=True, wait_release="rot").data))
     in_flight.start()
     wait_for(lambda: fake.sent_info("rot")["waiting"], 10, what="a stream in flight")
     access, _, written = claude_refreshes(fake, creds, REFRESH)
     fake.revoke(access_token=ACCESS)  # the old token stops working at once
     for token in (ALICE, BOB, ALICE):
-        assert post(proxy, token=token)[0] == 200
+        assert post_messages(proxy, token=token).status == 200
     fake.release("rot")
     in_flight.join(20)
     assert streamed and streamed[0].endswith(b'"message_stop"}\n\n')
@@ -446,10 +424,10 @@ def test_local_claude_rotates_the_token_while_requests_are_in_flight(
         f.truncate(0)
         f.write(written[: len(written) // 2])
         f.flush()
-        status, _, data = post(proxy)
+        status, _, data = post_messages(proxy)
         assert status == 503 and "invalid JSON" in json.loads(data)["error"]["message"]
         f.write(written[len(written) // 2:])
-    assert post(proxy)[0] == 200 and creds.read_bytes() == written
+    assert post_messages(proxy).status == 200 and creds.read_bytes() == written
     assert len(token_posts(fake)) == 1 and "Traceback" not in proxy.log()
 
 
@@ -458,7 +436,7 @@ def test_refresh_racing_a_local_claude_never_spends_a_token_twice(expiring: tupl
     proxy, path = expiring
     fake.configure(token_endpoint={"delay_ms": 1000, "times": 1})  # the proxy's refresh is slow...
     result: list[int] = []
-    racer = threading.Thread(target=lambda: result.append(post(proxy)[0]))
+    racer = threading.Thread(target=lambda: result.append(post_messages(proxy).status))
     racer.start()
     wait_for(lambda: len(token_posts(fake)) == 1, 10, what="the proxy's refresh to reach the endpoint")
     access, refresh, written = claude_refreshes(fake, path, REFRESH)  # ...and claude is faster
@@ -470,7 +448,7 @@ def test_refresh_racing_a_local_claude_never_spends_a_token_twice(expiring: tupl
     assert sent == [REFRESH, REFRESH] and fake.stats()["invalid_grant"] == 1
     assert path.read_bytes() == written  # claude's file, not overwritten
     for _ in range(3):
-        assert post(proxy)[0] == 200
+        assert post_messages(proxy).status == 200
     assert len(token_posts(fake)) == 2 and refresh not in [json.loads(p["body"])["refresh_token"]
                                                            for p in token_posts(fake)]
 
@@ -486,7 +464,7 @@ def serve_counting(fake: FakeUpstream, creds: Path, start_proxy: Callable[..., P
 
 def requests_for(proxy: Proxy, n: int) -> None:
     for i in range(n):
-        status, _, data = post(proxy, stream=i % 2 == 1, token=(ALICE, BOB)[i % 2])
+        status, _, data = post_messages(proxy, stream=i % 2 == 1, token=(ALICE, BOB)[i % 2])
         assert status == 200, data
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import runpy
 import signal
 import socket
 import ssl
@@ -26,12 +24,19 @@ from typing import Any
 import anthropic
 import pytest
 import trustme
-from conftest import ACCESS, ALICE, BOB, REFRESH
-from procs import GUNICORN_CONF, HTTP, ROOT, Gunicorn, request, service_config, wait_for, write_credentials
 
-MODEL = "claude-sonnet-4-6"
-USERS = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
-ACCESS_FORMAT = "%(p)s %(m)s %(U)s %(s)s"
+from tests.support.clients import ask, client
+from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH, USERS
+from tests.support.procs import (
+    GUNICORN_CONF,
+    HTTP,
+    ROOT,
+    Gunicorn,
+    request,
+    service_config,
+    wait_for,
+    write_credentials,
+)
 
 
 @pytest.fixture
@@ -39,8 +44,7 @@ def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
     started: list[Gunicorn] = []
 
     def start(config: dict[str, Any], workers: int = 2, env: dict[str, str] | None = None) -> Gunicorn:
-        extra = ("--access-logfile", str(tmp_path / "access.log"), "--access-logformat", ACCESS_FORMAT)
-        server = Gunicorn(tmp_path, config, workers=workers, env=env, extra=extra).start()
+        server = Gunicorn(tmp_path, config, workers=workers, env=env).start()
         started.append(server)
         return server
 
@@ -50,15 +54,6 @@ def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
             for pid in server.worker_pids():
                 os.kill(pid, signal.SIGCONT)
         server.stop()
-
-
-def served_by(tmp_path: Path) -> list[int]:
-    """The worker pid of every request so far (gunicorn's access log)."""
-    try:
-        text = (tmp_path / "access.log").read_text()
-    except FileNotFoundError:
-        return []
-    return [int(m.group(1)) for m in re.finditer(r"^<(\d+)> ", text, re.M)]
 
 
 @contextlib.contextmanager
@@ -74,23 +69,16 @@ def only(server: Gunicorn, pid: int) -> Iterator[None]:
             os.kill(other, signal.SIGCONT)
 
 
-def client(server: Gunicorn, token: str = ALICE) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, auth_token=token, max_retries=0)
-
-
 def message(server: Gunicorn, token: str = ALICE) -> tuple[int, int]:
     """One non-streaming message on a new connection; its (input, output) tokens."""
-    with client(server, token) as c:
-        usage = c.messages.create(model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}]).usage
+    usage = ask(server, token).usage
     return usage.input_tokens, usage.output_tokens
 
 
 def stream(server: Gunicorn, token: str = ALICE) -> tuple[int, int]:
-    with client(server, token) as c, c.messages.stream(
-            model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}]) as s:
-        assert "".join(s.text_stream)
-        usage = s.get_final_message().usage
-    return usage.input_tokens, usage.output_tokens
+    final = ask(server, token, stream=True)
+    assert final.content[0].text
+    return final.usage.input_tokens, final.usage.output_tokens
 
 
 def burst(calls: list[Callable[[], Any]]) -> list[Any]:
@@ -144,7 +132,7 @@ def test_streams_and_exact_usage_across_workers_saved_on_sigterm(tmp_path, fake,
         with only(server, pid):
             expected["alice"].append(message(server))
             expected["bob"].append(stream(server, BOB))
-    assert sorted(set(served_by(tmp_path))) == workers
+    assert sorted(set(server.request_pids())) == workers
     # then a burst spread over both
     calls = [lambda i=i: (message if i % 2 else stream)(server, (ALICE, BOB)[i % 3 == 0]) for i in range(16)]
     for i, usage in enumerate(burst(calls)):
@@ -202,7 +190,7 @@ def test_periodic_save_runs_in_every_worker(tmp_path, fake, creds, start_gunicor
                 sent += 1
                 # only this worker has unsaved records: the file catches up only through its own saver
                 wait_for(lambda n=sent: file_requests(usages) == n, 5, 0.05, what=f"worker {pid} to save usage")
-            assert served_by(tmp_path)[-1] == pid
+            assert server.request_pids()[-1] == pid
     assert file_requests(usages) == 4
 
 
@@ -215,7 +203,7 @@ def test_one_refresh_across_workers(tmp_path, fake, start_gunicorn):
     for pid in sorted(server.worker_pids()):
         with only(server, pid):
             message(server)
-    assert set(served_by(tmp_path)) == server.worker_pids()
+    assert set(server.request_pids()) == server.worker_pids()
     stats = fake.stats()
     assert stats["refreshes"] == 1 and stats["invalid_grant"] == 0, stats
     oauth = json.loads(path.read_text())["claudeAiOauth"]
@@ -251,26 +239,3 @@ def test_bad_config_stops_gunicorn_with_the_check_lines(tmp_path):
                          timeout=30)
     assert out.returncode != 0
     assert any(line.startswith("services[0].detour: ") for line in out.stderr.splitlines()), out.stderr
-
-
-def test_settings_follow_the_service(tmp_path, monkeypatch):
-    config = {"services": [
-        service_config("http://127.0.0.1:1", tmp_path / "c.json", tag="a", listen_port=18080),
-        service_config("http://127.0.0.1:1", tmp_path / "c.json", tag="b", listen="::1", listen_port=18081,
-                       shutdown_grace="10m"),
-    ]}
-    path = tmp_path / "two.json"
-    path.write_text(json.dumps(config))
-    monkeypatch.setenv("CCM_CONFIG", str(path))
-    monkeypatch.delenv("CCM_BIND", raising=False)
-    monkeypatch.setenv("CCM_SERVICE", "b")
-    settings = runpy.run_path(str(GUNICORN_CONF))
-    assert settings["bind"] == ["[::1]:18081"] and settings["graceful_timeout"] == 600
-    assert settings["worker_class"] == "gevent" and settings["preload_app"] is False
-    assert settings["max_requests"] == 0 and callable(settings["worker_exit"])
-    monkeypatch.setenv("CCM_SERVICE", "a")
-    settings = runpy.run_path(str(GUNICORN_CONF))
-    assert settings["bind"] == ["127.0.0.1:18080"] and settings["graceful_timeout"] == 30
-    monkeypatch.delenv("CCM_SERVICE")
-    with pytest.raises(SystemExit):  # two services and no CCM_SERVICE
-        runpy.run_path(str(GUNICORN_CONF))

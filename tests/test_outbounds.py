@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 import trustme
 import urllib3
-from proxies import Proxy, free_port, start_http_proxy, start_https_proxy, start_socks4, start_socks5
 from urllib3.exceptions import HTTPError
 
 from ccm_wsgi.config import Outbound, OutboundTLS, openssl_cipher_list
 from ccm_wsgi.upstream.outbounds import Outbounds, ProxyRefused
+from tests.support.proxies import Proxy, free_port, start_http_proxy, start_https_proxy, start_socks4, start_socks5
 
 ROOT = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "ccm-user", "s3cret-pass-word"

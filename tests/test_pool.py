@@ -8,10 +8,11 @@ from pathlib import Path
 
 import anthropic
 import pytest
-from conftest import ALICE, BOB
-from procs import request, wait_for, write_credentials
 
-MODEL = "claude-sonnet-4-6"
+from tests.support.clients import post_messages
+from tests.support.constants import ALICE, BOB, MODEL
+from tests.support.procs import request, wait_for, write_credentials
+
 ADMIN = "ak-ccm-admin-0123456789abcdef"
 
 
@@ -52,14 +53,13 @@ def polled(proxy, n: int):
 
 
 def ask(proxy, token=ALICE, session: str | None = None, extra: dict | None = None):
-    headers = {"Authorization": "Bearer " + token, "content-type": "application/json", **(extra or {})}
-    if session:
-        headers["x-claude-code-session-id"] = session
-    body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
-    return request("POST", proxy.url + "/v1/messages", body=json.dumps(body).encode(), headers=headers)
+    """One raw message, in Claude Code's session `session` (header x-claude-code-session-id)."""
+    headers = {"x-claude-code-session-id": session} if session else {}
+    return post_messages(proxy, token, headers={**headers, **(extra or {})})
 
 
-def served_by(r) -> str:
+def account_of(r) -> str:
+    """The pooled account (the fake's account id) that served a 200."""
     assert r.status == 200, (r.status, r.data)
     return r.headers["x-fake-account"]
 
@@ -70,37 +70,37 @@ def test_least_used_prefers_headroom(tmp_path, fake, start_proxy):
     fake.set_state("b", seven_day_utilization=0.1)
     proxy = start_proxy(pool_service(fake, paths))
     polled(proxy, 2)
-    assert {served_by(ask(proxy)) for _ in range(4)} == {"b"}
+    assert {account_of(ask(proxy)) for _ in range(4)} == {"b"}
 
 
 def test_round_robin_alternates_and_fallback_sticks_to_first(tmp_path, fake, start_proxy):
     paths = accounts(fake, tmp_path, "a", "b")
     rr = start_proxy(pool_service(fake, paths, "round-robin"), name="rr")
     polled(rr, 2)
-    order = [served_by(ask(rr)) for _ in range(4)]
+    order = [account_of(ask(rr)) for _ in range(4)]
     assert order in (["a", "b", "a", "b"], ["b", "a", "b", "a"])
     fb = start_proxy(pool_service(fake, paths, "fallback"), name="fb")
     polled(fb, 2)
-    assert [served_by(ask(fb)) for _ in range(3)] == ["a", "a", "a"]
+    assert [account_of(ask(fb)) for _ in range(3)] == ["a", "a", "a"]
 
 
 def test_random_uses_both(tmp_path, fake, start_proxy):
     paths = accounts(fake, tmp_path, "a", "b")
     proxy = start_proxy(pool_service(fake, paths, "random"))
     polled(proxy, 2)
-    assert {served_by(ask(proxy)) for _ in range(30)} == {"a", "b"}
+    assert {account_of(ask(proxy)) for _ in range(30)} == {"a", "b"}
 
 
 def test_session_sticks_and_transient_error_does_not_move_it(tmp_path, fake, start_proxy):
     paths = accounts(fake, tmp_path, "a", "b")
     proxy = start_proxy(pool_service(fake, paths, "round_robin"))
     polled(proxy, 2)
-    first = served_by(ask(proxy, session="s-1"))
-    assert all(served_by(ask(proxy, session="s-1")) == first for _ in range(4))
+    first = account_of(ask(proxy, session="s-1"))
+    assert all(account_of(ask(proxy, session="s-1")) == first for _ in range(4))
     # a 500 (not a quota 429) passes through unchanged and does not move the session
     r = ask(proxy, session="s-1", extra={"x-fake-status": "500"})
     assert r.status == 500 and json.loads(r.data)["error"]["type"] == "api_error"
-    assert served_by(ask(proxy, session="s-1")) == first
+    assert account_of(ask(proxy, session="s-1")) == first
     # the session in metadata.user_id (JSON-string form of current Claude Code) sticks too
     body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
             "metadata": {"user_id": json.dumps({"device_id": "d", "session_id": "s-2"})}}
@@ -108,7 +108,7 @@ def test_session_sticks_and_transient_error_does_not_move_it(tmp_path, fake, sta
     for _ in range(4):
         r = request("POST", proxy.url + "/v1/messages", body=json.dumps(body).encode(),
                     headers={"Authorization": "Bearer " + ALICE, "content-type": "application/json"})
-        seen.add(served_by(r))
+        seen.add(account_of(r))
     assert len(seen) == 1
 
 
@@ -116,7 +116,7 @@ def test_quota_429_is_invisible_and_moves_the_session(tmp_path, fake, start_prox
     paths = accounts(fake, tmp_path, "a", "b")
     proxy = start_proxy(pool_service(fake, paths, "fallback"))
     polled(proxy, 2)
-    assert served_by(ask(proxy, session="conv")) == "a"
+    assert account_of(ask(proxy, session="conv")) == "a"
     fake.set_state("a", quota_429=True, status="rejected")
     c = anthropic.Anthropic(base_url=proxy.url, auth_token=ALICE, max_retries=0,
                             default_headers={"x-claude-code-session-id": "conv"})
@@ -124,7 +124,7 @@ def test_quota_429_is_invisible_and_moves_the_session(tmp_path, fake, start_prox
     assert message.content[0].text
     with c.messages.stream(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as s:
         assert "".join(s.text_stream)
-    assert served_by(ask(proxy, session="conv")) == "b"
+    assert account_of(ask(proxy, session="conv")) == "b"
     assert "after a quota 429 from a" in proxy.log()
 
 
@@ -155,7 +155,7 @@ def test_limit_and_reserve_caps(tmp_path, fake, start_proxy):
     creds[1]["reserve_5h"] = 1  # same quota, cap 99 %: now b serves
     proxy2 = start_proxy(cfg, name="p2")
     polled(proxy2, 2)
-    assert served_by(ask(proxy2)) == "b"
+    assert account_of(ask(proxy2)) == "b"
 
 
 def test_poll_failures_within_grace_keep_the_credential(tmp_path, fake, start_proxy):
@@ -163,9 +163,9 @@ def test_poll_failures_within_grace_keep_the_credential(tmp_path, fake, start_pr
     fake.set_state("a", usage_api={"status": 500})
     proxy = start_proxy(pool_service(fake, paths))
     wait_for(lambda: admin_status(proxy)["credentials"][0]["poll_failures"] >= 1, 15, what="a failed poll")
-    assert served_by(ask(proxy)) == "a"
+    assert account_of(ask(proxy)) == "a"
     fake.set_state("a", usage_api={"status": 429, "retry_after": 60})
-    assert served_by(ask(proxy)) == "a"
+    assert account_of(ask(proxy)) == "a"
 
 
 def test_malformed_ratelimit_headers_never_break_a_request(tmp_path, fake, start_proxy):
@@ -220,7 +220,7 @@ def test_credential_file_created_after_start(tmp_path, fake, start_proxy):
     fake.add_account(access_token="sk-ant-oat01-late-access-xxxx", refresh_token="sk-ant-ort01-late-rrrr",
                      account="late", expires_in=3600)
     write_credentials(late, "sk-ant-oat01-late-access-xxxx", "sk-ant-ort01-late-rrrr")
-    assert served_by(ask(proxy)) == "late"
+    assert account_of(ask(proxy)) == "late"
     late.write_text("{broken")
     assert ask(proxy).status == 429
 

@@ -12,20 +12,10 @@ import time
 
 import anthropic
 import pytest
-from conftest import ACCESS, ALICE, BOB, REFRESH
-from procs import request, service_config, wait_for, write_credentials
 
-MODEL = "claude-sonnet-4-6"
-
-
-def client(proxy, token=ALICE, api_key=False, **kw) -> anthropic.Anthropic:
-    if api_key:
-        return anthropic.Anthropic(base_url=proxy.url, api_key=token, max_retries=0, **kw)
-    return anthropic.Anthropic(base_url=proxy.url, auth_token=token, max_retries=0, **kw)
-
-
-def say_hello(c: anthropic.Anthropic, **kw):
-    return c.messages.create(model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "hello"}], **kw)
+from tests.support.clients import ask, client
+from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH
+from tests.support.procs import request, service_config, wait_for, write_credentials
 
 
 def last_request(fake, path="/v1/messages"):
@@ -48,7 +38,7 @@ def test_healthz_and_404s(proxy):
 
 
 def test_non_streaming_with_auth_token(proxy, fake):
-    message = say_hello(client(proxy))
+    message = ask(proxy)
     assert message.content[0].text
     sent = last_request(fake)
     assert header(sent, "authorization") == "Bearer " + ACCESS
@@ -79,7 +69,7 @@ def test_count_tokens(proxy):
 def test_auth_failures_are_401_and_never_echo_the_token(proxy):
     wrong = "ak-ccm-wrong-token-zzzzzzzzzz"
     with pytest.raises(anthropic.AuthenticationError) as err:
-        say_hello(client(proxy, wrong))
+        ask(proxy, wrong)
     assert err.value.status_code == 401
     assert err.value.body["error"]["type"] == "authentication_error"
     assert wrong not in json.dumps(err.value.body)
@@ -165,7 +155,7 @@ def test_client_disconnect_closes_upstream(proxy, fake):
 
 def test_upstream_status_passes_through(proxy):
     with pytest.raises(anthropic.APIStatusError) as err:
-        say_hello(client(proxy), extra_headers={"x-fake-status": "529", "x-fake-retry-after": "7"})
+        ask(proxy, headers={"x-fake-status": "529", "x-fake-retry-after": "7"})
     assert err.value.status_code == 529
     assert err.value.response.headers["retry-after"] == "7"
     assert err.value.body["error"]["type"] == "overloaded_error"
@@ -218,8 +208,8 @@ def test_refresh_when_expiring_keeps_other_keys(tmp_path, fake, start_proxy):
     path = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, REFRESH, expires_in=30,
                              mcpOAuth={"server": {"accessToken": "mcp-keep-me"}})
     proxy = start_proxy({"services": [service_config(fake.url, path)]})
-    say_hello(client(proxy))
-    say_hello(client(proxy))
+    ask(proxy)
+    ask(proxy)
     assert fake.stats()["refreshes"] == 1
     document = json.loads(path.read_text())
     assert document["mcpOAuth"] == {"server": {"accessToken": "mcp-keep-me"}}
@@ -243,7 +233,7 @@ def test_two_processes_refresh_once(tmp_path, fake, start_proxy):
 
     def hit(p):
         try:
-            say_hello(client(p))
+            ask(p)
         except Exception as exc:
             errors.append(exc)
 
@@ -259,7 +249,7 @@ def test_two_processes_refresh_once(tmp_path, fake, start_proxy):
 
 def test_upstream_401_renews_and_retries_once(proxy, fake):
     fake.revoke(ACCESS)
-    message = say_hello(client(proxy))
+    message = ask(proxy)
     assert message.content
     assert fake.stats()["refreshes"] == 1
 
@@ -286,11 +276,11 @@ def test_missing_credentials_then_created(tmp_path, fake, start_proxy):
     assert r.status == 503 and "invalid JSON" in json.loads(r.data)["error"]["message"]
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=3600)
     write_credentials(path, ACCESS, REFRESH)
-    assert say_hello(client(proxy)).content
+    assert ask(proxy).content
 
 
 def test_access_log_line(proxy):
-    say_hello(client(proxy))
+    ask(proxy)
     bob = client(proxy, BOB)
     with bob.messages.stream(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}]) as s:
         s.until_done()

@@ -14,12 +14,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import conftest
-import procs
 import pytest
-from conftest import ACCESS, ALICE, BOB, REFRESH
-from procs import request, service_config, write_credentials
-from secrets_guard import find_leaks, mask
+
+from tests.support import constants, procs
+from tests.support.constants import ACCESS, ALICE, BOB, REFRESH
+from tests.support.procs import request, service_config, write_credentials
+from tests.support.secrets_guard import find_leaks, mask
 
 ADMIN = "ak-ccm-admin-secret-0123456789"
 def session_texts(basetemp: Path) -> list[tuple[str, str]]:
@@ -30,8 +30,7 @@ def session_texts(basetemp: Path) -> list[tuple[str, str]]:
 
 
 def suite_secrets() -> set[str]:
-    constants = {v for k, v in vars(conftest).items() if k.isupper() and isinstance(v, str)}
-    return {s for s in procs.SECRETS | constants if len(s) >= procs.MIN_SECRET}
+    return {s for s in procs.SECRETS | set(constants.TOKENS) if len(s) >= procs.MIN_SECRET}
 
 
 # ----------------------------------------------------------------------------------------------- the guard

@@ -16,10 +16,10 @@ from typing import Any
 import anthropic
 import pytest
 import trustme
-from conftest import ALICE
-from procs import Proxy, service_config
 
-MODEL = "claude-sonnet-4-6"
+from tests.support.constants import ALICE, MODEL
+from tests.support.procs import Proxy, service_config
+
 NAME = "ccm.test"
 
 

@@ -22,18 +22,19 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import brotli
 import pytest
 import zstandard
-from conftest import ACCESS, ALICE, BOB
-from procs import request, service_config, wait_for
+
+from tests.support import clients
+from tests.support.clients import client, conversation
+from tests.support.constants import ACCESS, ALICE, BOB, MODEL, USERS
+from tests.support.procs import service_config, wait_for
 
 RESET = 1767225600  # anthropic-ratelimit-unified-7d-reset
 WEEK = RESET - 604_800  # 1766620800 = 2025-12-25 00:00:00 UTC
 WEEK_KEY = "2025-12-25 00:00:00 UTC+0"
 NEXT_KEY = "2026-01-01 00:00:00 UTC+0"
-USERS = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
 FIXTURE = Path(__file__).parent / "fixtures" / "singbox-usages.json"
 MSG_ID = re.compile(rb"msg_fake_[0-9a-f]{24}")
 ACCESS_RE = re.compile(
@@ -129,33 +130,19 @@ def knobs(reset: int | str | None = RESET, **kw: Any) -> dict[str, str]:
     return headers
 
 
-def client(proxy: Any, token: str = ALICE) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=proxy.url, auth_token=token, max_retries=0, timeout=30)
-
-
-def conversation(n: int) -> list[dict[str, str]]:
-    return [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(n)]
-
-
 def ask(proxy: Any, token: str, model: str, n_messages: int = 1, stream: bool = False, **kw: Any) -> Any:
-    """One SDK request; streaming ones are read to the end of the body."""
-    c = client(proxy, token)
-    args = {"model": model, "max_tokens": 64, "messages": conversation(n_messages), "extra_headers": knobs(**kw)}
-    if stream:
-        with c.messages.stream(**args) as s:
-            return s.get_final_message()
-    return c.messages.create(**args)
+    """One SDK request with knobs (and the 7d-reset header); streaming ones are read to the end of the body."""
+    return clients.ask(proxy, token, model=model, n_messages=n_messages, stream=stream, headers=knobs(**kw),
+                       max_tokens=64)
 
 
-def raw_post(url: str, token: str, model: str = "claude-sonnet-4-6", stream: bool = True, n_messages: int = 1,
-             headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, dict[str, str], bytes]:
-    """A raw urllib3 POST; the body exactly as it came (still compressed)."""
-    body = json.dumps({"model": model, "max_tokens": 64, "stream": stream, "messages": conversation(n_messages)})
-    r = request("POST", url + "/v1/messages", body=body.encode(), preload_content=False, headers={
-        "Authorization": "Bearer " + token, "content-type": "application/json", **knobs(**kw), **(headers or {})})
-    data = r.read(decode_content=False)
-    r.release_conn()
-    return r.status, dict(r.headers), data
+def raw_post(url: str, token: str, model: str = MODEL, stream: bool = True, n_messages: int = 1,
+             headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, Any, bytes]:
+    """A raw POST with knobs (and the 7d-reset header); the body exactly as it came (still compressed)."""
+    reply = clients.post_messages(url, token, model=model, stream=stream, n_messages=n_messages,
+                                  headers={**knobs(**kw), **(headers or {})})
+    assert reply.ended is None, f"the body was cut: {reply.ended!r}"
+    return tuple(reply)  # type: ignore[return-value]
 
 
 def run_cli(*args: str, tz: str = "UTC") -> subprocess.CompletedProcess[str]:
@@ -178,12 +165,12 @@ def stop(proxy: Any, path: Path) -> dict[str, Any]:
 
 
 def access_lines(proxy: Any) -> list[dict[str, Any]]:
+    """The access lines, parsed (each must parse)."""
     lines = []
-    for line in proxy.log().splitlines():
-        if "ccm_wsgi.access:" in line:
-            m = ACCESS_RE.search(line)
-            assert m, f"access line does not parse: {line!r}"
-            lines.append(m.groupdict())
+    for line in proxy.access_lines():
+        m = ACCESS_RE.search(line)
+        assert m, f"access line does not parse: {line!r}"
+        lines.append(m.groupdict())
     return lines
 
 

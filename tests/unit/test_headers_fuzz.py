@@ -12,7 +12,6 @@ import string
 from typing import Any
 
 import pytest
-from conftest import ALICE, BOB
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +19,7 @@ from ccm_wsgi.config import User
 from ccm_wsgi.errors import ProxyError
 from ccm_wsgi.http.auth import Authenticator, presented_token
 from ccm_wsgi.upstream.request import NOT_FORWARDED, OAUTH_BETA, merge_beta, request_headers
+from tests.support.constants import ALICE, BOB
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TCHAR = string.ascii_letters + string.digits + "!#$%&'*+-.^`|~"  # RFC 9110 token characters, "_" aside

@@ -15,9 +15,10 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import procs
 import pytest
-from fake_upstream import FakeUpstream
+
+from tests.support import procs
+from tests.support.fake_upstream import FakeUpstream
 
 FINAL_SCAN = "test_secrets.py::test_no_secret_in_any_log_or_error_body"
 ANCHOR = procs.MIN_SECRET
