@@ -25,7 +25,7 @@ import anthropic
 import pytest
 import trustme
 
-from tests.support.clients import ask, client
+from tests.support.clients import ask, first_delta_only, stream_events
 from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH, USERS
 from tests.support.procs import (
     GUNICORN_CONF,
@@ -138,18 +138,9 @@ def test_streams_and_exact_usage_across_workers_saved_on_sigterm(tmp_path, fake,
     for i, usage in enumerate(burst(calls)):
         expected[("alice", "bob")[i % 3 == 0]].append(usage)
     # a stream's events reach the client while the upstream still holds the rest (no buffering)
-    seen: list[str] = []
-    with client(server) as c, c.messages.stream(
-            model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}],
-            extra_headers={"x-fake-wait-release": "g1", "x-fake-events": "3"}) as s:
-        for event in s:
-            seen.append(event.type)
-            if event.type == "content_block_delta" and seen.count("content_block_delta") == 1:
-                assert fake.sent("g1") <= 3
-                fake.release("g1")
-        expected["alice"].append((s.get_final_message().usage.input_tokens,
-                                  s.get_final_message().usage.output_tokens))
-    assert seen[-1] == "message_stop"
+    seen = stream_events(server, "g1", on_first_delta=lambda: first_delta_only(fake, "g1"))
+    assert seen.count("content_block_delta") == 3 and seen[-1] == "message_stop"
+    expected["alice"].append((10, 3))  # the fake's defaults: 10 in, one out per delta
     # SIGTERM while a stream is in flight: it finishes, every worker saves, gunicorn exits 0
     HTTP.clear()  # no idle keep-alive connection of ours holds a worker
     r = request("POST", server.url + "/v1/messages", preload_content=False, body=json.dumps(

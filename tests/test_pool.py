@@ -84,6 +84,19 @@ def test_round_robin_alternates_and_fallback_sticks_to_first(tmp_path, fake, sta
     assert [account_of(ask(fb)) for _ in range(3)] == ["a", "a", "a"]
 
 
+def test_quota_poll_is_an_oauth_request(tmp_path, fake, start_proxy):
+    """The background poll of Anthropic's usage API sends the account's OAuth token and the oauth beta flag
+    (without it, Anthropic refuses the token: the fake does too)."""
+    paths = accounts(fake, tmp_path, "a")
+    proxy = start_proxy(pool_service(fake, paths))
+    polled(proxy, 1)
+    poll = fake.requests(path="/api/oauth/usage")[0]
+    headers = {k.lower(): v for k, v in poll["headers"]}
+    assert headers["authorization"] == "Bearer sk-ant-oat01-a-access-xxxxxxxx"
+    assert "oauth-2025-04-20" in [b.strip() for b in headers["anthropic-beta"].split(",")]
+    assert fake.stats()["oauth_beta_missing"] == 0 and fake.stats()["usage_api_calls"]["a"] >= 1
+
+
 def test_random_uses_both(tmp_path, fake, start_proxy):
     paths = accounts(fake, tmp_path, "a", "b")
     proxy = start_proxy(pool_service(fake, paths, "random"))
@@ -176,8 +189,14 @@ def test_malformed_ratelimit_headers_never_break_a_request(tmp_path, fake, start
                           "anthropic-ratelimit-unified-representative-claim": "weird"})
     for _ in range(3):
         assert ask(proxy, extra={"x-fake-ratelimit": garbage}).status == 200
+    # a 429 whose unified status says "allowed" is a throttle, not the quota: it passes through as it came,
+    # whatever the garbage beside it, and the account keeps serving
     r = ask(proxy, extra={"x-fake-status": "429", "x-fake-ratelimit": garbage})
-    assert r.status in (200, 429)
+    assert r.status == 429 and r.headers["anthropic-ratelimit-unified-status"] == "allowed"
+    assert r.json() == {"type": "error", "request_id": r.headers["request-id"],
+                        "error": {"type": "rate_limit_error", "message": "fake error 429 (x-fake-status)"}}
+    assert r.headers["retry-after"] == "30"
+    assert ask(proxy).status == 200
 
 
 def test_status_endpoint_numbers(tmp_path, fake, start_proxy):
@@ -252,8 +271,14 @@ def test_other_statuses_pass_through_in_a_pool(tmp_path, fake, start_proxy, stat
     paths = accounts(fake, tmp_path, "a")
     proxy = start_proxy(pool_service(fake, paths))
     r = ask(proxy, extra={"x-fake-status": str(status)})
-    if status == 401:
-        assert r.status == 401  # re-read and refresh once, then the upstream answer passes through
-    else:
-        assert r.status == status
-    assert json.loads(r.data)["type"] == "error"
+    assert r.status == status
+    # the upstream's own body, byte for byte (its request id included)
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "request_too_large", 529: "overloaded_error"}
+    error = {"type": kinds[status], "message": f"fake error {status} (x-fake-status)"}
+    expected = {"type": "error", "error": error, "request_id": r.headers["request-id"]}
+    assert r.data == json.dumps(expected, separators=(",", ":")).encode()
+    assert r.headers.get("retry-after") == ("30" if status == 529 else None)
+    # a 401 makes the proxy renew the token once (the retry gets the same 401, which passes through)
+    assert fake.stats()["refreshes"] == (1 if status == 401 else 0)
+    assert len(fake.requests(path="/v1/messages")) == (2 if status == 401 else 1)

@@ -13,7 +13,7 @@ import time
 import anthropic
 import pytest
 
-from tests.support.clients import ask, client
+from tests.support.clients import ask, client, first_delta_only, messages_body, post_messages, stream_events
 from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH
 from tests.support.procs import request, service_config, wait_for, write_credentials
 
@@ -46,7 +46,9 @@ def test_non_streaming_with_auth_token(proxy, fake):
     assert header(sent, "anthropic-beta").split(",")[0] == "oauth-2025-04-20"
 
 
-def test_streaming_with_api_key_and_query_kept(proxy, fake):
+def test_streaming_with_sdk_api_key_and_query_kept(proxy, fake):
+    """The SDK's `api_key=` (which anthropic 2.x sends as a Bearer token, like `auth_token=`; the raw `x-api-key`
+    header is tested below), a query string and the client's own beta flags."""
     c = client(proxy, BOB, api_key=True)
     with c.messages.stream(model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "hi"}],
                            extra_query={"beta": "true"},
@@ -59,6 +61,19 @@ def test_streaming_with_api_key_and_query_kept(proxy, fake):
     assert header(sent, "authorization") == "Bearer " + ACCESS
     assert header(sent, "x-api-key") is None
     assert header(sent, "anthropic-beta") == "oauth-2025-04-20,context-1m-2025-08-07"
+
+
+def test_x_api_key_alone_authenticates_and_never_goes_upstream(proxy, fake):
+    """A client that authenticates only with `x-api-key` (as an API-key client does): the user's token is
+    ccm-wsgi's, the upstream gets the subscription's OAuth bearer and the oauth beta flag, and never the header."""
+    r = post_messages(proxy, token=None, headers={"x-api-key": BOB})
+    assert r.status == 200 and r.json()["type"] == "message"
+    sent = last_request(fake)
+    assert {k.lower() for k, _ in sent["headers"]}.isdisjoint({"x-api-key", "api-key"})
+    assert not [k for k, v in sent["headers"] if BOB in v], "the user's token went upstream"
+    assert header(sent, "authorization") == "Bearer " + ACCESS
+    assert header(sent, "anthropic-beta") == "oauth-2025-04-20"
+    assert any(" bob POST /v1/messages 200 " in line for line in proxy.access_lines())
 
 
 def test_count_tokens(proxy):
@@ -108,31 +123,30 @@ def test_headers_rules(fake, creds, start_proxy):
     assert header(sent, "host") == f"127.0.0.1:{fake.port}"
 
 
-def test_event_reaches_client_before_upstream_sends_the_next(proxy, fake):
-    """The first delta is read by the client while the upstream is still holding the second."""
-    c = client(proxy)
-    seen = []
-    with c.messages.stream(model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "hi"}],
-                           extra_headers={"x-fake-wait-release": "k1", "x-fake-events": "3"}) as s:
-        for event in s:
-            seen.append(event.type)
-            if event.type == "content_block_delta" and seen.count("content_block_delta") == 1:
-                # the upstream is blocked before event 2 until we release it
-                assert fake.sent("k1") <= 3
-                fake.release("k1")
-    assert seen.count("content_block_delta") == 3 and seen[-1] == "message_stop"
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_event_reaches_client_before_upstream_sends_the_next(proxy, fake, framing):
+    """The first delta is read by the client while the upstream has sent exactly that one and holds the rest
+    (a relay that buffers fails: the fake fails the stream when nobody releases it), chunked or close-delimited."""
+    key = "k-" + framing
+    events = stream_events(proxy, key, {"x-fake-framing": framing}, on_first_delta=lambda: first_delta_only(fake, key))
+    assert events.count("content_block_delta") == 3 and events[-1] == "message_stop"
 
 
-def test_close_delimited_sse_streams_chunk_by_chunk(proxy, fake):
-    c = client(proxy)
-    seen = []
-    with c.messages.stream(model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "hi"}],
-                           extra_headers={"x-fake-wait-release": "k2", "x-fake-framing": "close"}) as s:
-        for event in s:
-            seen.append(event.type)
-            if event.type == "content_block_delta" and seen.count("content_block_delta") == 1:
-                fake.release("k2")
-    assert seen[-1] == "message_stop"
+def test_large_json_body_reaches_client_before_upstream_sends_the_rest(proxy, fake):
+    """A Content-Length answer over 1 MB is relayed as it arrives: the client reads its first part while the
+    upstream still holds the rest."""
+    r = request("POST", proxy.url + "/v1/messages", body=messages_body(), preload_content=False, headers={
+        "Authorization": "Bearer " + ALICE, "content-type": "application/json", "x-fake-bytes": "2000000",
+        "x-fake-wait-release": "big"})
+    assert r.status == 200
+    total = int(r.headers["content-length"])
+    first = r.read(64 * 1024)
+    held = fake.sent_info("big")
+    assert len(first) == 64 * 1024 and held["waiting"] and held["bytes"] < total, held
+    fake.release("big")
+    rest = r.read()
+    assert len(first) + len(rest) == total > 1_000_000
+    assert json.loads(first + rest)["usage"]["output_tokens"] == 5
 
 
 def test_client_disconnect_closes_upstream(proxy, fake):

@@ -212,7 +212,6 @@ def test_report_missing_file(tmp_path: Path) -> None:
 
 
 def test_report_with_config(tmp_path: Path) -> None:
-    pytest.importorskip("ccm_wsgi.config")
     shutil.copy(FIXTURE, tmp_path / "usages.json")
     config = {
         "services": [

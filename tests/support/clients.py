@@ -9,7 +9,7 @@ error bodies received are remembered for the session's secret scan.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -111,3 +111,26 @@ def post_messages(server: Served | str, token: str | None = ALICE, *, stream: bo
     if r.status >= 400:
         ERROR_BODIES.append((f"POST {base_url(server)}{path}", data))
     return Reply(r.status, r.headers, data, ended)
+
+
+def stream_events(server: Served | str, key: str, headers: Mapping[str, str] | None = None, *,
+                  on_first_delta: Callable[[], None], token: str = ALICE, events: int = 3) -> list[str]:
+    """Stream a message through the SDK with the fake holding it after its first delta (`x-fake-wait-release:
+    key`); `on_first_delta` runs when the client has that delta (and must release `key`). The event types."""
+    seen: list[str] = []
+    extra = {"x-fake-wait-release": key, "x-fake-events": str(events), **(headers or {})}
+    with client(server, token) as c, c.messages.stream(model=MODEL, max_tokens=64, messages=conversation(1),
+                                                      extra_headers=extra) as s:
+        for event in s:
+            seen.append(event.type)
+            if event.type == "content_block_delta" and seen.count("content_block_delta") == 1:
+                on_first_delta()
+    return seen
+
+
+def first_delta_only(fake: Any, key: str) -> None:
+    """The client has the first delta: the fake must have sent exactly that one and be holding the rest (were
+    the relay buffering, the client would have nothing yet). Then let the stream go on."""
+    held = fake.sent_info(key)
+    assert held["deltas"] == 1 and held["waiting"], held
+    fake.release(key)

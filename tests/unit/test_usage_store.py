@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 
 from ccm_wsgi.accounting.pricing import Pricing
@@ -288,16 +289,40 @@ def test_unwritable_journal_keeps_records_in_memory(tmp_path: Path, caplog: pyte
 # --- gevent ------------------------------------------------------------------------------------
 
 
+class CountingEvent(gevent.event.Event):
+    """A store's stop event that counts the saver's waits: the saver waits once per period, and saves (when
+    something changed) right after a wait ends, before the next one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return bool(super().wait(timeout))
+
+
+def saver_periods(event: CountingEvent, n: int) -> None:
+    """Let the saver run `n` more periods (a bounded wait)."""
+    target = event.waits + n
+    for _ in range(5000):
+        if event.waits >= target:
+            return
+        gevent.sleep(0.002)
+    raise AssertionError(f"the saver ran {event.waits} periods, not {target}")
+
+
 def test_saver_greenlet_saves_when_something_changed(tmp_path: Path) -> None:
     path = tmp_path / "u.json"
-    store = store_at(path, interval=0.05)
+    store = store_at(path, interval=0.005)
+    event = store._stop = CountingEvent()
     store.open()
     store.start()
-    mtime = path.stat().st_mtime_ns
-    gevent.sleep(0.15)
-    assert path.stat().st_mtime_ns == mtime  # idle: no rewrites
+    before = (path.stat().st_ino, path.stat().st_mtime_ns)
+    saver_periods(event, 5)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == before  # idle periods: no rewrites
     store.record(rec())
-    gevent.sleep(0.3)
+    saver_periods(event, 2)  # the period the record fell in ended with a save
     assert json.loads(path.read_text())["combinations"][0]["total"]["request_count"] == 1
     store.record(rec())
     store.close()
@@ -311,12 +336,15 @@ def test_waiting_for_the_lock_does_not_block_the_hub(tmp_path: Path) -> None:
     store.open()
     holder = os.open(str(path) + ".lock", os.O_RDWR)
     fcntl.flock(holder, fcntl.LOCK_EX)  # another process is folding
-    ticks = []
-    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.005)) for _ in range(1000)])
+    ticks: list[None] = []
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.001)) for _ in range(10_000)])
     writer = gevent.spawn(store.record, rec())
-    gevent.sleep(0.1)
-    assert not writer.dead and len(ticks) > 5
+    for _ in range(1000):  # bounded; a writer blocking the hub would stop the ticker (and this loop) altogether
+        if len(ticks) > 5:
+            break
+        gevent.sleep(0.001)
+    assert len(ticks) > 5 and not writer.dead  # other greenlets ran while the writer waited for the lock
     os.close(holder)
-    writer.join(timeout=2)
+    writer.join(timeout=20)
     ticker.kill()
     assert writer.dead and requests(path)[""] == 1

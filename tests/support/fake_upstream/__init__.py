@@ -45,7 +45,9 @@ Per-request knobs for /v1/*: a request header ``x-fake-NAME`` or a query paramet
     ratelimit JSON          extra/override response headers, e.g. '{"anthropic-ratelimit-unified-5h-reset": "x"}'
                             (a null value removes a header)
     wait-release KEY        SSE: send message_start, content_block_start, ping and the first delta, then block until
-                            POST /_fake/release/KEY (at most 30 s); GET /_fake/sent/KEY reports progress
+                            POST /_fake/release/KEY; JSON (a body over 256 KiB): block after its first 256 KiB.
+                            Nobody releasing it within release-timeout-ms (default 10000) fails the answer with a
+                            reset, never lets it go on. GET /_fake/sent/KEY reports progress
 
 Rate-limit headers on every /v1 answer come from the account (``anthropic-ratelimit-unified-status``, ``-5h-status``,
 ``-5h-utilization``, ``-5h-reset``, ``-7d-status``, ``-7d-utilization``, ``-7d-reset``, ``-representative-claim``,
@@ -54,6 +56,12 @@ Rate-limit headers on every /v1 answer come from the account (``anthropic-rateli
 Accounts: every access token belongs to an account (id given at creation, default: the first access token).
 Refreshing issues a new access token for the same account, so the account's scripted rate-limit state survives.
 Unknown bearer tokens are auto-registered as their own account unless strict mode is on.
+As Anthropic does, a bearer (OAuth) token on /v1/* or /api/oauth/usage without ``anthropic-beta: oauth-2025-04-20``
+gets a 401 authentication_error ("OAuth authentication is currently not supported."), in every mode.
+
+Faults of the token endpoint and the usage API (``/_fake/config`` token_endpoint / usage_api, or an account's
+usage_api): delay_ms, hold KEY (wait for POST /_fake/release/KEY, reset after 30 s), down (close), reset (RST),
+status with retry_after and body; times N uses the fault N times.
 
 Control API (never recorded or counted, never rate-limited)
     GET  /_fake/health                       "ok"
@@ -66,14 +74,16 @@ Control API (never recorded or counted, never rate-limited)
     GET|POST /_fake/accounts/<ref>/state     read / script an account (ref = account id, access or refresh token)
     POST /_fake/revoke                       {"access_token": T} and/or {"refresh_token": R}
     POST /_fake/release/<key>                let a stream waiting on ``x-fake-wait-release: key`` continue
-    GET  /_fake/sent/<key>                   {"events", "deltas", "waiting", "released", "done"} of that stream
+    GET  /_fake/sent/<key>                   {"events", "deltas", "bytes", "waiting", "released", "done",
+                                             "timed_out"} of that stream (or held token request)
 
 Stats (GET /_fake/stats): requests_total, requests_by_path, responses_by_status, messages_by_account, unauthorized,
-refreshes, refreshes_by_account, invalid_grant, token_requests (client_id, scope, grant_type, refresh_token,
-content_type, status), usage_api_calls / profile_api_calls (by account), connections_total, streams_total,
-streams_completed, dropped, closed_early (answers the client abandoned: a failed send, or the peer closing during a
-delay, ttfb, stall or stall-before-headers), and the live gauges open_connections (client sockets, control
-connections excluded), open_connections_all, active_streams, active_requests. Reset clears all but the gauges.
+oauth_beta_missing, refreshes, refreshes_by_account, invalid_grant, token_requests (client_id, scope, grant_type,
+refresh_token, content_type, status), usage_api_calls / profile_api_calls (by account), connections_total,
+streams_total, streams_completed, dropped, closed_early (answers the client abandoned: a failed send, or the peer
+closing during a delay, ttfb, stall or stall-before-headers), and the live gauges open_connections (client sockets,
+control connections excluded), open_connections_all, active_streams, active_requests. Reset clears all but the
+gauges.
 
 ``FakeUpstream`` (harness.py) starts it as a subprocess for tests; importing this package does not monkey-patch
 anything (only running it with ``python -m`` does). The modules, by concern:

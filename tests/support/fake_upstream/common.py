@@ -12,7 +12,11 @@ READ_TIMEOUT = 120.0  # idle keep-alive and request-body read bound
 TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_STALL = 120.0  # stall-after / stall-before-headers
 MAX_SLEEP = 120.0  # ttfb-ms / delay-ms / fault delays
-RELEASE_TIMEOUT = 30.0  # wait-release
+JSON_PIECE = 256 * 1024  # a JSON body is written in pieces of this size (wait-release: after the first)
+RELEASE_TIMEOUT = 10.0  # wait-release: a stream nobody releases fails (reset) after this long
+HOLD_TIMEOUT = 30.0  # a token-endpoint `hold` fault nobody releases fails (reset) after this long
+OAUTH_BETA = "oauth-2025-04-20"  # Anthropic refuses an OAuth bearer token without this anthropic-beta flag
+OAUTH_BETA_MISSING = "OAuth authentication is currently not supported."  # what it says then
 MAX_HEAD = 64 * 1024
 MAX_BODY = 256 * 1024 * 1024
 MAX_RECORDS = 10_000
@@ -64,6 +68,11 @@ def rfc3339(epoch: float) -> str:
 
 def bounded(seconds: float, limit: float = MAX_SLEEP) -> float:
     return max(0.0, min(seconds, limit))
+
+
+def has_oauth_beta(anthropic_beta: str | None) -> bool:
+    """Whether an `anthropic-beta` value (all its lines joined) carries the OAuth flag."""
+    return OAUTH_BETA in {item.strip() for item in (anthropic_beta or "").split(",")}
 
 
 class HttpError(Exception):

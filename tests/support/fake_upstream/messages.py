@@ -8,15 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 from .common import (
     DEFAULT_TEXT,
+    JSON_PIECE,
     MAX_STALL,
     MODELS,
-    RELEASE_TIMEOUT,
+    OAUTH_BETA_MISSING,
     RETRY_AFTER_STATUSES,
     RL,
     ClientGone,
     DropConnection,
     HttpError,
     dumps,
+    has_oauth_beta,
+    log,
 )
 from .plan import Plan, bool_knob, int_knob, knob, plan_from_request, ratelimit_override, sse, sse_events
 from .state import Account, Release
@@ -73,10 +76,14 @@ class V1:
     # ----- auth and rate-limit headers
     def authenticate(self) -> None:
         auth = self.req.header("authorization") or ""
-        token = auth[7:].strip() if auth[:7].lower() == "bearer " else (self.req.header("x-api-key") or "")
+        bearer = auth[:7].lower() == "bearer "
+        token = auth[7:].strip() if bearer else (self.req.header("x-api-key") or "")
         entry = self.state.access.get(token) if token else None
         problem = None
-        if entry is not None and entry.revoked:
+        if bearer and token and not has_oauth_beta(self.req.header("anthropic-beta")):
+            self.state.stats.oauth_beta_missing += 1  # as Anthropic does, whatever the token
+            problem = OAUTH_BETA_MISSING
+        elif entry is not None and entry.revoked:
             problem = "OAuth token has been revoked. Please obtain a new token."
         elif self.state.config.strict and (entry is None or entry.auto):
             problem = "invalid x-api-key"
@@ -187,18 +194,29 @@ class V1:
         chunked = plan.framing == "chunked"
         self.ex.send_head(200, headers, length=len(body) if plan.framing == "length" else None, chunked=chunked)
         writer = BodyWriter(self.conn, chunked, None)
+        rel = self.state.release(plan.release_key) if plan.release_key else None
         try:
             if plan.drop_after is not None or plan.stall_after is not None:
                 writer.write(body[: len(body) // 2])
                 if plan.drop_after is not None:
                     self.drop()
                 self.stall()
-            for start in range(0, len(body), 256 * 1024):
-                writer.write(body[start: start + 256 * 1024])
+            for start in range(0, len(body), JSON_PIECE):
+                piece = body[start: start + JSON_PIECE]
+                writer.write(piece)
+                if rel is not None:
+                    rel.events += 1
+                    rel.bytes += len(piece)
+                    if start == 0 and len(body) > JSON_PIECE:
+                        self.wait_release(rel, plan.release_timeout)
             writer.finish()
         except ClientGone:
             self.state.stats.closed_early += 1
             raise
+        finally:
+            if rel is not None:
+                rel.done = True
+                rel.waiting = False
         if plan.framing == "close":
             self.conn.close()
 
@@ -251,13 +269,15 @@ class V1:
                 self.interrupt(plan, deltas)
             if name == "content_block_delta" and plan.delay and self.conn.wait_peer_close(plan.delay):
                 raise ClientGone("peer closed while the stream was sleeping")
-            writer.write(sse(name, payload))
+            event = sse(name, payload)
+            writer.write(event)
             deltas += name == "content_block_delta"
             if rel is not None:
                 rel.events += 1
                 rel.deltas = deltas
+                rel.bytes += len(event)
                 if (name == "content_block_delta" and deltas == 1) or (name == "ping" and plan.events == 0):
-                    self.wait_release(rel)
+                    self.wait_release(rel, plan.release_timeout)
 
     def interrupt(self, plan: Plan, sent_deltas: int) -> None:
         """drop-after / stall-after once `sent_deltas` deltas are out."""
@@ -266,11 +286,16 @@ class V1:
         if plan.stall_after == sent_deltas:
             self.stall()
 
-    @staticmethod
-    def wait_release(rel: Release) -> None:
+    def wait_release(self, rel: Release, timeout: float) -> None:
+        """Block until POST /_fake/release/KEY. Nobody releasing it in time fails the answer (a reset): a test that
+        waits for the client to see what was sent so far must never pass by the fake giving up and going on."""
         rel.waiting = True
-        rel.event.wait(RELEASE_TIMEOUT)
+        released = rel.event.wait(timeout)
         rel.waiting = False
+        if not released:
+            rel.timed_out = True
+            log(f"wait-release: nobody released the answer within {timeout:g}s; resetting it")
+            self.drop()
 
     def stream_with_length(self, plan: Plan, events: list[tuple[str, dict[str, Any]]],
                            headers: list[tuple[str, str]]) -> None:

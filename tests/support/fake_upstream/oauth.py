@@ -7,7 +7,18 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl
 
-from .common import DEFAULT_SCOPE, MAX_TOKEN_LOG, DropConnection, HttpError, anthropic_error, bounded, rfc3339
+from .common import (
+    DEFAULT_SCOPE,
+    HOLD_TIMEOUT,
+    MAX_TOKEN_LOG,
+    OAUTH_BETA_MISSING,
+    DropConnection,
+    HttpError,
+    anthropic_error,
+    bounded,
+    has_oauth_beta,
+    rfc3339,
+)
 from .state import Account, FakeState
 from .wire import Exchange
 
@@ -20,7 +31,7 @@ class TokenEndpoint:
     def handle(self) -> None:
         if self.ex.req.method != "POST":
             raise HttpError(405, "use POST", body={"error": "invalid_request", "error_description": "use POST"})
-        apply_fault(self.ex, self.state.config, "token_endpoint",
+        apply_fault(self.ex, self.state, self.state.config, "token_endpoint",
                     {"error": "server_error", "error_description": "fake token endpoint fault"})
         params = self.params()
         entry = {"client_id": params.get("client_id"), "scope": params.get("scope"),
@@ -82,14 +93,24 @@ def take_fault(holder: Any, attr: str) -> dict[str, Any] | None:
     return fault
 
 
-def apply_fault(ex: Exchange, holder: Any, attr: str, error_body: Any) -> None:
-    """delay_ms, then down (close) / reset (RST) / status (with optional retry_after and body)."""
+def apply_fault(ex: Exchange, state: FakeState, holder: Any, attr: str, error_body: Any) -> None:
+    """delay_ms, then hold (until POST /_fake/release/KEY; reset if nobody does within HOLD_TIMEOUT), then
+    down (close) / reset (RST) / status (with optional retry_after and body)."""
     fault = take_fault(holder, attr)
     if not fault:
         return
     delay = float(fault.get("delay_ms") or 0) / 1000
     if delay > 0 and ex.conn.wait_peer_close(bounded(delay)):
         raise DropConnection()
+    if fault.get("hold"):
+        rel = state.release(str(fault["hold"]))
+        rel.waiting = True
+        released = rel.event.wait(HOLD_TIMEOUT)
+        rel.waiting, rel.done = False, True
+        if not released:
+            rel.timed_out = True
+            ex.conn.reset()
+            raise DropConnection()
     if fault.get("reset"):
         ex.conn.reset()
         raise DropConnection()
@@ -116,7 +137,7 @@ class OAuthApi:
         if self.ex.req.path == "/api/oauth/usage":
             self.state.stats.usage_api_calls[account.id] += 1
             holder = account if account.usage_api else self.state.config
-            apply_fault(self.ex, holder, "usage_api", anthropic_error(500, "fake usage API fault"))
+            apply_fault(self.ex, self.state, holder, "usage_api", anthropic_error(500, "fake usage API fault"))
             self.ex.send_json(200, self.usage(account))
         else:
             self.state.stats.profile_api_calls[account.id] += 1
@@ -125,6 +146,11 @@ class OAuthApi:
     def account(self) -> Account:
         auth = self.ex.req.header("authorization") or ""
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        usage = self.ex.req.path == "/api/oauth/usage"
+        if token and usage and not has_oauth_beta(self.ex.req.header("anthropic-beta")):  # as Anthropic does
+            self.state.stats.unauthorized += 1
+            self.state.stats.oauth_beta_missing += 1
+            raise HttpError(401, OAUTH_BETA_MISSING)
         entry = self.state.access.get(token) if token else None
         strict = self.state.config.strict
         if not token or (entry is not None and entry.revoked) or (

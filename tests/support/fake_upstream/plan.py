@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from .common import DEFAULT_MODEL, HttpError, anthropic_error, bounded, dumps
+from .common import DEFAULT_MODEL, RELEASE_TIMEOUT, HttpError, anthropic_error, bounded, dumps
 from .encoding import Encoder, accepts_encoding, make_encoder
 from .wire import Request
 
@@ -59,6 +59,7 @@ class Plan:
     size: int | None = None
     invalid_json: bool = False
     release_key: str | None = None
+    release_timeout: float = RELEASE_TIMEOUT
     msg_id: str = field(default_factory=lambda: "msg_fake_" + secrets.token_hex(12))
 
     def usage(self) -> dict[str, Any]:
@@ -102,6 +103,7 @@ def plan_from_request(req: Request, body: dict[str, Any]) -> Plan:
     plan.size = int_knob(req, "bytes")
     plan.invalid_json = bool_knob(req, "invalid-json")
     plan.release_key = knob(req, "wait-release") or None
+    plan.release_timeout = bounded((int_knob(req, "release-timeout-ms") or RELEASE_TIMEOUT * 1000) / 1000)
     return plan
 
 

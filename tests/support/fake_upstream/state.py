@@ -62,7 +62,7 @@ class RefreshToken:
     spent: bool = False
 
 
-FAULT_KEYS = {"status", "delay_ms", "down", "reset", "retry_after", "times", "body"}
+FAULT_KEYS = {"status", "delay_ms", "hold", "down", "reset", "retry_after", "times", "body"}
 
 
 def validate_fault(value: Any, what: str) -> dict[str, Any] | None:
@@ -99,15 +99,20 @@ class Config:
 
 @dataclass
 class Release:
+    """A stream (or a held token request) tagged with a key: how far it got, and whether it waits."""
+
     event: gevent.event.Event = field(default_factory=gevent.event.Event)
-    events: int = 0
-    deltas: int = 0
+    events: int = 0  # SSE events written (JSON: body pieces)
+    deltas: int = 0  # content_block_delta events written
+    bytes: int = 0  # body bytes written (before compression)
     waiting: bool = False
     done: bool = False
+    timed_out: bool = False  # nobody released it in time: the answer was failed (reset)
 
     def to_json(self, key: str) -> dict[str, Any]:
-        return {"key": key, "events": self.events, "deltas": self.deltas, "waiting": self.waiting,
-                "released": self.event.is_set(), "done": self.done}
+        return {"key": key, "events": self.events, "deltas": self.deltas, "bytes": self.bytes,
+                "waiting": self.waiting, "released": self.event.is_set(), "done": self.done,
+                "timed_out": self.timed_out}
 
 
 @dataclass
@@ -117,6 +122,7 @@ class Stats:
     responses_by_status: Counter[str] = field(default_factory=Counter)
     messages_by_account: Counter[str] = field(default_factory=Counter)
     unauthorized: int = 0
+    oauth_beta_missing: int = 0  # OAuth bearer tokens refused for want of the oauth beta flag
     refreshes: int = 0
     refreshes_by_account: Counter[str] = field(default_factory=Counter)
     invalid_grant: int = 0
