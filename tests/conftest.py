@@ -35,8 +35,9 @@ def creds(tmp_path: Path, fake: FakeUpstream) -> Path:
 def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     started: list[Proxy] = []
 
-    def start(config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None) -> Proxy:
-        proxy = Proxy(tmp_path, config, name=name, env=env).start()
+    def start(config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None,
+              wrapper: tuple[str, ...] = ()) -> Proxy:
+        proxy = Proxy(tmp_path, config, name=name, env=env, wrapper=wrapper).start()
         started.append(proxy)
         return proxy
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import stat
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import anthropic
 import pytest
@@ -16,6 +19,7 @@ import pytest
 from tests.support.clients import ask, client, first_delta_only, messages_body, post_messages, stream_events
 from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH
 from tests.support.procs import request, service_config, wait_for, write_credentials
+from tests.support.system import require, unavailable
 
 
 def last_request(fake, path="/v1/messages"):
@@ -239,10 +243,23 @@ def test_refresh_when_expiring_keeps_other_keys(tmp_path, fake, start_proxy):
         assert secret not in proxy.log()
 
 
+def inside_refresh_lock(proxy, lock: Path) -> bool:
+    """The process has the credential's lock file open: it is inside a refresh, holding or waiting for the lock."""
+    for fd in Path(f"/proc/{proxy.proc.pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # a descriptor closed while we look
+            if os.readlink(fd) == str(lock):
+                return True
+    return False
+
+
 def test_two_processes_refresh_once(tmp_path, fake, start_proxy):
+    """Two processes need the same refresh at the same moment: the token endpoint holds the first one's request
+    until the second is inside its refresh too (waiting for the lock the first holds, or, were there no lock,
+    at the token endpoint as well). Only one refresh token is ever spent."""
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=30)
     path = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
     proxies = [start_proxy({"services": [service_config(fake.url, path)]}, name=f"p{i}") for i in range(2)]
+    fake.configure(token_endpoint={"hold": "refresh"})
     errors = []
 
     def hit(p):
@@ -251,14 +268,24 @@ def test_two_processes_refresh_once(tmp_path, fake, start_proxy):
         except Exception as exc:
             errors.append(exc)
 
+    def token_posts():
+        return len(fake.requests(path="/v1/oauth/token"))
+
     threads = [threading.Thread(target=hit, args=(p,)) for p in proxies for _ in range(4)]
-    for t in threads:
+    for t in threads[:4]:
         t.start()
+    wait_for(lambda: token_posts() == 1, 10, what="the first process's refresh at the token endpoint")
+    for t in threads[4:]:
+        t.start()
+    lock = Path(str(path) + ".lock")
+    wait_for(lambda: inside_refresh_lock(proxies[1], lock) or token_posts() > 1, 10,
+             what="the second process inside its refresh")
+    fake.release("refresh")
     for t in threads:
         t.join(30)
     assert not errors
-    assert fake.stats()["refreshes"] == 1
-    assert fake.stats()["invalid_grant"] == 0
+    stats = fake.stats()
+    assert token_posts() == 1 and stats["refreshes"] == 1 and stats["invalid_grant"] == 0, stats
 
 
 def test_upstream_401_renews_and_retries_once(proxy, fake):
@@ -336,8 +363,20 @@ def test_two_services_two_listeners(fake, creds, start_proxy):
 
 
 def test_open_service_warns_when_not_loopback(fake, creds, start_proxy):
-    proxy = start_proxy({"services": [service_config(fake.url, creds, listen="0.0.0.0")]})
-    assert "with no users" in proxy.log()
+    """A service with no users on an address others can reach says so. It listens on 192.0.2.1 (TEST-NET-1)
+    inside a network namespace of its own, where the address may be bound without belonging to an interface:
+    nothing can reach it there, and no test listens on all interfaces."""
+    unshare = require("unshare", "util-linux")
+    probe = subprocess.run([unshare, "--net", "true"], capture_output=True, text=True)
+    if probe.returncode:
+        unavailable(f"cannot make a network namespace here (root needed): {probe.stderr.strip()}")
+    private = (unshare, "--net", "sh", "-c", 'echo 1 > /proc/sys/net/ipv4/ip_nonlocal_bind && exec "$@"', "sh")
+    proxy = start_proxy({"services": [service_config(fake.url, creds, listen="192.0.2.1")]}, wrapper=private)
+    assert "listening on http://192.0.2.1:" in proxy.log()
+    assert "service ccm listens on 192.0.2.1 with no users: anyone who can reach it uses the subscription" \
+        in proxy.log()
+    loopback = start_proxy({"services": [service_config(fake.url, creds)]}, name="loopback")
+    assert request("GET", loopback.url + "/healthz").status == 200 and "with no users" not in loopback.log()
 
 
 def test_token_command():

@@ -87,7 +87,9 @@ def service_config(upstream_url: str, credential_path: Path | str, **fields: Any
 class Proxy:
     """A `ccm-wsgi serve -c CONFIG` subprocess; stderr goes to `log_path`."""
 
-    def __init__(self, tmp_path: Path, config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None):
+    def __init__(self, tmp_path: Path, config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None,
+                 wrapper: tuple[str, ...] = ()):
+        self.wrapper = wrapper  # a command that runs the process (strace, unshare, ...)
         self.config_path = tmp_path / f"{name}.json"
         self.config_path.write_text(json.dumps(config, indent=2))
         self.log_path = tmp_path / f"{name}.log"
@@ -104,7 +106,7 @@ class Proxy:
     def start(self) -> Proxy:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ccm_wsgi", "serve", "-c", str(self.config_path)],
+                [*self.wrapper, sys.executable, "-m", "ccm_wsgi", "serve", "-c", str(self.config_path)],
                 stdout=log, stderr=log, env=self.env, start_new_session=True,
             )
         n_services = sum(1 for s in json.loads(self.config_path.read_text())["services"] if s.get("type") == "ccm")
