@@ -1,4 +1,4 @@
-"""The macOS keychain path (reference §7.2) through `keyring`, with an in-memory backend (tests/memkeyring.py)
+"""The macOS keychain path (reference §7.2) through `keyring`, with an in-memory backend (tests/support/memkeyring.py)
 in the `ccm-wsgi serve` child. `CCM_KEYCHAIN=1` turns the keychain on where it is not macOS."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Outbounds: fetches through real SOCKS and HTTP proxies (tests/proxies.py) to a local upstream.
+"""Outbounds: fetches through real SOCKS and HTTP proxies (tests/support/proxies.py) to a local upstream.
 
 The upstream is an http.server in a thread on 127.0.0.1 (plain, and HTTPS with a trustme CA); it is
 always addressed as `localhost`, so the proxies' logs show whether the name reached them unresolved.

@@ -1,6 +1,6 @@
 """No token ever reaches a log line or an error body.
 
-`test_no_secret_in_any_log_or_error_body` runs last (tests/secrets_guard.py moves it there) and checks the
+`test_no_secret_in_any_log_or_error_body` runs last (tests/support/secrets_guard.py moves it there) and checks the
 whole session: every user token, admin token, access token, refresh token and proxy password the suite
 wrote into a config or credentials file, sent, gave the SDK or that a fake upstream issued, against every
 log file under the session's temporary directory and every 4xx/5xx body procs.request or the SDK received.

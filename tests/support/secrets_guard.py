@@ -1,4 +1,4 @@
-"""pytest plugin (conftest.py loads it): gathers what tests/test_secrets.py checks at the end of the session.
+"""pytest plugin (tests/conftest.py loads it): gathers what tests/test_secrets.py checks at the end of the session.
 
 procs.py already remembers the credentials it writes, the tokens in every config it starts a proxy with,
 the tokens procs.request sends, every proxy's log file and the error bodies procs.request receives. This
