@@ -255,7 +255,9 @@ def inside_refresh_lock(proxy, lock: Path) -> bool:
 def test_two_processes_refresh_once(tmp_path, fake, start_proxy):
     """Two processes need the same refresh at the same moment: the token endpoint holds the first one's request
     until the second is inside its refresh too (waiting for the lock the first holds, or, were there no lock,
-    at the token endpoint as well). Only one refresh token is ever spent."""
+    at the token endpoint as well). Only one refresh token is ever spent. The second process makes one request:
+    another request of its own arriving after the first process saved would read the new file anyway, and hide
+    a second process that does not re-read the file once it holds the lock."""
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=30)
     path = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
     proxies = [start_proxy({"services": [service_config(fake.url, path)]}, name=f"p{i}") for i in range(2)]
@@ -271,12 +273,11 @@ def test_two_processes_refresh_once(tmp_path, fake, start_proxy):
     def token_posts():
         return len(fake.requests(path="/v1/oauth/token"))
 
-    threads = [threading.Thread(target=hit, args=(p,)) for p in proxies for _ in range(4)]
+    threads = [threading.Thread(target=hit, args=(p,)) for p in [proxies[0]] * 4 + [proxies[1]]]
     for t in threads[:4]:
         t.start()
     wait_for(lambda: token_posts() == 1, 10, what="the first process's refresh at the token endpoint")
-    for t in threads[4:]:
-        t.start()
+    threads[4].start()
     lock = Path(str(path) + ".lock")
     wait_for(lambda: inside_refresh_lock(proxies[1], lock) or token_posts() > 1, 10,
              what="the second process inside its refresh")
