@@ -1,10 +1,11 @@
-# ccm-wsgi: `make serve` runs the embedded default on 127.0.0.1:8080, `make test` runs the suite.
+# ccm-wsgi: `make serve` runs the embedded default on 127.0.0.1:8080, `make test` runs the whole suite,
+# `make test-unit` only the pure unit tests (tests/unit: no process, no socket; seconds), `make lint` ruff and mypy.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test test-unit lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,16 +18,28 @@ $(STAMP): setup.py | $(PY)
 serve: $(STAMP)
 	$(VENV)/bin/ccm-wsgi serve $(if $(CONFIG),-c $(CONFIG))
 
+NODE_DEPS := tests/node/node_modules/.package-lock.json
+
+# the real npm proper-lockfile, to drive Claude Code's refresh lock in tests/test_refresh.py
+$(NODE_DEPS): tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund --silent
+
 test: $(STAMP)
 	sh tests/install-system-deps.sh
+	$(MAKE) --no-print-directory $(NODE_DEPS)
 	$(PY) -m pytest -q
 
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+# both checks always run; the target fails if either does
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ccm_wsgi tests conf
-	$(VENV)/bin/mypy --strict ccm_wsgi/config ccm_wsgi/names.py
+	$(VENV)/bin/ruff check ccm_wsgi tests conf; ruff=$$?; \
+	$(VENV)/bin/mypy ccm_wsgi; mypy=$$?; \
+	[ $$ruff = 0 ] && [ $$mypy = 0 ]
 
 bench: $(STAMP)
 	sh tests/bench/run.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -31,6 +31,8 @@ setup(
             "trustme>=1.1",
             "ruff>=0.6",
             "mypy>=1.10",
+            "types-gevent",
+            "types-pysocks",
         ],
     },
     entry_points={"console_scripts": ["ccm-wsgi=ccm_wsgi.cli:main"]},

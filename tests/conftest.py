@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.support.constants import ACCESS, ALICE, BOB, REFRESH
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.procs import Proxy, service_config, write_credentials
 
-from fake_upstream import FakeUpstream
-from procs import Proxy, service_config, write_credentials
-
-ACCESS = "sk-ant-oat01-test-access-aaaaaaaaaaaa"
-REFRESH = "sk-ant-ort01-test-refresh-bbbbbbbbbbb"
-ALICE = "ak-ccm-alice-0123456789abcdef"
-BOB = "ak-ccm-bob-0123456789abcdef00"
-
-pytest_plugins = ["secrets_guard"]  # remembers the suite's tokens and logs for tests/test_secrets.py
+pytest_plugins = ["tests.support.secrets_guard"]  # remembers the suite's tokens and logs for tests/test_secrets.py
 
 
 @pytest.fixture
@@ -42,8 +35,9 @@ def creds(tmp_path: Path, fake: FakeUpstream) -> Path:
 def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     started: list[Proxy] = []
 
-    def start(config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None) -> Proxy:
-        proxy = Proxy(tmp_path, config, name=name, env=env).start()
+    def start(config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None,
+              wrapper: tuple[str, ...] = ()) -> Proxy:
+        proxy = Proxy(tmp_path, config, name=name, env=env, wrapper=wrapper).start()
         started.append(proxy)
         return proxy
 

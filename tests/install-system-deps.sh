@@ -1,7 +1,9 @@
 #!/bin/sh
-# Real proxy servers for tests/test_outbounds.py (see tests/proxies.py): microsocks (SOCKS5 with
-# user/password), tinyproxy (HTTP forwarding + CONNECT, Basic auth) and v2ray (SOCKS4/4a, and an HTTP
-# proxy over TLS). Idempotent, quiet, non-interactive: installs only what is missing, so it needs
+# Programs the tests run: real proxy servers for tests/test_outbounds.py and tests/test_detour.py (see
+# tests/support/proxies.py): microsocks (SOCKS5 with user/password), tinyproxy (HTTP forwarding + CONNECT,
+# Basic auth) and v2ray (SOCKS4/4a, and an HTTP proxy over TLS); strace (tests/test_atomic_writes.py);
+# unshare (util-linux: a private network namespace in tests/test_proxy.py) and chattr (e2fsprogs:
+# tests/test_faults.py). Idempotent, quiet, non-interactive: installs only what is missing, so it needs
 # root (or password-less sudo) only then. None of these is started here; the tests run their own.
 set -eu
 
@@ -13,6 +15,11 @@ missing=""
 have microsocks || missing="$missing microsocks"
 have tinyproxy || missing="$missing tinyproxy"
 have v2ray || missing="$missing v2ray"
+have strace || missing="$missing strace"
+have unshare || missing="$missing util-linux"
+have chattr || missing="$missing e2fsprogs"
+have ss || missing="$missing iproute2"
+have node || missing="$missing nodejs npm"
 [ -z "$missing" ] && exit 0
 
 sudo=""
@@ -34,6 +41,6 @@ if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-rec
     echo "tests/install-system-deps.sh: apt-get failed for:$missing" >&2
     exit 1
 fi
-for program in microsocks tinyproxy v2ray; do
+for program in microsocks tinyproxy v2ray strace unshare chattr ss node; do
     have "$program" || { echo "tests/install-system-deps.sh: $program still missing after apt-get" >&2; exit 1; }
 done

@@ -18,17 +18,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import pytest
 import trustme
-from conftest import ALICE, BOB
-from fake_upstream import FakeUpstream
-from procs import Proxy, request, service_config, write_credentials
-from proxies import free_port, start_http_proxy, start_https_proxy, start_socks4, start_socks5
 
-MODEL = "claude-sonnet-4-6"
+from tests.support.clients import ask
+from tests.support.constants import ALICE, USERS
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.procs import Proxy, request, service_config, write_credentials
+from tests.support.proxies import free_port, start_http_proxy, start_https_proxy, start_socks4, start_socks5
+
 USER, PASSWORD = "ccm-user", "s3cret-pass-word"
-USERS = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
 
 
 @pytest.fixture
@@ -79,16 +78,10 @@ def detoured(fake: FakeUpstream, creds: Path, detour: str, **fields: Any) -> dic
                           token_url=f"https://localhost:{fake.port}/v1/oauth/token", **fields)
 
 
-def client(proxy: Proxy, token: str = ALICE) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=proxy.url, auth_token=token, max_retries=0)
-
-
 def exchange(proxy: Proxy, url: str | None = None) -> None:
     """One non-streaming and one streaming message through the service."""
-    c = anthropic.Anthropic(base_url=url or proxy.url, auth_token=ALICE, max_retries=0)
-    assert c.messages.create(model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}]).content
-    with c.messages.stream(model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}]) as s:
-        assert "".join(s.text_stream)
+    assert ask(url or proxy).content[0].text
+    assert ask(url or proxy, stream=True).content[0].text
 
 
 def error_of(r: Any) -> dict[str, Any]:

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
 import pytest
+import trustme
 import urllib3
 
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.support.constants import MODEL
+from tests.support.fake_upstream import FakeUpstream
 
-from fake_upstream import FakeUpstream
-
-MODEL = "claude-sonnet-4-6"
 HELLO = [{"role": "user", "content": "hello"}]
 STREAM_BODY = json.dumps({"model": MODEL, "max_tokens": 16, "stream": True, "messages": HELLO}).encode()
 JSON_BODY = json.dumps({"model": MODEL, "max_tokens": 16, "messages": HELLO}).encode()
@@ -38,13 +36,16 @@ def fake(shared: FakeUpstream) -> FakeUpstream:
     return shared
 
 
+OAUTH = {"anthropic-beta": "oauth-2025-04-20"}  # what every OAuth bearer request needs, as with Anthropic
+
+
 def sdk(fake: FakeUpstream, token: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=fake.url, auth_token=token, max_retries=0, timeout=10)
+    return anthropic.Anthropic(base_url=fake.url, auth_token=token, max_retries=0, timeout=10, default_headers=OAUTH)
 
 
 def post(fake: FakeUpstream, path: str, body: bytes, headers: dict[str, str] | None = None,
          **kw: object) -> urllib3.BaseHTTPResponse:
-    all_headers = {"authorization": "Bearer tok", "content-type": "application/json", **(headers or {})}
+    all_headers = {"authorization": "Bearer tok", "content-type": "application/json", **OAUTH, **(headers or {})}
     return HTTP.request("POST", fake.url + path, body=body, headers=all_headers, **kw)
 
 
@@ -207,10 +208,10 @@ def test_quota_429_and_usage_api(fake: FakeUpstream) -> None:
     r = post(fake, "/v1/messages", JSON_BODY, {"authorization": "Bearer tok-q"})
     assert r.status == 429 and json.loads(r.data)["error"]["type"] == "rate_limit_error"
     assert r.headers["anthropic-ratelimit-unified-status"] == "rejected" and int(r.headers["retry-after"]) > 0
-    usage = HTTP.request("GET", fake.url + "/api/oauth/usage", headers={"authorization": "Bearer tok-q"})
+    usage = HTTP.request("GET", fake.url + "/api/oauth/usage", headers={"authorization": "Bearer tok-q", **OAUTH})
     assert json.loads(usage.data)["seven_day"]["utilization"] == 90.0
     fake.set_state("quinn", usage_api={"status": 429, "retry_after": 60})
-    usage = HTTP.request("GET", fake.url + "/api/oauth/usage", headers={"authorization": "Bearer tok-q"})
+    usage = HTTP.request("GET", fake.url + "/api/oauth/usage", headers={"authorization": "Bearer tok-q", **OAUTH})
     assert usage.status == 429 and usage.headers["retry-after"] == "60"
     assert fake.stats()["usage_api_calls"] == {"quinn": 2}
     assert HTTP.request("GET", fake.url + "/ccm/v1/status").status == 404
@@ -225,7 +226,6 @@ def test_bad_request_does_not_kill_the_server(fake: FakeUpstream) -> None:
 
 
 def test_tls(tmp_path: Path) -> None:
-    trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -234,7 +234,68 @@ def test_tls(tmp_path: Path) -> None:
     with ca.cert_pem.tempfile() as ca_path, FakeUpstream.start(tmp_path, tls_cert=cert_path, tls_key=key_path) as fake:
         assert fake.url.startswith("https://")
         http = urllib3.PoolManager(ca_certs=ca_path, retries=False, timeout=5)
-        r = http.request("POST", fake.url + "/v1/messages", body=JSON_BODY, headers={"authorization": "Bearer t"})
+        r = http.request("POST", fake.url + "/v1/messages", body=JSON_BODY,
+                         headers={"authorization": "Bearer t", **OAUTH})
         assert r.status == 200 and json.loads(r.data)["type"] == "message"
         assert fake.stats()["requests_total"] == 1
         assert fake.stop() == 0
+
+
+def test_oauth_bearer_without_the_beta_flag_is_refused(fake: FakeUpstream) -> None:
+    """As Anthropic does: an OAuth (bearer) token needs `anthropic-beta: oauth-2025-04-20`, on /v1/* and on the
+    usage API; among other flags and across header lines is fine; an `x-api-key` needs none."""
+    fake.add_account("tok-b", account="beta")
+    for headers in ({"anthropic-beta": "context-1m-2025-08-07"}, {"anthropic-beta": "oauth-2025-04-20x"}, {}):
+        r = HTTP.request("POST", fake.url + "/v1/messages", body=JSON_BODY,
+                         headers={"authorization": "Bearer tok-b", "content-type": "application/json", **headers})
+        assert r.status == 401 and json.loads(r.data)["error"] == {
+            "type": "authentication_error", "message": "OAuth authentication is currently not supported."}
+        r = HTTP.request("GET", fake.url + "/api/oauth/usage", headers={"authorization": "Bearer tok-b", **headers})
+        assert r.status == 401 and json.loads(r.data)["error"]["type"] == "authentication_error"
+    r = HTTP.request("POST", fake.url + "/v1/messages", body=JSON_BODY, headers=urllib3.HTTPHeaderDict([
+        ("authorization", "Bearer tok-b"), ("anthropic-beta", "context-1m-2025-08-07"),
+        ("anthropic-beta", "fast-mode-2026-02-01, oauth-2025-04-20")]))
+    assert r.status == 200
+    r = HTTP.request("POST", fake.url + "/v1/messages", body=JSON_BODY, headers={"x-api-key": "tok-b"})
+    assert r.status == 200
+    stats = fake.stats()
+    assert stats["oauth_beta_missing"] == 6 and stats["usage_api_calls"] == {}
+
+
+def test_unreleased_stream_fails_instead_of_going_on(fake: FakeUpstream) -> None:
+    r = post(fake, "/v1/messages", STREAM_BODY, {"x-fake-wait-release": "never", "x-fake-release-timeout-ms": "300"},
+             preload_content=False)
+    data = b""
+    with pytest.raises(urllib3.exceptions.ProtocolError):
+        for chunk in r.read_chunked():
+            data += chunk
+    assert data.count(b"event: content_block_delta") == 1 and b"message_stop" not in data
+    info = fake.sent_info("never")
+    assert info["timed_out"] and info["deltas"] == 1 and not info["released"]
+
+
+def test_json_body_waits_for_release_after_its_first_piece(fake: FakeUpstream) -> None:
+    r = post(fake, "/v1/messages", JSON_BODY, {"x-fake-bytes": "1000000", "x-fake-wait-release": "big"},
+             preload_content=False)
+    total = int(r.headers["content-length"])
+    first = r.read(256 * 1024)
+    info = fake.sent_info("big")
+    assert len(first) == info["bytes"] == 256 * 1024 < total and info["waiting"]
+    fake.release("big")
+    rest = r.read()
+    assert len(first + rest) == total and json.loads(first + rest)["type"] == "message"
+    assert fake.sent_info("big")["done"]
+
+
+def test_token_endpoint_hold(fake: FakeUpstream) -> None:
+    fake.add_account("a", "r")
+    fake.configure(token_endpoint={"hold": "tok", "times": 1})
+    grant = json.dumps({"grant_type": "refresh_token", "refresh_token": "r"}).encode()
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/oauth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(grant)).encode() + b"\r\n\r\n" + grant)
+        fake.wait_stats(lambda s: s["requests_by_path"].get("/v1/oauth/token") == 1, what="the held request")
+        assert fake.sent_info("tok")["waiting"] and fake.stats()["refreshes"] == 0
+        fake.release("tok")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert fake.stats()["refreshes"] == 1

@@ -5,8 +5,8 @@ a stream has started), nothing leaks (the fake's open connections and streams an
 descriptors return to where they were, and a SIGTERM finds no request still in flight), no refresh token is
 sent twice, and no credentials or usage file is ever corrupted or loses a record. Disk-full, read-only and
 immutable files are real (a small tmpfs, a read-only bind mount, `chattr +i`); where the machine does not
-allow them the test is skipped. SIGKILL during a save is covered by tests/test_usage_e2e.py and
-tests/test_usage_store.py.
+allow them the test is skipped, except under CI, where that fails (tests/support/system.py). SIGKILL during a
+save is covered by tests/test_usage_e2e.py and tests/test_usage_store.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,38 +25,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import procs
 import pytest
 import trustme
-import urllib3
-from conftest import ACCESS, ALICE, BOB, REFRESH
-from fake_upstream import FakeUpstream
-from procs import Proxy, request, service_config, wait_for, write_credentials
 
-MODEL = "claude-sonnet-4-6"
-USERS = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
+from tests.support import procs
+from tests.support.clients import messages_body, post_messages
+from tests.support.constants import ACCESS, ALICE, BOB, REFRESH, USERS
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.procs import Proxy, request, service_config, wait_for, write_credentials
+from tests.support.system import immutable, read_only, tmpfs
+
 TOKEN_PATH = "/v1/oauth/token"
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def body(stream: bool = False) -> bytes:
-    return json.dumps({"model": MODEL, "max_tokens": 16, "stream": stream,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-def post(proxy: Proxy, stream: bool = False, token: str = ALICE, **knobs: Any) -> tuple[int, dict[str, str], bytes]:
-    """POST /v1/messages with x-fake-* knobs; the body as far as it came (a cut body is not an exception here)."""
-    headers = {"Authorization": "Bearer " + token, "content-type": "application/json"}
-    headers.update({"x-fake-" + k.replace("_", "-"): str(v) for k, v in knobs.items()})
-    r = request("POST", proxy.url + "/v1/messages", body=body(stream), headers=headers, preload_content=False)
-    data = b""
-    with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
-        for chunk in r.stream(65536, decode_content=False):
-            data += chunk
-    r.release_conn()
-    return r.status, dict(r.headers), data
 
 
 def error_type(data: bytes) -> str:
@@ -79,59 +60,20 @@ def token_posts(fake: FakeUpstream) -> list[dict[str, Any]]:
     return fake.requests(path=TOKEN_PATH)
 
 
+LONG_GRACE = "10m"  # proxies that `stops_at_once` stops: a request left counted as in flight would hold them this long
+
+
 def stops_at_once(proxy: Proxy) -> None:
-    """SIGTERM with a long grace period: an exit within seconds means no request was left in flight."""
-    start = time.monotonic()
+    """SIGTERM with a grace period of LONG_GRACE: the process must exit (bounded wait, far shorter than the grace)
+    without cutting anything, which it does only when no request is counted as in flight any more."""
+    grace = {s.get("shutdown_grace") for s in json.loads(proxy.config_path.read_text())["services"]}
+    assert grace == {LONG_GRACE}, "stops_at_once needs services with shutdown_grace LONG_GRACE"
     proxy.signal(signal.SIGTERM)
-    assert proxy.wait(15) == 0, proxy.log()
-    assert time.monotonic() - start < 5, "a request was still counted as in flight"
-
-
-def access_lines(proxy: Proxy) -> list[str]:
-    return [line for line in proxy.log().splitlines() if "ccm_wsgi.access:" in line]
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A small tmpfs at `path`: a disk that really fills up."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-@contextlib.contextmanager
-def read_only(path: Path) -> Iterator[Path]:
-    """`path` (a directory) as a read-only bind mount of itself: not writable, even for root."""
-    done = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
-    try:
-        done = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, text=True)
-        if done.returncode:
-            pytest.skip(f"cannot remount read-only here: {done.stderr.strip()}")
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-@contextlib.contextmanager
-def immutable(path: Path) -> Iterator[Path]:
-    """`chattr +i`: no write, rename or unlink of `path`, even for root and through open descriptors."""
-    if shutil.which("chattr") is None:
-        pytest.skip("no chattr here")
-    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"chattr +i does not work here: {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        assert proxy.wait(60) == 0, proxy.log()
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"a request was still counted as in flight:\n{proxy.log()}") from None
+    assert "cutting" not in proxy.log()
 
 
 def fill(directory: Path) -> Path:
@@ -161,7 +103,7 @@ def usage_total(path: Path) -> dict[str, int]:
 def faulty(fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy], tmp_path: Path) -> Proxy:
     """Short upstream timeouts, usage accounting on, a long shutdown grace (see `stops_at_once`)."""
     cfg = service_config(fake.url, creds, users=USERS, stream_idle_timeout="1s", response_timeout="1s",
-                         shutdown_grace="30s", usages_path=str(tmp_path / "usage" / "usages.json"))
+                         shutdown_grace=LONG_GRACE, usages_path=str(tmp_path / "usage" / "usages.json"))
     return start_proxy({"log": {"level": "info"}, "services": [cfg]})
 
 
@@ -170,46 +112,45 @@ def faulty(fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy], t
 
 def cheap_faults(proxy: Proxy) -> None:
     """Every fault that costs no timeout, with its documented answer."""
-    status, _, data = post(proxy, drop_after=0)  # reset before the status line
+    status, _, data = post_messages(proxy, drop_after=0)  # reset before the status line
     assert status == 502 and error_type(data) == "api_error" and b"upstream unreachable" in data
-    status, _, data = post(proxy, drop_after=1)  # reset in the middle of a small JSON body
+    status, _, data = post_messages(proxy, drop_after=1)  # reset in the middle of a small JSON body
     assert status == 502 and b"lost while reading the response" in data
-    start = time.monotonic()
-    status, headers, data = post(proxy, drop_after=1, bytes=2_000_000)  # ... of a relayed one: cut at once
-    assert status == 200 and len(data) < int(headers["content-length"])
-    assert time.monotonic() - start < 5, "the client was left waiting for the rest of a body that will not come"
+    reply = post_messages(proxy, drop_after=1, bytes=2_000_000)  # ... of a relayed one: the client's is cut too
+    assert reply.status == 200 and len(reply.data) < int(reply.headers["content-length"])
+    assert reply.cut, f"the client was left waiting for the rest of a body that will not come: {reply.ended!r}"
     for drop in (0, 2):  # reset mid-stream
-        status, _, data = post(proxy, stream=True, drop_after=drop)
+        status, _, data = post_messages(proxy, stream=True, drop_after=drop)
         assert status == 200 and data.count(b"event: content_block_delta") == drop
         assert last_event(data) == (b'event: error\ndata: {"type":"error","error":{"type":"api_error",'
                                     b'"message":"the upstream connection was lost mid-stream"}}')
-    status, _, data = post(proxy, stream=True, error_after=1)  # the upstream's own error event
+    status, _, data = post_messages(proxy, stream=True, error_after=1)  # the upstream's own error event
     assert status == 200 and b'"overloaded_error"' in last_event(data)
     for code, kind in ((529, "overloaded_error"), (503, "api_error"), (500, "api_error")):
-        status, headers, data = post(proxy, status=code, retry_after=7)
+        status, headers, data = post_messages(proxy, status=code, retry_after=7)
         assert status == code and error_type(data) == kind
         assert headers.get("retry-after") == ("7" if code != 500 else None)
-    status, headers, data = post(proxy, invalid_json=1)  # passed on untouched, not counted
+    status, headers, data = post_messages(proxy, invalid_json=1)  # passed on untouched, not counted
     assert status == 200 and data == b'{"id":"msg_broken","type":"message","content":[{"type":"text","text":"Hel'
-    status, _, data = post(proxy, stream=True)
+    status, _, data = post_messages(proxy, stream=True)
     assert status == 200 and data.endswith(b'"message_stop"}\n\n')
 
 
 def test_upstream_faults_get_documented_answers_and_leak_nothing(faulty: Proxy, fake: FakeUpstream,
                                                                  tmp_path: Path) -> None:
-    assert post(faulty)[0] == 200
+    assert post_messages(faulty).status == 200
     base_fds, base_conns = fd_count(faulty), fake.stats()["open_connections"]
     cheap_faults(faulty)
     # stalls: before the headers (504), in a stream (SSE error), in a relayed JSON body (cut)
-    status, _, data = post(faulty, stall_before_headers=1)
+    status, _, data = post_messages(faulty, stall_before_headers=1)
     assert status == 504 and error_type(data) == "api_error" and b"did not answer in time" in data
-    status, _, data = post(faulty, stream=True, stall_after=1)
+    status, _, data = post_messages(faulty, stream=True, stall_after=1)
     assert status == 200 and last_event(data).startswith(b"event: error") and b"sent nothing for 1s" in data
-    start = time.monotonic()
-    status, headers, data = post(faulty, stall_after=1, bytes=2_000_000)
-    assert status == 200 and len(data) < int(headers["content-length"]) and time.monotonic() - start < 6
+    reply = post_messages(faulty, stall_after=1, bytes=2_000_000)  # cut by the proxy's 1 s idle timeout, not ours
+    assert reply.status == 200 and len(reply.data) < int(reply.headers["content-length"])
+    assert reply.cut, f"the client was left waiting for the rest of a body that will not come: {reply.ended!r}"
     # a 10 MB answer arrives whole and is counted
-    status, headers, data = post(faulty, bytes=10_000_000, input_tokens=1234, output_tokens=567)
+    status, headers, data = post_messages(faulty, bytes=10_000_000, input_tokens=1234, output_tokens=567)
     assert status == 200 and len(data) == int(headers["content-length"]) >= 10_000_000
     assert data.endswith(b'"output_tokens":567,"service_tier":"standard"}}')
     for _ in range(4):  # more rounds: a leak per fault would show as growth
@@ -217,8 +158,8 @@ def test_upstream_faults_get_documented_answers_and_leak_nothing(faulty: Proxy, 
     wait_for(lambda: fake.stats()["active_streams"] == 0, 10, what="no stream left open upstream")
     wait_for(lambda: fake.stats()["open_connections"] <= base_conns + 2, 10, what="upstream connections released")
     wait_for(lambda: fd_count(faulty) <= base_fds + 2, 10, what="proxy descriptors back to the baseline")
-    assert post(faulty, token=BOB)[0] == 200
-    lines = access_lines(faulty)
+    assert post_messages(faulty, token=BOB).status == 200
+    lines = faulty.access_lines()
     assert any("partial(upstream dropped)" in line for line in lines)
     assert any("partial(idle timeout)" in line for line in lines)
     assert any(" 10000" in line and " in=1234 out=567 " in line for line in lines), "the 10 MB answer was not counted"
@@ -268,12 +209,13 @@ def test_unreachable_and_untrusted_upstreams_are_502(tmp_path: Path, creds: Path
             "untrusted": (tls_fake.url, "certificate of upstream not trusted"),
             "tls-to-plain": (f"https://127.0.0.1:{plain}", "TLS handshake with upstream failed"),
         }
-        services = [service_config(url, creds, tag=tag, users=USERS) for tag, (url, _) in cases.items()]
+        services = [service_config(url, creds, tag=tag, users=USERS, shutdown_grace=LONG_GRACE)
+                    for tag, (url, _) in cases.items()]
         proxy = start_proxy({"services": services})
         base = fd_count(proxy)
         for _ in range(5):
             for tag, (_, says) in cases.items():
-                r = request("POST", f"http://127.0.0.1:{proxy.ports[tag]}/v1/messages", body=body(),
+                r = request("POST", f"http://127.0.0.1:{proxy.ports[tag]}/v1/messages", body=messages_body(),
                             headers={"Authorization": "Bearer " + ALICE})
                 message = json.loads(r.data)["error"]["message"]
                 assert r.status == 502 and says.lower() in message.lower(), (tag, message)
@@ -301,26 +243,26 @@ def test_refresh_whose_answer_is_lost_is_not_sent_again(expiring: tuple[Proxy, P
     before = path.read_bytes()
     for fault in ({"reset": True}, {"down": True}):  # the endpoint got the request, its answer never came
         fake.configure(token_endpoint={**fault, "times": 5})
-        status, _, data = post(proxy)
+        status, _, data = post_messages(proxy)
         assert status == 502 and "answer was lost" in json.loads(data)["error"]["message"]
         assert len(token_posts(fake)) == 1, "a refresh token that may be spent was sent again"
-        assert post(proxy)[0] == 502 and len(token_posts(fake)) == 1  # backing off
+        assert post_messages(proxy).status == 502 and len(token_posts(fake)) == 1  # backing off
         assert path.read_bytes() == before
         fake.reset()
         write_credentials(path, ACCESS, REFRESH, expires_in=-5)  # a changed file ends the back-off
         before = path.read_bytes()
     fake.configure(token_endpoint=None)
-    assert post(proxy)[0] == 200 and len(token_posts(fake)) == 1 and fake.stats()["refreshes"] == 1
+    assert post_messages(proxy).status == 200 and len(token_posts(fake)) == 1 and fake.stats()["refreshes"] == 1
 
 
 def test_token_endpoint_500_and_unreachable_back_off(expiring: tuple[Proxy, Path], fake: FakeUpstream,
                                                      tmp_path: Path, start_proxy: Callable[..., Proxy]) -> None:
     proxy, path = expiring
     fake.configure(token_endpoint={"status": 500, "times": 1})
-    status, _, data = post(proxy)
+    status, _, data = post_messages(proxy)
     assert status == 502 and "token endpoint failed (HTTP 500 server_error)" in json.loads(data)["error"]["message"]
     for _ in range(5):  # no refresh storm: the next ones wait for the back-off (or a changed file)
-        assert post(proxy)[0] == 502
+        assert post_messages(proxy).status == 502
     assert len(token_posts(fake)) == 1
     assert "refresh failed" in proxy.log() and json.loads(path.read_text())["claudeAiOauth"]["accessToken"] == ACCESS
     # a token endpoint nobody listens on: a connection that never opened is retried, then a clear 502
@@ -330,16 +272,16 @@ def test_token_endpoint_500_and_unreachable_back_off(expiring: tuple[Proxy, Path
     other = write_credentials(tmp_path / "other" / ".credentials.json", ACCESS, REFRESH, expires_in=-5)
     cfg = service_config(fake.url, other, users=USERS, token_url=f"http://127.0.0.1:{dead}/v1/oauth/token")
     down = start_proxy({"services": [cfg]}, name="down")
-    status, _, data = post(down)
+    status, _, data = post_messages(down)
     assert status == 502 and "token endpoint is unreachable" in json.loads(data)["error"]["message"]
-    assert post(down, token=BOB)[0] == 502 and request("GET", down.url + "/healthz").status == 200
+    assert post_messages(down, token=BOB).status == 502 and request("GET", down.url + "/healthz").status == 200
 
 
 def test_slow_token_endpoint_refreshes_once_for_everyone(expiring: tuple[Proxy, Path], fake: FakeUpstream) -> None:
     proxy, path = expiring
     fake.configure(token_endpoint={"delay_ms": 1500, "times": 1})
     results: list[int] = []
-    threads = [threading.Thread(target=lambda t=t: results.append(post(proxy, token=t)[0]))
+    threads = [threading.Thread(target=lambda t=t: results.append(post_messages(proxy, token=t).status))
                for t in (ALICE, BOB) * 3]
     for t in threads:
         t.start()
@@ -355,7 +297,7 @@ def test_invalid_grant_is_not_retried(expiring: tuple[Proxy, Path], fake: FakeUp
     proxy, path = expiring
     fake.revoke(refresh_token=REFRESH)  # spent elsewhere
     for _ in range(4):
-        status, _, data = post(proxy)
+        status, _, data = post_messages(proxy)
         assert status == 503 and "must be renewed" in json.loads(data)["error"]["message"]
     assert fake.stats()["invalid_grant"] == 1 and len(token_posts(fake)) == 1
     assert json.loads(path.read_text())["claudeAiOauth"]["refreshToken"] == REFRESH
@@ -364,7 +306,7 @@ def test_invalid_grant_is_not_retried(expiring: tuple[Proxy, Path], fake: FakeUp
 def test_broken_credential_files_are_clear_503s_until_fixed(fake: FakeUpstream, creds: Path,
                                                             start_proxy: Callable[..., Proxy]) -> None:
     proxy = start_proxy({"services": [service_config(fake.url, creds, users=USERS)]})
-    assert post(proxy)[0] == 200
+    assert post_messages(proxy).status == 200
     good = creds.read_text()
     cases: list[tuple[Callable[[], None], str]] = [
         (lambda: creds.write_text(""), "file is empty"),
@@ -378,13 +320,13 @@ def test_broken_credential_files_are_clear_503s_until_fixed(fake: FakeUpstream, 
     ]
     for breaks, says in cases:
         breaks()
-        status, _, data = post(proxy)
+        status, _, data = post_messages(proxy)
         message = json.loads(data)["error"]["message"]
         assert status == 503 and says in message and str(creds) in message, message
         assert request("GET", proxy.url + "/healthz").status == 200
     creds.unlink()
     creds.write_text(good)
-    assert post(proxy)[0] == 200 and creds.read_text() == good  # picked up again, never rewritten
+    assert post_messages(proxy).status == 200 and creds.read_text() == good  # picked up again, never rewritten
     assert "Traceback" not in proxy.log()
 
 
@@ -392,14 +334,14 @@ def test_read_only_credentials_directory_is_never_refreshed(expiring: tuple[Prox
     proxy, path = expiring
     before = path.read_bytes()
     with read_only(path.parent):
-        status, _, data = post(proxy)
+        status, _, data = post_messages(proxy)
         message = json.loads(data)["error"]["message"]
         assert status == 503 and "is not writable" in message and "refuses to refresh" in message
         assert token_posts(fake) == [] and path.read_bytes() == before
         # a fresh login written by its owner (before the directory went read-only) is used as it is
     write_credentials(path, ACCESS, REFRESH, expires_in=3600)
     with read_only(path.parent):
-        assert post(proxy)[0] == 200 and token_posts(fake) == []
+        assert post_messages(proxy).status == 200 and token_posts(fake) == []
 
 
 def claude_refreshes(fake: FakeUpstream, path: Path, refresh: str) -> tuple[str, str, bytes]:
@@ -427,13 +369,14 @@ def test_local_claude_rotates_the_token_while_requests_are_in_flight(
         fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy]) -> None:
     proxy = start_proxy({"services": [service_config(fake.url, creds, users=USERS)]})
     streamed: list[bytes] = []
-    in_flight = threading.Thread(target=lambda: streamed.append(post(proxy, stream=True, wait_release="rot")[2]))
+    in_flight = threading.Thread(
+        target=lambda: streamed.append(post_messages(proxy, stream=True, wait_release="rot").data))
     in_flight.start()
     wait_for(lambda: fake.sent_info("rot")["waiting"], 10, what="a stream in flight")
     access, _, written = claude_refreshes(fake, creds, REFRESH)
     fake.revoke(access_token=ACCESS)  # the old token stops working at once
     for token in (ALICE, BOB, ALICE):
-        assert post(proxy, token=token)[0] == 200
+        assert post_messages(proxy, token=token).status == 200
     fake.release("rot")
     in_flight.join(20)
     assert streamed and streamed[0].endswith(b'"message_stop"}\n\n')
@@ -447,10 +390,10 @@ def test_local_claude_rotates_the_token_while_requests_are_in_flight(
         f.truncate(0)
         f.write(written[: len(written) // 2])
         f.flush()
-        status, _, data = post(proxy)
+        status, _, data = post_messages(proxy)
         assert status == 503 and "invalid JSON" in json.loads(data)["error"]["message"]
         f.write(written[len(written) // 2:])
-    assert post(proxy)[0] == 200 and creds.read_bytes() == written
+    assert post_messages(proxy).status == 200 and creds.read_bytes() == written
     assert len(token_posts(fake)) == 1 and "Traceback" not in proxy.log()
 
 
@@ -459,7 +402,7 @@ def test_refresh_racing_a_local_claude_never_spends_a_token_twice(expiring: tupl
     proxy, path = expiring
     fake.configure(token_endpoint={"delay_ms": 1000, "times": 1})  # the proxy's refresh is slow...
     result: list[int] = []
-    racer = threading.Thread(target=lambda: result.append(post(proxy)[0]))
+    racer = threading.Thread(target=lambda: result.append(post_messages(proxy).status))
     racer.start()
     wait_for(lambda: len(token_posts(fake)) == 1, 10, what="the proxy's refresh to reach the endpoint")
     access, refresh, written = claude_refreshes(fake, path, REFRESH)  # ...and claude is faster
@@ -471,7 +414,7 @@ def test_refresh_racing_a_local_claude_never_spends_a_token_twice(expiring: tupl
     assert sent == [REFRESH, REFRESH] and fake.stats()["invalid_grant"] == 1
     assert path.read_bytes() == written  # claude's file, not overwritten
     for _ in range(3):
-        assert post(proxy)[0] == 200
+        assert post_messages(proxy).status == 200
     assert len(token_posts(fake)) == 2 and refresh not in [json.loads(p["body"])["refresh_token"]
                                                            for p in token_posts(fake)]
 
@@ -481,13 +424,13 @@ def test_refresh_racing_a_local_claude_never_spends_a_token_twice(expiring: tupl
 
 def serve_counting(fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy], usages: Path,
                    name: str = "proxy") -> Proxy:
-    cfg = service_config(fake.url, creds, users=USERS, usages_path=str(usages))
+    cfg = service_config(fake.url, creds, users=USERS, usages_path=str(usages), shutdown_grace=LONG_GRACE)
     return start_proxy({"log": {"level": "info"}, "services": [cfg]}, name=name)
 
 
 def requests_for(proxy: Proxy, n: int) -> None:
     for i in range(n):
-        status, _, data = post(proxy, stream=i % 2 == 1, token=(ALICE, BOB)[i % 2])
+        status, _, data = post_messages(proxy, stream=i % 2 == 1, token=(ALICE, BOB)[i % 2])
         assert status == 200, data
 
 

@@ -8,17 +8,15 @@ request) shows where the concurrent bursts went.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
-import re
-import runpy
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,20 +24,27 @@ from typing import Any
 import anthropic
 import pytest
 import trustme
-from conftest import ACCESS, ALICE, BOB, REFRESH
-from procs import GUNICORN_CONF, HTTP, ROOT, Gunicorn, request, service_config, wait_for, write_credentials
 
-MODEL = "claude-sonnet-4-6"
-USERS = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
-ACCESS_FORMAT = "%(p)s %(m)s %(U)s %(s)s"
+from tests.support.clients import ask, first_delta_only, stream_events
+from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH, USERS
+from tests.support.procs import (
+    GUNICORN_CONF,
+    HTTP,
+    ROOT,
+    Gunicorn,
+    request,
+    service_config,
+    wait_for,
+    write_credentials,
+)
 
 
 @pytest.fixture
 def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
     started: list[Gunicorn] = []
 
-    def start(config: dict[str, Any], workers: int = 2, env: dict[str, str] | None = None) -> Gunicorn:
-        extra = ("--access-logfile", str(tmp_path / "access.log"), "--access-logformat", ACCESS_FORMAT)
+    def start(config: dict[str, Any], workers: int = 2, env: dict[str, str] | None = None,
+              extra: tuple[str, ...] = ()) -> Gunicorn:
         server = Gunicorn(tmp_path, config, workers=workers, env=env, extra=extra).start()
         started.append(server)
         return server
@@ -50,15 +55,6 @@ def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
             for pid in server.worker_pids():
                 os.kill(pid, signal.SIGCONT)
         server.stop()
-
-
-def served_by(tmp_path: Path) -> list[int]:
-    """The worker pid of every request so far (gunicorn's access log)."""
-    try:
-        text = (tmp_path / "access.log").read_text()
-    except FileNotFoundError:
-        return []
-    return [int(m.group(1)) for m in re.finditer(r"^<(\d+)> ", text, re.M)]
 
 
 @contextlib.contextmanager
@@ -74,23 +70,16 @@ def only(server: Gunicorn, pid: int) -> Iterator[None]:
             os.kill(other, signal.SIGCONT)
 
 
-def client(server: Gunicorn, token: str = ALICE) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, auth_token=token, max_retries=0)
-
-
 def message(server: Gunicorn, token: str = ALICE) -> tuple[int, int]:
     """One non-streaming message on a new connection; its (input, output) tokens."""
-    with client(server, token) as c:
-        usage = c.messages.create(model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}]).usage
+    usage = ask(server, token).usage
     return usage.input_tokens, usage.output_tokens
 
 
 def stream(server: Gunicorn, token: str = ALICE) -> tuple[int, int]:
-    with client(server, token) as c, c.messages.stream(
-            model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}]) as s:
-        assert "".join(s.text_stream)
-        usage = s.get_final_message().usage
-    return usage.input_tokens, usage.output_tokens
+    final = ask(server, token, stream=True)
+    assert final.content[0].text
+    return final.usage.input_tokens, final.usage.output_tokens
 
 
 def burst(calls: list[Callable[[], Any]]) -> list[Any]:
@@ -135,7 +124,10 @@ def file_requests(path: Path) -> int:
 
 def test_streams_and_exact_usage_across_workers_saved_on_sigterm(tmp_path, fake, creds, start_gunicorn):
     usages = tmp_path / "usages.json"
-    server = start_gunicorn({"services": [service_config(fake.url, creds, users=USERS, usages_path=str(usages))]})
+    # a long grace and keep-alive: a worker that waited for either (instead of closing the connection of a
+    # stream that ends during shutdown) would hold gunicorn far longer than the bounded wait below
+    cfg = service_config(fake.url, creds, users=USERS, usages_path=str(usages), shutdown_grace="10m")
+    server = start_gunicorn({"services": [cfg]}, extra=("--keep-alive", "600"))
     workers = sorted(server.worker_pids())
     assert len(workers) == 2
     expected: dict[str, list[tuple[int, int]]] = {"alice": [], "bob": []}
@@ -144,24 +136,15 @@ def test_streams_and_exact_usage_across_workers_saved_on_sigterm(tmp_path, fake,
         with only(server, pid):
             expected["alice"].append(message(server))
             expected["bob"].append(stream(server, BOB))
-    assert sorted(set(served_by(tmp_path))) == workers
+    assert sorted(set(server.request_pids())) == workers
     # then a burst spread over both
     calls = [lambda i=i: (message if i % 2 else stream)(server, (ALICE, BOB)[i % 3 == 0]) for i in range(16)]
     for i, usage in enumerate(burst(calls)):
         expected[("alice", "bob")[i % 3 == 0]].append(usage)
     # a stream's events reach the client while the upstream still holds the rest (no buffering)
-    seen: list[str] = []
-    with client(server) as c, c.messages.stream(
-            model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "hi"}],
-            extra_headers={"x-fake-wait-release": "g1", "x-fake-events": "3"}) as s:
-        for event in s:
-            seen.append(event.type)
-            if event.type == "content_block_delta" and seen.count("content_block_delta") == 1:
-                assert fake.sent("g1") <= 3
-                fake.release("g1")
-        expected["alice"].append((s.get_final_message().usage.input_tokens,
-                                  s.get_final_message().usage.output_tokens))
-    assert seen[-1] == "message_stop"
+    seen = stream_events(server, "g1", on_first_delta=lambda: first_delta_only(fake, "g1"))
+    assert seen.count("content_block_delta") == 3 and seen[-1] == "message_stop"
+    expected["alice"].append((10, 3))  # the fake's defaults: 10 in, one out per delta
     # SIGTERM while a stream is in flight: it finishes, every worker saves, gunicorn exits 0
     HTTP.clear()  # no idle keep-alive connection of ours holds a worker
     r = request("POST", server.url + "/v1/messages", preload_content=False, body=json.dumps(
@@ -172,12 +155,10 @@ def test_streams_and_exact_usage_across_workers_saved_on_sigterm(tmp_path, fake,
     assert b"message_start" in first
     server.signal(signal.SIGTERM)
     rest = r.read()
-    ended = time.monotonic()
     assert b"message_stop" in first + rest and b"event: error" not in rest
     expected["bob"].append((3, 11))
-    assert server.wait(30) == 0
-    # no waiting for the next request on that connection (gunicorn's keep-alive) once the stream ended
-    assert time.monotonic() - ended < 4
+    # our connection stays in the client's pool: no waiting for a next request on it once the stream ended
+    assert server.wait(60) == 0
     assert "Worker exiting" in server.log()
     # the file itself (not only the journal) holds every request, counted once
     got = totals(usages)
@@ -189,11 +170,26 @@ def test_streams_and_exact_usage_across_workers_saved_on_sigterm(tmp_path, fake,
         assert secret not in server.log()
 
 
+def fold_lock_free(usages: Path) -> bool:
+    """Nobody holds the usage file's lock: no fold (or record) is under way in any process."""
+    fd = os.open(str(usages) + ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases it at once
+
+
 def test_periodic_save_runs_in_every_worker(tmp_path, fake, creds, start_gunicorn):
+    """Each worker's saver greenlet folds its own records. A worker is only ever paused (`only`) when it has
+    nothing unsaved and no fold under way: a worker frozen inside its fold would hold the usage lock."""
     usages = tmp_path / "usages.json"
     server = start_gunicorn({"services": [service_config(fake.url, creds, usages_path=str(usages))]},
                             env={"CCM_USAGE_SAVE_INTERVAL": "0.5"})
     assert file_requests(usages) == 0  # created empty at start
+    wait_for(lambda: fold_lock_free(usages), 20, what="the start-up folds to end")
     sent = 0
     for _ in range(2):  # twice round: each worker's saver greenlet keeps running
         for pid in sorted(server.worker_pids()):
@@ -201,8 +197,10 @@ def test_periodic_save_runs_in_every_worker(tmp_path, fake, creds, start_gunicor
                 message(server)
                 sent += 1
                 # only this worker has unsaved records: the file catches up only through its own saver
-                wait_for(lambda n=sent: file_requests(usages) == n, 5, 0.05, what=f"worker {pid} to save usage")
-            assert served_by(tmp_path)[-1] == pid
+                wait_for(lambda n=sent: file_requests(usages) == n, 20, 0.05, what=f"worker {pid} to save usage")
+                # and that fold is over (journal rotated, lock released) before this worker may be paused
+                wait_for(lambda: fold_lock_free(usages), 20, what=f"worker {pid}'s fold to end")
+            assert server.request_pids()[-1] == pid
     assert file_requests(usages) == 4
 
 
@@ -215,7 +213,7 @@ def test_one_refresh_across_workers(tmp_path, fake, start_gunicorn):
     for pid in sorted(server.worker_pids()):
         with only(server, pid):
             message(server)
-    assert set(served_by(tmp_path)) == server.worker_pids()
+    assert set(server.request_pids()) == server.worker_pids()
     stats = fake.stats()
     assert stats["refreshes"] == 1 and stats["invalid_grant"] == 0, stats
     oauth = json.loads(path.read_text())["claudeAiOauth"]
@@ -251,26 +249,3 @@ def test_bad_config_stops_gunicorn_with_the_check_lines(tmp_path):
                          timeout=30)
     assert out.returncode != 0
     assert any(line.startswith("services[0].detour: ") for line in out.stderr.splitlines()), out.stderr
-
-
-def test_settings_follow_the_service(tmp_path, monkeypatch):
-    config = {"services": [
-        service_config("http://127.0.0.1:1", tmp_path / "c.json", tag="a", listen_port=18080),
-        service_config("http://127.0.0.1:1", tmp_path / "c.json", tag="b", listen="::1", listen_port=18081,
-                       shutdown_grace="10m"),
-    ]}
-    path = tmp_path / "two.json"
-    path.write_text(json.dumps(config))
-    monkeypatch.setenv("CCM_CONFIG", str(path))
-    monkeypatch.delenv("CCM_BIND", raising=False)
-    monkeypatch.setenv("CCM_SERVICE", "b")
-    settings = runpy.run_path(str(GUNICORN_CONF))
-    assert settings["bind"] == ["[::1]:18081"] and settings["graceful_timeout"] == 600 + 5  # grace + stop margin
-    assert settings["worker_class"] == "gevent" and settings["preload_app"] is False
-    assert settings["max_requests"] == 0 and callable(settings["worker_exit"])
-    monkeypatch.setenv("CCM_SERVICE", "a")
-    settings = runpy.run_path(str(GUNICORN_CONF))
-    assert settings["bind"] == ["127.0.0.1:18080"] and settings["graceful_timeout"] == 30 + 5
-    monkeypatch.delenv("CCM_SERVICE")
-    with pytest.raises(SystemExit):  # two services and no CCM_SERVICE
-        runpy.run_path(str(GUNICORN_CONF))

@@ -26,12 +26,10 @@ from typing import Any
 import brotli
 import pytest
 import trustme
-from conftest import ALICE, BOB
-from fake_upstream import FakeUpstream
-from procs import HTTP, Proxy, request, service_config, write_credentials
 
-MODEL = "claude-sonnet-4-6"
-USERS = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
+from tests.support.constants import ALICE, BOB, MODEL, USERS
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.procs import HTTP, Proxy, request, service_config, write_credentials
 
 
 def messages_body(n: int = 1) -> bytes:

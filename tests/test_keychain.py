@@ -1,9 +1,8 @@
-"""The macOS keychain path (reference §7.2) through `keyring`, with an in-memory backend (tests/memkeyring.py)
+"""The macOS keychain path (reference §7.2) through `keyring`, with an in-memory backend (tests/support/memkeyring.py)
 in the `ccm-wsgi serve` child. `CCM_KEYCHAIN=1` turns the keychain on where it is not macOS."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -14,40 +13,21 @@ from typing import Any
 
 import anthropic
 import pytest
-from procs import Proxy, service_config, wait_for, write_credentials
 
 from ccm_wsgi.credentials import keychain
+from tests.support.constants import MODEL
+from tests.support.procs import Proxy, service_config, wait_for, write_credentials
 
-MODEL = "claude-sonnet-4-6"
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 ACCOUNT = "ccm-keychain-tester"
 FILE_ACCESS, FILE_REFRESH = "sk-ant-oat01-from-the-file", "sk-ant-ort01-from-the-file"
 CHAIN_ACCESS, CHAIN_REFRESH = "sk-ant-oat01-from-the-keychain", "sk-ant-ort01-from-the-keychain"
 
 
-def test_service_name_rule():
-    home = "/Users/alice"
-    assert keychain.service_name(None, home) == "Claude Code-credentials"
-    assert keychain.service_name("", home) == "Claude Code-credentials"
-    assert keychain.service_name("/Users/alice/.claude", home) == "Claude Code-credentials"
-    # the reference's example, and the rule: first 8 hex of sha256 of the string exactly as given
-    assert keychain.service_name("/Users/alice/.claude-work", home) == "Claude Code-credentials-be865d75"
-    for odd in ("/Users/alice/.claude/", "/Users/alice/../alice/.claude", "~/.claude"):
-        suffix = hashlib.sha256(odd.encode()).hexdigest()[:8]
-        assert keychain.service_name(odd, home) == "Claude Code-credentials-" + suffix
 
 
-def test_enabled_on_macos_or_when_forced(monkeypatch):
-    monkeypatch.delenv("CCM_KEYCHAIN", raising=False)
-    monkeypatch.setattr(sys, "platform", "linux")
-    assert not keychain.enabled()
-    monkeypatch.setattr(sys, "platform", "darwin")
-    assert keychain.enabled()
-    monkeypatch.setenv("CCM_KEYCHAIN", "0")
-    assert not keychain.enabled()
-    monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setenv("CCM_KEYCHAIN", "1")
-    assert keychain.enabled()
+
+
 
 
 def oauth_json(access: str, refresh: str, expires_in: float) -> str:
@@ -70,9 +50,9 @@ def setup(tmp_path: Path, fake, start_proxy) -> Callable[..., tuple[Proxy, Path,
         dump = tmp_path / "keyring-dump.json"
         child_env = {
             "CLAUDE_CONFIG_DIR": str(config_dir), "USER": ACCOUNT, "LOGNAME": ACCOUNT,
-            "PYTHON_KEYRING_BACKEND": "memkeyring.MemoryKeyring", "MEMKEYRING_DUMP": str(dump),
+            "PYTHON_KEYRING_BACKEND": "tests.support.memkeyring.MemoryKeyring", "MEMKEYRING_DUMP": str(dump),
             "MEMKEYRING_SEED": json.dumps({service: {ACCOUNT: item}} if item is not None else {}),
-            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **env,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **env,
         }
         if keychain_on is not None:
             child_env["CCM_KEYCHAIN"] = keychain_on

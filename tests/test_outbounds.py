@@ -1,4 +1,4 @@
-"""Outbounds: fetches through real SOCKS and HTTP proxies (tests/proxies.py) to a local upstream.
+"""Outbounds: fetches through real SOCKS and HTTP proxies (tests/support/proxies.py) to a local upstream.
 
 The upstream is an http.server in a thread on 127.0.0.1 (plain, and HTTPS with a trustme CA); it is
 always addressed as `localhost`, so the proxies' logs show whether the name reached them unresolved.
@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 import trustme
 import urllib3
-from proxies import Proxy, free_port, start_http_proxy, start_https_proxy, start_socks4, start_socks5
 from urllib3.exceptions import HTTPError
 
 from ccm_wsgi.config import DialOutbound, DirectOutbound, HttpOutbound, OutboundTLS, SocksOutbound
 from ccm_wsgi.names import openssl_cipher_list
 from ccm_wsgi.upstream.outbounds import Outbounds, ProxyRefused
+from tests.support.proxies import Proxy, free_port, start_http_proxy, start_https_proxy, start_socks4, start_socks5
 
 ROOT = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "ccm-user", "s3cret-pass-word"

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import anthropic
 import pytest
-from conftest import ALICE, BOB
-from procs import request, wait_for, write_credentials
 
-MODEL = "claude-sonnet-4-6"
+from tests.support.clients import post_messages
+from tests.support.constants import ALICE, BOB, MODEL
+from tests.support.procs import request, wait_for, write_credentials
+
 ADMIN = "ak-ccm-admin-0123456789abcdef"
 
 
@@ -52,14 +53,13 @@ def polled(proxy, n: int):
 
 
 def ask(proxy, token=ALICE, session: str | None = None, extra: dict | None = None):
-    headers = {"Authorization": "Bearer " + token, "content-type": "application/json", **(extra or {})}
-    if session:
-        headers["x-claude-code-session-id"] = session
-    body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
-    return request("POST", proxy.url + "/v1/messages", body=json.dumps(body).encode(), headers=headers)
+    """One raw message, in Claude Code's session `session` (header x-claude-code-session-id)."""
+    headers = {"x-claude-code-session-id": session} if session else {}
+    return post_messages(proxy, token, headers={**headers, **(extra or {})})
 
 
-def served_by(r) -> str:
+def account_of(r) -> str:
+    """The pooled account (the fake's account id) that served a 200."""
     assert r.status == 200, (r.status, r.data)
     return r.headers["x-fake-account"]
 
@@ -70,37 +70,50 @@ def test_least_used_prefers_headroom(tmp_path, fake, start_proxy):
     fake.set_state("b", seven_day_utilization=0.1)
     proxy = start_proxy(pool_service(fake, paths))
     polled(proxy, 2)
-    assert {served_by(ask(proxy)) for _ in range(4)} == {"b"}
+    assert {account_of(ask(proxy)) for _ in range(4)} == {"b"}
 
 
 def test_round_robin_alternates_and_fallback_sticks_to_first(tmp_path, fake, start_proxy):
     paths = accounts(fake, tmp_path, "a", "b")
     rr = start_proxy(pool_service(fake, paths, "round-robin"), name="rr")
     polled(rr, 2)
-    order = [served_by(ask(rr)) for _ in range(4)]
+    order = [account_of(ask(rr)) for _ in range(4)]
     assert order in (["a", "b", "a", "b"], ["b", "a", "b", "a"])
     fb = start_proxy(pool_service(fake, paths, "fallback"), name="fb")
     polled(fb, 2)
-    assert [served_by(ask(fb)) for _ in range(3)] == ["a", "a", "a"]
+    assert [account_of(ask(fb)) for _ in range(3)] == ["a", "a", "a"]
+
+
+def test_quota_poll_is_an_oauth_request(tmp_path, fake, start_proxy):
+    """The background poll of Anthropic's usage API sends the account's OAuth token and the oauth beta flag
+    (without it, Anthropic refuses the token: the fake does too)."""
+    paths = accounts(fake, tmp_path, "a")
+    proxy = start_proxy(pool_service(fake, paths))
+    polled(proxy, 1)
+    poll = fake.requests(path="/api/oauth/usage")[0]
+    headers = {k.lower(): v for k, v in poll["headers"]}
+    assert headers["authorization"] == "Bearer sk-ant-oat01-a-access-xxxxxxxx"
+    assert "oauth-2025-04-20" in [b.strip() for b in headers["anthropic-beta"].split(",")]
+    assert fake.stats()["oauth_beta_missing"] == 0 and fake.stats()["usage_api_calls"]["a"] >= 1
 
 
 def test_random_uses_both(tmp_path, fake, start_proxy):
     paths = accounts(fake, tmp_path, "a", "b")
     proxy = start_proxy(pool_service(fake, paths, "random"))
     polled(proxy, 2)
-    assert {served_by(ask(proxy)) for _ in range(30)} == {"a", "b"}
+    assert {account_of(ask(proxy)) for _ in range(30)} == {"a", "b"}
 
 
 def test_session_sticks_and_transient_error_does_not_move_it(tmp_path, fake, start_proxy):
     paths = accounts(fake, tmp_path, "a", "b")
     proxy = start_proxy(pool_service(fake, paths, "round_robin"))
     polled(proxy, 2)
-    first = served_by(ask(proxy, session="s-1"))
-    assert all(served_by(ask(proxy, session="s-1")) == first for _ in range(4))
+    first = account_of(ask(proxy, session="s-1"))
+    assert all(account_of(ask(proxy, session="s-1")) == first for _ in range(4))
     # a 500 (not a quota 429) passes through unchanged and does not move the session
     r = ask(proxy, session="s-1", extra={"x-fake-status": "500"})
     assert r.status == 500 and json.loads(r.data)["error"]["type"] == "api_error"
-    assert served_by(ask(proxy, session="s-1")) == first
+    assert account_of(ask(proxy, session="s-1")) == first
     # the session in metadata.user_id (JSON-string form of current Claude Code) sticks too
     body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
             "metadata": {"user_id": json.dumps({"device_id": "d", "session_id": "s-2"})}}
@@ -108,7 +121,7 @@ def test_session_sticks_and_transient_error_does_not_move_it(tmp_path, fake, sta
     for _ in range(4):
         r = request("POST", proxy.url + "/v1/messages", body=json.dumps(body).encode(),
                     headers={"Authorization": "Bearer " + ALICE, "content-type": "application/json"})
-        seen.add(served_by(r))
+        seen.add(account_of(r))
     assert len(seen) == 1
 
 
@@ -116,7 +129,7 @@ def test_quota_429_is_invisible_and_moves_the_session(tmp_path, fake, start_prox
     paths = accounts(fake, tmp_path, "a", "b")
     proxy = start_proxy(pool_service(fake, paths, "fallback"))
     polled(proxy, 2)
-    assert served_by(ask(proxy, session="conv")) == "a"
+    assert account_of(ask(proxy, session="conv")) == "a"
     fake.set_state("a", quota_429=True, status="rejected")
     c = anthropic.Anthropic(base_url=proxy.url, auth_token=ALICE, max_retries=0,
                             default_headers={"x-claude-code-session-id": "conv"})
@@ -124,7 +137,7 @@ def test_quota_429_is_invisible_and_moves_the_session(tmp_path, fake, start_prox
     assert message.content[0].text
     with c.messages.stream(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as s:
         assert "".join(s.text_stream)
-    assert served_by(ask(proxy, session="conv")) == "b"
+    assert account_of(ask(proxy, session="conv")) == "b"
     assert "after a quota 429 from a" in proxy.log()
 
 
@@ -155,7 +168,7 @@ def test_limit_and_reserve_caps(tmp_path, fake, start_proxy):
     creds[1]["reserve_5h"] = 1  # same quota, cap 99 %: now b serves
     proxy2 = start_proxy(cfg, name="p2")
     polled(proxy2, 2)
-    assert served_by(ask(proxy2)) == "b"
+    assert account_of(ask(proxy2)) == "b"
 
 
 def test_poll_failures_within_grace_keep_the_credential(tmp_path, fake, start_proxy):
@@ -163,9 +176,9 @@ def test_poll_failures_within_grace_keep_the_credential(tmp_path, fake, start_pr
     fake.set_state("a", usage_api={"status": 500})
     proxy = start_proxy(pool_service(fake, paths))
     wait_for(lambda: admin_status(proxy)["credentials"][0]["poll_failures"] >= 1, 15, what="a failed poll")
-    assert served_by(ask(proxy)) == "a"
+    assert account_of(ask(proxy)) == "a"
     fake.set_state("a", usage_api={"status": 429, "retry_after": 60})
-    assert served_by(ask(proxy)) == "a"
+    assert account_of(ask(proxy)) == "a"
 
 
 def test_malformed_ratelimit_headers_never_break_a_request(tmp_path, fake, start_proxy):
@@ -176,8 +189,14 @@ def test_malformed_ratelimit_headers_never_break_a_request(tmp_path, fake, start
                           "anthropic-ratelimit-unified-representative-claim": "weird"})
     for _ in range(3):
         assert ask(proxy, extra={"x-fake-ratelimit": garbage}).status == 200
+    # a 429 whose unified status says "allowed" is a throttle, not the quota: it passes through as it came,
+    # whatever the garbage beside it, and the account keeps serving
     r = ask(proxy, extra={"x-fake-status": "429", "x-fake-ratelimit": garbage})
-    assert r.status in (200, 429)
+    assert r.status == 429 and r.headers["anthropic-ratelimit-unified-status"] == "allowed"
+    assert r.json() == {"type": "error", "request_id": r.headers["request-id"],
+                        "error": {"type": "rate_limit_error", "message": "fake error 429 (x-fake-status)"}}
+    assert r.headers["retry-after"] == "30"
+    assert ask(proxy).status == 200
 
 
 def test_status_endpoint_numbers(tmp_path, fake, start_proxy):
@@ -220,7 +239,7 @@ def test_credential_file_created_after_start(tmp_path, fake, start_proxy):
     fake.add_account(access_token="sk-ant-oat01-late-access-xxxx", refresh_token="sk-ant-ort01-late-rrrr",
                      account="late", expires_in=3600)
     write_credentials(late, "sk-ant-oat01-late-access-xxxx", "sk-ant-ort01-late-rrrr")
-    assert served_by(ask(proxy)) == "late"
+    assert account_of(ask(proxy)) == "late"
     late.write_text("{broken")
     assert ask(proxy).status == 429
 
@@ -252,8 +271,14 @@ def test_other_statuses_pass_through_in_a_pool(tmp_path, fake, start_proxy, stat
     paths = accounts(fake, tmp_path, "a")
     proxy = start_proxy(pool_service(fake, paths))
     r = ask(proxy, extra={"x-fake-status": str(status)})
-    if status == 401:
-        assert r.status == 401  # re-read and refresh once, then the upstream answer passes through
-    else:
-        assert r.status == status
-    assert json.loads(r.data)["type"] == "error"
+    assert r.status == status
+    # the upstream's own body, byte for byte (its request id included)
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "request_too_large", 529: "overloaded_error"}
+    error = {"type": kinds[status], "message": f"fake error {status} (x-fake-status)"}
+    expected = {"type": "error", "error": error, "request_id": r.headers["request-id"]}
+    assert r.data == json.dumps(expected, separators=(",", ":")).encode()
+    assert r.headers.get("retry-after") == ("30" if status == 529 else None)
+    # a 401 makes the proxy renew the token once (the retry gets the same 401, which passes through)
+    assert fake.stats()["refreshes"] == (1 if status == 401 else 0)
+    assert len(fake.requests(path="/v1/messages")) == (2 if status == 401 else 1)

@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import stat
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import anthropic
 import pytest
-from conftest import ACCESS, ALICE, BOB, REFRESH
-from procs import request, service_config, wait_for, write_credentials
 
-MODEL = "claude-sonnet-4-6"
-
-
-def client(proxy, token=ALICE, api_key=False, **kw) -> anthropic.Anthropic:
-    if api_key:
-        return anthropic.Anthropic(base_url=proxy.url, api_key=token, max_retries=0, **kw)
-    return anthropic.Anthropic(base_url=proxy.url, auth_token=token, max_retries=0, **kw)
-
-
-def say_hello(c: anthropic.Anthropic, **kw):
-    return c.messages.create(model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "hello"}], **kw)
+from tests.support.clients import ask, client, first_delta_only, messages_body, post_messages, stream_events
+from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH
+from tests.support.procs import request, service_config, wait_for, write_credentials
+from tests.support.system import require, unavailable
 
 
 def last_request(fake, path="/v1/messages"):
@@ -48,7 +42,7 @@ def test_healthz_and_404s(proxy):
 
 
 def test_non_streaming_with_auth_token(proxy, fake):
-    message = say_hello(client(proxy))
+    message = ask(proxy)
     assert message.content[0].text
     sent = last_request(fake)
     assert header(sent, "authorization") == "Bearer " + ACCESS
@@ -56,7 +50,9 @@ def test_non_streaming_with_auth_token(proxy, fake):
     assert header(sent, "anthropic-beta").split(",")[0] == "oauth-2025-04-20"
 
 
-def test_streaming_with_api_key_and_query_kept(proxy, fake):
+def test_streaming_with_sdk_api_key_and_query_kept(proxy, fake):
+    """The SDK's `api_key=` (which anthropic 2.x sends as a Bearer token, like `auth_token=`; the raw `x-api-key`
+    header is tested below), a query string and the client's own beta flags."""
     c = client(proxy, BOB, api_key=True)
     with c.messages.stream(model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "hi"}],
                            extra_query={"beta": "true"},
@@ -71,6 +67,19 @@ def test_streaming_with_api_key_and_query_kept(proxy, fake):
     assert header(sent, "anthropic-beta") == "oauth-2025-04-20,context-1m-2025-08-07"
 
 
+def test_x_api_key_alone_authenticates_and_never_goes_upstream(proxy, fake):
+    """A client that authenticates only with `x-api-key` (as an API-key client does): the user's token is
+    ccm-wsgi's, the upstream gets the subscription's OAuth bearer and the oauth beta flag, and never the header."""
+    r = post_messages(proxy, token=None, headers={"x-api-key": BOB})
+    assert r.status == 200 and r.json()["type"] == "message"
+    sent = last_request(fake)
+    assert {k.lower() for k, _ in sent["headers"]}.isdisjoint({"x-api-key", "api-key"})
+    assert not [k for k, v in sent["headers"] if BOB in v], "the user's token went upstream"
+    assert header(sent, "authorization") == "Bearer " + ACCESS
+    assert header(sent, "anthropic-beta") == "oauth-2025-04-20"
+    assert any(" bob POST /v1/messages 200 " in line for line in proxy.access_lines())
+
+
 def test_count_tokens(proxy):
     count = client(proxy).messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "hello"}])
     assert count.input_tokens > 0
@@ -79,7 +88,7 @@ def test_count_tokens(proxy):
 def test_auth_failures_are_401_and_never_echo_the_token(proxy):
     wrong = "ak-ccm-wrong-token-zzzzzzzzzz"
     with pytest.raises(anthropic.AuthenticationError) as err:
-        say_hello(client(proxy, wrong))
+        ask(proxy, wrong)
     assert err.value.status_code == 401
     assert err.value.body["error"]["type"] == "authentication_error"
     assert wrong not in json.dumps(err.value.body)
@@ -118,31 +127,30 @@ def test_headers_rules(fake, creds, start_proxy):
     assert header(sent, "host") == f"127.0.0.1:{fake.port}"
 
 
-def test_event_reaches_client_before_upstream_sends_the_next(proxy, fake):
-    """The first delta is read by the client while the upstream is still holding the second."""
-    c = client(proxy)
-    seen = []
-    with c.messages.stream(model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "hi"}],
-                           extra_headers={"x-fake-wait-release": "k1", "x-fake-events": "3"}) as s:
-        for event in s:
-            seen.append(event.type)
-            if event.type == "content_block_delta" and seen.count("content_block_delta") == 1:
-                # the upstream is blocked before event 2 until we release it
-                assert fake.sent("k1") <= 3
-                fake.release("k1")
-    assert seen.count("content_block_delta") == 3 and seen[-1] == "message_stop"
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_event_reaches_client_before_upstream_sends_the_next(proxy, fake, framing):
+    """The first delta is read by the client while the upstream has sent exactly that one and holds the rest
+    (a relay that buffers fails: the fake fails the stream when nobody releases it), chunked or close-delimited."""
+    key = "k-" + framing
+    events = stream_events(proxy, key, {"x-fake-framing": framing}, on_first_delta=lambda: first_delta_only(fake, key))
+    assert events.count("content_block_delta") == 3 and events[-1] == "message_stop"
 
 
-def test_close_delimited_sse_streams_chunk_by_chunk(proxy, fake):
-    c = client(proxy)
-    seen = []
-    with c.messages.stream(model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "hi"}],
-                           extra_headers={"x-fake-wait-release": "k2", "x-fake-framing": "close"}) as s:
-        for event in s:
-            seen.append(event.type)
-            if event.type == "content_block_delta" and seen.count("content_block_delta") == 1:
-                fake.release("k2")
-    assert seen[-1] == "message_stop"
+def test_large_json_body_reaches_client_before_upstream_sends_the_rest(proxy, fake):
+    """A Content-Length answer over 1 MB is relayed as it arrives: the client reads its first part while the
+    upstream still holds the rest."""
+    r = request("POST", proxy.url + "/v1/messages", body=messages_body(), preload_content=False, headers={
+        "Authorization": "Bearer " + ALICE, "content-type": "application/json", "x-fake-bytes": "2000000",
+        "x-fake-wait-release": "big"})
+    assert r.status == 200
+    total = int(r.headers["content-length"])
+    first = r.read(64 * 1024)
+    held = fake.sent_info("big")
+    assert len(first) == 64 * 1024 and held["waiting"] and held["bytes"] < total, held
+    fake.release("big")
+    rest = r.read()
+    assert len(first) + len(rest) == total > 1_000_000
+    assert json.loads(first + rest)["usage"]["output_tokens"] == 5
 
 
 def test_client_disconnect_closes_upstream(proxy, fake):
@@ -165,7 +173,7 @@ def test_client_disconnect_closes_upstream(proxy, fake):
 
 def test_upstream_status_passes_through(proxy):
     with pytest.raises(anthropic.APIStatusError) as err:
-        say_hello(client(proxy), extra_headers={"x-fake-status": "529", "x-fake-retry-after": "7"})
+        ask(proxy, headers={"x-fake-status": "529", "x-fake-retry-after": "7"})
     assert err.value.status_code == 529
     assert err.value.response.headers["retry-after"] == "7"
     assert err.value.body["error"]["type"] == "overloaded_error"
@@ -218,8 +226,8 @@ def test_refresh_when_expiring_keeps_other_keys(tmp_path, fake, start_proxy):
     path = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, REFRESH, expires_in=30,
                              mcpOAuth={"server": {"accessToken": "mcp-keep-me"}})
     proxy = start_proxy({"services": [service_config(fake.url, path)]})
-    say_hello(client(proxy))
-    say_hello(client(proxy))
+    ask(proxy)
+    ask(proxy)
     assert fake.stats()["refreshes"] == 1
     document = json.loads(path.read_text())
     assert document["mcpOAuth"] == {"server": {"accessToken": "mcp-keep-me"}}
@@ -235,31 +243,55 @@ def test_refresh_when_expiring_keeps_other_keys(tmp_path, fake, start_proxy):
         assert secret not in proxy.log()
 
 
+def inside_refresh_lock(proxy, lock: Path) -> bool:
+    """The process has the credential's lock file open: it is inside a refresh, holding or waiting for the lock."""
+    for fd in Path(f"/proc/{proxy.proc.pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # a descriptor closed while we look
+            if os.readlink(fd) == str(lock):
+                return True
+    return False
+
+
 def test_two_processes_refresh_once(tmp_path, fake, start_proxy):
+    """Two processes need the same refresh at the same moment: the token endpoint holds the first one's request
+    until the second is inside its refresh too (waiting for the lock the first holds, or, were there no lock,
+    at the token endpoint as well). Only one refresh token is ever spent. The second process makes one request:
+    another request of its own arriving after the first process saved would read the new file anyway, and hide
+    a second process that does not re-read the file once it holds the lock."""
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=30)
     path = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
     proxies = [start_proxy({"services": [service_config(fake.url, path)]}, name=f"p{i}") for i in range(2)]
+    fake.configure(token_endpoint={"hold": "refresh"})
     errors = []
 
     def hit(p):
         try:
-            say_hello(client(p))
+            ask(p)
         except Exception as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=hit, args=(p,)) for p in proxies for _ in range(4)]
-    for t in threads:
+    def token_posts():
+        return len(fake.requests(path="/v1/oauth/token"))
+
+    threads = [threading.Thread(target=hit, args=(p,)) for p in [proxies[0]] * 4 + [proxies[1]]]
+    for t in threads[:4]:
         t.start()
+    wait_for(lambda: token_posts() == 1, 10, what="the first process's refresh at the token endpoint")
+    threads[4].start()
+    lock = Path(str(path) + ".lock")
+    wait_for(lambda: inside_refresh_lock(proxies[1], lock) or token_posts() > 1, 10,
+             what="the second process inside its refresh")
+    fake.release("refresh")
     for t in threads:
         t.join(30)
     assert not errors
-    assert fake.stats()["refreshes"] == 1
-    assert fake.stats()["invalid_grant"] == 0
+    stats = fake.stats()
+    assert token_posts() == 1 and stats["refreshes"] == 1 and stats["invalid_grant"] == 0, stats
 
 
 def test_upstream_401_renews_and_retries_once(proxy, fake):
     fake.revoke(ACCESS)
-    message = say_hello(client(proxy))
+    message = ask(proxy)
     assert message.content
     assert fake.stats()["refreshes"] == 1
 
@@ -286,11 +318,11 @@ def test_missing_credentials_then_created(tmp_path, fake, start_proxy):
     assert r.status == 503 and "invalid JSON" in json.loads(r.data)["error"]["message"]
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=3600)
     write_credentials(path, ACCESS, REFRESH)
-    assert say_hello(client(proxy)).content
+    assert ask(proxy).content
 
 
 def test_access_log_line(proxy):
-    say_hello(client(proxy))
+    ask(proxy)
     bob = client(proxy, BOB)
     with bob.messages.stream(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}]) as s:
         s.until_done()
@@ -332,8 +364,20 @@ def test_two_services_two_listeners(fake, creds, start_proxy):
 
 
 def test_open_service_warns_when_not_loopback(fake, creds, start_proxy):
-    proxy = start_proxy({"services": [service_config(fake.url, creds, listen="0.0.0.0")]})
-    assert "with no users" in proxy.log()
+    """A service with no users on an address others can reach says so. It listens on 192.0.2.1 (TEST-NET-1)
+    inside a network namespace of its own, where the address may be bound without belonging to an interface:
+    nothing can reach it there, and no test listens on all interfaces."""
+    unshare = require("unshare", "util-linux")
+    probe = subprocess.run([unshare, "--net", "true"], capture_output=True, text=True)
+    if probe.returncode:
+        unavailable(f"cannot make a network namespace here (root needed): {probe.stderr.strip()}")
+    private = (unshare, "--net", "sh", "-c", 'echo 1 > /proc/sys/net/ipv4/ip_nonlocal_bind && exec "$@"', "sh")
+    proxy = start_proxy({"services": [service_config(fake.url, creds, listen="192.0.2.1")]}, wrapper=private)
+    assert "listening on http://192.0.2.1:" in proxy.log()
+    assert "service ccm listens on 192.0.2.1 with no users: anyone who can reach it uses the subscription" \
+        in proxy.log()
+    loopback = start_proxy({"services": [service_config(fake.url, creds)]}, name="loopback")
+    assert request("GET", loopback.url + "/healthz").status == 200 and "with no users" not in loopback.log()
 
 
 def test_token_command():

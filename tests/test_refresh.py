@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ACCESS, ALICE, REFRESH
-from fake_upstream import FakeUpstream
-from procs import Proxy, request, service_config, wait_for, write_credentials
-from test_faults import immutable, tmpfs
+
+from tests.support.constants import ACCESS, ALICE, MODEL, REFRESH
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.procs import Proxy, request, service_config, wait_for, write_credentials
+from tests.support.system import immutable, tmpfs, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_SCRIPT = ROOT / "tests" / "node" / "claude-lock.js"
 TOKEN_PATH = "/v1/oauth/token"
 USERS = [{"name": "alice", "token": ALICE}]
-MODEL = "claude-sonnet-4-6"
 
 
 def post(proxy: Proxy, **knobs: Any) -> Any:
@@ -61,9 +61,7 @@ class ClaudeLockProcess:
 
     def __init__(self, *args: str) -> None:
         if shutil.which("node") is None or not (NODE_SCRIPT.parent / "node_modules" / "proper-lockfile").is_dir():
-            if os.environ.get("CI"):
-                pytest.fail("node and tests/node/node_modules are needed (make test installs them)")
-            pytest.skip("node or proper-lockfile missing (run `make test`)")
+            unavailable("node and the npm package proper-lockfile are needed (make test installs them)")
         self.proc = subprocess.Popen(["node", str(NODE_SCRIPT), *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -349,9 +347,7 @@ def test_a_refreshed_login_that_cannot_be_saved_is_kept_and_never_replaced(
 def test_a_refresh_as_root_keeps_owner_mode_and_symlink(tmp_path: Path, fake: FakeUpstream,
                                                         start_proxy: Callable[..., Proxy]) -> None:
     if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("this test needs root (to give the file to another user)")
-        pytest.skip("needs root")
+        unavailable("giving the credential file to another user needs root")
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=-5)
     real = write_credentials(tmp_path / "home" / ".claude" / ".credentials.json", ACCESS, REFRESH, expires_in=-5)
     os.chown(real, 4242, 4243)

@@ -1,6 +1,6 @@
 """No token ever reaches a log line or an error body.
 
-`test_no_secret_in_any_log_or_error_body` runs last (tests/secrets_guard.py moves it there) and checks the
+`test_no_secret_in_any_log_or_error_body` runs last (tests/support/secrets_guard.py moves it there) and checks the
 whole session: every user token, admin token, access token, refresh token and proxy password the suite
 wrote into a config or credentials file, sent, gave the SDK or that a fake upstream issued, against every
 log file under the session's temporary directory and every 4xx/5xx body procs.request or the SDK received.
@@ -14,12 +14,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import conftest
-import procs
 import pytest
-from conftest import ACCESS, ALICE, BOB, REFRESH
-from procs import request, service_config, write_credentials
-from secrets_guard import find_leaks, mask
+
+from tests.support import constants, procs
+from tests.support.constants import ACCESS, ALICE, BOB, REFRESH
+from tests.support.procs import request, service_config, write_credentials
+from tests.support.secrets_guard import find_leaks, mask
 
 ADMIN = "ak-ccm-admin-secret-0123456789"
 def session_texts(basetemp: Path) -> list[tuple[str, str]]:
@@ -30,8 +30,7 @@ def session_texts(basetemp: Path) -> list[tuple[str, str]]:
 
 
 def suite_secrets() -> set[str]:
-    constants = {v for k, v in vars(conftest).items() if k.isupper() and isinstance(v, str)}
-    return {s for s in procs.SECRETS | constants if len(s) >= procs.MIN_SECRET}
+    return {s for s in procs.SECRETS | set(constants.TOKENS) if len(s) >= procs.MIN_SECRET}
 
 
 # ----------------------------------------------------------------------------------------------- the guard

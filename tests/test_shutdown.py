@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ALICE
-from fake_upstream import FakeUpstream
-from procs import Gunicorn, Proxy, service_config, wait_for
 
-MODEL = "claude-sonnet-4-6"
+from tests.support.constants import ALICE, MODEL
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.procs import Gunicorn, Proxy, service_config, wait_for
+
 USERS = [{"name": "alice", "token": ALICE}]
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import anthropic
 import pytest
 import trustme
-from conftest import ALICE
-from procs import Proxy, service_config
 
-MODEL = "claude-sonnet-4-6"
+from tests.support.constants import ALICE, MODEL
+from tests.support.procs import Proxy, service_config
+
 NAME = "ccm.test"
 
 
@@ -168,7 +168,7 @@ def test_certificate_swapped_on_disk_is_served_without_restart(tmp_path, ca, ser
 
 @pytest.mark.parametrize("field, value, says", [
     ("acme", {"domain": ["ccm.example.com"]}, "ACME"),
-    ("ech", {"enabled": True}, ""),
+    ("ech", {"enabled": True}, "Encrypted Client Hello"),
     ("reality", {"enabled": True}, "REALITY"),
     ("kernel_tx", True, "kernel TLS"),
     ("kernel_rx", True, "kernel TLS"),

@@ -22,18 +22,19 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import brotli
 import pytest
 import zstandard
-from conftest import ACCESS, ALICE, BOB
-from procs import request, service_config, wait_for
+
+from tests.support import clients
+from tests.support.clients import client, conversation
+from tests.support.constants import ACCESS, ALICE, BOB, MODEL, USERS
+from tests.support.procs import service_config, wait_for
 
 RESET = 1767225600  # anthropic-ratelimit-unified-7d-reset
 WEEK = RESET - 604_800  # 1766620800 = 2025-12-25 00:00:00 UTC
 WEEK_KEY = "2025-12-25 00:00:00 UTC+0"
 NEXT_KEY = "2026-01-01 00:00:00 UTC+0"
-USERS = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
 FIXTURE = Path(__file__).parent / "fixtures" / "singbox-usages.json"
 MSG_ID = re.compile(rb"msg_fake_[0-9a-f]{24}")
 ACCESS_RE = re.compile(
@@ -60,6 +61,7 @@ STAT_KEYS = [
     "cache_creation_input_tokens", "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens",
 ]
 TOKEN_KEYS = STAT_KEYS[2:]
+OAUTH = {"anthropic-beta": "oauth-2025-04-20"}  # what the upstream needs with an OAuth token (the proxy adds it)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
@@ -129,33 +131,19 @@ def knobs(reset: int | str | None = RESET, **kw: Any) -> dict[str, str]:
     return headers
 
 
-def client(proxy: Any, token: str = ALICE) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=proxy.url, auth_token=token, max_retries=0, timeout=30)
-
-
-def conversation(n: int) -> list[dict[str, str]]:
-    return [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(n)]
-
-
 def ask(proxy: Any, token: str, model: str, n_messages: int = 1, stream: bool = False, **kw: Any) -> Any:
-    """One SDK request; streaming ones are read to the end of the body."""
-    c = client(proxy, token)
-    args = {"model": model, "max_tokens": 64, "messages": conversation(n_messages), "extra_headers": knobs(**kw)}
-    if stream:
-        with c.messages.stream(**args) as s:
-            return s.get_final_message()
-    return c.messages.create(**args)
+    """One SDK request with knobs (and the 7d-reset header); streaming ones are read to the end of the body."""
+    return clients.ask(proxy, token, model=model, n_messages=n_messages, stream=stream, headers=knobs(**kw),
+                       max_tokens=64)
 
 
-def raw_post(url: str, token: str, model: str = "claude-sonnet-4-6", stream: bool = True, n_messages: int = 1,
-             headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, dict[str, str], bytes]:
-    """A raw urllib3 POST; the body exactly as it came (still compressed)."""
-    body = json.dumps({"model": model, "max_tokens": 64, "stream": stream, "messages": conversation(n_messages)})
-    r = request("POST", url + "/v1/messages", body=body.encode(), preload_content=False, headers={
-        "Authorization": "Bearer " + token, "content-type": "application/json", **knobs(**kw), **(headers or {})})
-    data = r.read(decode_content=False)
-    r.release_conn()
-    return r.status, dict(r.headers), data
+def raw_post(url: str, token: str, model: str = MODEL, stream: bool = True, n_messages: int = 1,
+             headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, Any, bytes]:
+    """A raw POST with knobs (and the 7d-reset header); the body exactly as it came (still compressed)."""
+    reply = clients.post_messages(url, token, model=model, stream=stream, n_messages=n_messages,
+                                  headers={**knobs(**kw), **(headers or {})})
+    assert reply.ended is None, f"the body was cut: {reply.ended!r}"
+    return tuple(reply)  # type: ignore[return-value]
 
 
 def run_cli(*args: str, tz: str = "UTC") -> subprocess.CompletedProcess[str]:
@@ -178,12 +166,12 @@ def stop(proxy: Any, path: Path) -> dict[str, Any]:
 
 
 def access_lines(proxy: Any) -> list[dict[str, Any]]:
+    """The access lines, parsed (each must parse)."""
     lines = []
-    for line in proxy.log().splitlines():
-        if "ccm_wsgi.access:" in line:
-            m = ACCESS_RE.search(line)
-            assert m, f"access line does not parse: {line!r}"
-            lines.append(m.groupdict())
+    for line in proxy.access_lines():
+        m = ACCESS_RE.search(line)
+        assert m, f"access line does not parse: {line!r}"
+        lines.append(m.groupdict())
     return lines
 
 
@@ -396,7 +384,7 @@ def test_sse_bytes_identical_with_and_without_tracking(serve: Any, usages: Path,
     for case in cases:
         bodies = []
         for url, token in ((on.url, ALICE), (off.url, ALICE), (fake.url, ACCESS)):
-            status, headers, body = raw_post(url, token, **case)
+            status, headers, body = raw_post(url, token, headers=OAUTH, **case)
             assert status == 200 and headers["content-type"].startswith("text/event-stream")
             bodies.append(MSG_ID.sub(b"msg_ID", body))
         assert bodies[0] == bodies[1] == bodies[2], case
@@ -404,7 +392,7 @@ def test_sse_bytes_identical_with_and_without_tracking(serve: Any, usages: Path,
     # compressed: the client gets the upstream's compressed stream, which decodes to the same events
     accept = {"Accept-Encoding": "gzip"}
     _, headers, body = raw_post(on.url, ALICE, headers=accept, encoding="gzip", events=20)
-    _, _, plain = raw_post(fake.url, ACCESS, events=20)
+    _, _, plain = raw_post(fake.url, ACCESS, headers=OAUTH, events=20)
     assert headers["content-encoding"] == "gzip"
     assert MSG_ID.sub(b"msg_ID", zlib.decompress(body, 31)) == MSG_ID.sub(b"msg_ID", plain)
     doc = stop(on, usages)
@@ -414,14 +402,7 @@ def test_sse_bytes_identical_with_and_without_tracking(serve: Any, usages: Path,
 def test_tracking_never_holds_back_an_event(serve: Any, fake: Any) -> None:
     """The first delta reaches the client while the upstream still holds the second."""
     proxy = serve()
-    seen = []
-    with client(proxy).messages.stream(model="claude-sonnet-4-6", max_tokens=64, messages=conversation(1),
-                                       extra_headers={"x-fake-wait-release": "u1", "x-fake-events": "3"}) as s:
-        for event in s:
-            seen.append(event.type)
-            if event.type == "content_block_delta" and seen.count("content_block_delta") == 1:
-                assert fake.sent("u1") <= 3 and fake.sent_info("u1")["waiting"]
-                fake.release("u1")
+    seen = clients.stream_events(proxy, "u1", on_first_delta=lambda: clients.first_delta_only(fake, "u1"))
     assert seen.count("content_block_delta") == 3 and seen[-1] == "message_stop"
 
 

@@ -1,4 +1,4 @@
-"""pytest plugin (conftest.py loads it): gathers what tests/test_secrets.py checks at the end of the session.
+"""pytest plugin (tests/conftest.py loads it): gathers what tests/test_secrets.py checks at the end of the session.
 
 procs.py already remembers the credentials it writes, the tokens in every config it starts a proxy with,
 the tokens procs.request sends, every proxy's log file and the error bodies procs.request receives. This
@@ -9,15 +9,15 @@ refreshes issued included) and its log file. It also moves the final scan to the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import procs
 import pytest
-from fake_upstream import FakeUpstream
+
+from tests.support import procs
+from tests.support.fake_upstream import FakeUpstream
 
 FINAL_SCAN = "test_secrets.py::test_no_secret_in_any_log_or_error_body"
 ANCHOR = procs.MIN_SECRET
@@ -60,12 +60,12 @@ def remember_fake(fake: FakeUpstream) -> None:
     if fake.log_path is not None:
         procs.LOG_FILES.add(fake.log_path)
     if fake.proc is None or fake.proc.poll() is not None:
-        return
-    with contextlib.suppress(Exception):
-        for account in fake.call("GET", "/_fake/accounts", timeout=2):
-            procs.remember_secrets(*(t["token"] for t in account["access_tokens"] + account["refresh_tokens"]))
-        for entry in fake.call("GET", "/_fake/stats", timeout=2)["token_requests"]:
-            procs.remember_secrets(entry.get("refresh_token") or "")
+        return  # a fake that already exited (a test stopped it) has nothing left to tell
+    # no suppression here: should the fake not answer, the scan would quietly cover less; fail loudly instead
+    for account in fake.call("GET", "/_fake/accounts", timeout=10):
+        procs.remember_secrets(*(t["token"] for t in account["access_tokens"] + account["refresh_tokens"]))
+    for entry in fake.call("GET", "/_fake/stats", timeout=10)["token_requests"]:
+        procs.remember_secrets(entry.get("refresh_token") or "")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -81,9 +81,8 @@ def secrets_guard() -> Iterator[None]:
         original_init(self, *args, **kwargs)
 
     def status_error(self: Any, err_msg: str, *, body: object, response: Any) -> Any:
-        with contextlib.suppress(Exception):
-            procs.ERROR_BODIES.append((f"anthropic SDK {response.request.method} {response.request.url}",
-                                       (err_msg + json.dumps(body, default=str)).encode()))
+        where = f"anthropic SDK {response.request.method} {response.request.url}"
+        procs.ERROR_BODIES.append((where, (err_msg + json.dumps(body, default=str)).encode()))
         return original_status_error(self, err_msg, body=body, response=response)
 
     def stop(self: FakeUpstream, *args: Any, **kwargs: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Config loading and validation (ccm_wsgi.config), and `ccm-wsgi check` on top of it."""
+"""Config loading and validation (ccm_wsgi.config); `ccm-wsgi check` on top of it: tests/test_config_check.py."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import copy
 import hashlib
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +19,11 @@ from ccm_wsgi.config import tls as config_tls
 from ccm_wsgi.config.jsonc import object_pairs
 from ccm_wsgi.names import OPENSSL_CIPHERS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 
 # The server example of sing-box's docs/configuration/service/ccm.md, verbatim.
-SINGBOX_DOCS_EXAMPLE = """
-{
-  "services": [
-    {
-      "type": "ccm",
-      "listen": "0.0.0.0",
-      "listen_port": 8080,
-      "usages_path": "./claude-usages.json",
-      "users": [
-        {
-          "name": "alice",
-          "token": "ak-ccm-hello-world"
-        },
-        {
-          "name": "bob",
-          "token": "ak-ccm-hello-bob"
-        }
-      ]
-    }
-  ]
-}
-"""
+SINGBOX_DOCS_EXAMPLE = (ROOT / "tests" / "fixtures" / "singbox-docs-example.json").read_text()
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 KEY = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
@@ -65,69 +42,12 @@ def problems(data: Any) -> list[str]:
     return info.value.problems
 
 
-def run_check(path: Path | str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ccm_wsgi", "check", "-c", str(path)],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
-    )
-
-
 @pytest.fixture
 def tls_files(tmp_path: Path) -> tuple[str, str]:
     cert, key = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
     cert.write_text(PEM)
     key.write_text(KEY)
     return str(cert), str(key)
-
-
-# --------------------------------------------------------------------------------------------------
-# The CLI, as a subprocess
-# --------------------------------------------------------------------------------------------------
-
-
-def test_check_ok(tmp_path: Path) -> None:
-    path = tmp_path / "ok.json"
-    path.write_text(SINGBOX_DOCS_EXAMPLE)
-    result = run_check(path)
-    assert (result.returncode, result.stdout) == (0, "ok\n")
-
-
-def test_check_reports_every_problem_with_its_path(tmp_path: Path) -> None:
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps({
-        "outbounds": [{"type": "socks", "tag": "proxy-a", "server": "127.0.0.1", "server_port": 1080},
-                      {"type": "socks", "tag": "proxy-a", "server": "127.0.0.1", "server_port": 1081}],
-        "services": [{"type": "ccm", "listen_port": 70000, "detour": "nope", "foo": 1,
-                      "users": [{"name": "alice", "token": "ak-ccm-secret-alice"},
-                                {"name": "bob", "token": "ak-ccm-secret-alice"}]}],
-    }))
-    result = run_check(path)
-    assert result.returncode == 1
-    lines = result.stdout.splitlines()
-    assert sorted(lines) == sorted([
-        'outbounds[1].tag: duplicate tag "proxy-a" (same as outbounds[0])',
-        "services[0].foo: unknown key",
-        "services[0].listen_port: must be an integer 0-65535",
-        'services[0].detour: unknown outbound "nope"',
-        "services[0].users[1].token: duplicate token (same as services[0].users[0])",
-    ])
-    assert "ak-ccm-secret-alice" not in result.stdout + result.stderr
-
-
-def test_check_invalid_json_names_line_and_column(tmp_path: Path) -> None:
-    path = tmp_path / "broken.json"
-    path.write_text('{\n  "services": [\n    {"type": "ccm",}\n  ]\n}\n')
-    result = run_check(path)
-    assert result.returncode == 1
-    assert result.stdout.startswith("$: invalid JSON: ")
-    assert "(line 3, column 20)" in result.stdout
-
-
-def test_check_missing_file(tmp_path: Path) -> None:
-    result = run_check(tmp_path / "absent.json")
-    assert result.returncode == 1
-    assert result.stdout.startswith("$: cannot read config file ")
-    assert "No such file or directory" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------------

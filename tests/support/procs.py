@@ -87,7 +87,9 @@ def service_config(upstream_url: str, credential_path: Path | str, **fields: Any
 class Proxy:
     """A `ccm-wsgi serve -c CONFIG` subprocess; stderr goes to `log_path`."""
 
-    def __init__(self, tmp_path: Path, config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None):
+    def __init__(self, tmp_path: Path, config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None,
+                 wrapper: tuple[str, ...] = ()):
+        self.wrapper = wrapper  # a command that runs the process (strace, unshare, ...)
         self.config_path = tmp_path / f"{name}.json"
         self.config_path.write_text(json.dumps(config, indent=2))
         self.log_path = tmp_path / f"{name}.log"
@@ -104,7 +106,7 @@ class Proxy:
     def start(self) -> Proxy:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ccm_wsgi", "serve", "-c", str(self.config_path)],
+                [*self.wrapper, sys.executable, "-m", "ccm_wsgi", "serve", "-c", str(self.config_path)],
                 stdout=log, stderr=log, env=self.env, start_new_session=True,
             )
         n_services = sum(1 for s in json.loads(self.config_path.read_text())["services"] if s.get("type") == "ccm")
@@ -132,6 +134,10 @@ class Proxy:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def access_lines(self) -> list[str]:
+        """ccm-wsgi's access-log lines (one per request, written once the exchange is finished)."""
+        return [line for line in self.log().splitlines() if "ccm_wsgi.access:" in line]
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -171,7 +177,7 @@ def request(method: str, url: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
     return r
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GUNICORN_CONF = ROOT / "conf" / "gunicorn.conf.py"
 GUNICORN_LISTEN_RE = re.compile(r"Listening at: (https?)://([\d.]+):(\d+)")
 WORKER_READY_RE = re.compile(r"service (\S+) ready in worker (\d+)")
@@ -179,14 +185,18 @@ WORKER_READY_RE = re.compile(r"service (\S+) ready in worker (\d+)")
 
 class Gunicorn(Proxy):
     """`gunicorn -c conf/gunicorn.conf.py ccm_wsgi.wsgi:app -w N -b 127.0.0.1:0` with CCM_CONFIG; ready
-    once it listens and every worker has built its service. `extra` adds command-line arguments."""
+    once it listens and every worker has built its service. `extra` adds command-line arguments. gunicorn's
+    own access log (one line per request, with the worker's pid) goes to `access_log`."""
+
+    ACCESS_FORMAT = "%(p)s %(m)s %(U)s %(s)s"
 
     def __init__(self, tmp_path: Path, config: dict[str, Any], workers: int = 2, name: str = "gunicorn",
                  env: dict[str, str] | None = None, extra: tuple[str, ...] = ()):
         super().__init__(tmp_path, config, name=name, env=env)
         self.env["CCM_CONFIG"] = str(self.config_path)
         self.workers = workers
-        self.extra = extra
+        self.access_log = tmp_path / f"{name}.access.log"
+        self.extra = ("--access-logfile", str(self.access_log), "--access-logformat", self.ACCESS_FORMAT, *extra)
 
     def start(self) -> Gunicorn:
         command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "ccm_wsgi.wsgi:app",
@@ -210,3 +220,11 @@ class Gunicorn(Proxy):
     def worker_pids(self) -> set[int]:
         """Workers that built their service (a worker replaced later adds its pid)."""
         return {int(m.group(2)) for m in WORKER_READY_RE.finditer(self.log())}
+
+    def request_pids(self) -> list[int]:
+        """The pid of the worker that served each request so far, in order (gunicorn's access log)."""
+        try:
+            text = self.access_log.read_text()
+        except FileNotFoundError:
+            return []
+        return [int(m.group(1)) for m in re.finditer(r"^<(\d+)> ", text, re.M)]

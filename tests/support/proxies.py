@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,23 +28,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+from tests.support.system import require
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 ATTEMPTS = 3  # a free port can be taken between picking it and the proxy binding it
-
-
-def require(program: str, package: str) -> str:
-    """The program's path; skip when missing (fail under CI, which must have installed it)."""
-    path = shutil.which(program) or next(
-        (p for p in (f"/usr/sbin/{program}", f"/usr/bin/{program}") if os.access(p, os.X_OK)), None)
-    if path:
-        return path
-    reason = f"{program} not installed (Debian package {package}; run `sh tests/install-system-deps.sh` as root)"
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 def free_port() -> int:

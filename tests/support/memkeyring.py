@@ -1,5 +1,5 @@
-"""An in-memory keyring backend for tests: `PYTHON_KEYRING_BACKEND=memkeyring.MemoryKeyring` (with tests/
-on PYTHONPATH) in a `ccm-wsgi serve` child process stands in for the macOS keychain.
+"""An in-memory keyring backend for tests: `PYTHON_KEYRING_BACKEND=tests.support.memkeyring.MemoryKeyring`
+(with the repository on PYTHONPATH) in a `ccm-wsgi serve` child process stands in for the macOS keychain.
 
 * `MEMKEYRING_SEED`: the items it starts with, JSON `{service: {account: secret}}`.
 * `MEMKEYRING_DUMP`: a path where every change is written (same JSON), so the test sees what the
