@@ -10,7 +10,7 @@ from typing import Any
 
 from . import config
 from .accounting.pricing import Pricing
-from .accounting.usage import UsageStore
+from .accounting.store import UsageStore
 from .credentials import keychain
 from .credentials.oauth import OAuthCredential
 from .credentials.store import CredentialStore, default_path, real_home

@@ -225,8 +225,8 @@ def test_json_and_sse_with_cache_split_exact_file_report_and_log(serve: Any, usa
     live = usage_json(usages)  # a running server: file + journal
     doc = stop(proxy, usages)
     assert list(doc)[:3] == ["last_updated", "costs", "combinations"]
-    assert set(doc) <= {"last_updated", "costs", "combinations", "journal"}
-    assert live == {k: v for k, v in doc.items() if k != "journal"}
+    assert set(doc) <= {"last_updated", "costs", "combinations", "journal", "ledger"}
+    assert live == {k: v for k, v in doc.items() if k not in ("journal", "ledger")}
     assert usage_json(usages) == live
 
     alice_sonnet = stats(1, 3, input=1000, output=500, cache_read=20000, cache_creation=3000, cache_creation_5m=3000)
@@ -496,8 +496,8 @@ def test_sigkill_right_after_completed_requests_loses_nothing(serve: Any, usages
     (combo,) = doc["combinations"]
     assert {u: s["request_count"] for u, s in combo["by_user"].items()} == expected
     assert combo["total"]["request_count"] == 22 and combo["total"]["input_tokens"] == total_in
-    assert sorted(p.name for p in usages.parent.iterdir()) == ["usages.json", "usages.json.journal",
-                                                               "usages.json.lock"]
+    assert sorted(p.name for p in usages.parent.iterdir()) == ["usages.json", "usages.json.fold.lock",
+                                                               "usages.json.journal", "usages.json.lock"]
     check_costs(doc)
 
 
@@ -584,7 +584,7 @@ def test_singbox_file_keeps_its_totals_and_gains_new_ones(serve: Any, usages: Pa
     assert doc["costs"]["by_user"]["bob"] == cents(
         Decimal("0.01") + Decimal(repr(opus["by_user"]["bob"]["cost_usd"])))
     assert set(doc["costs"]["by_week"]) == {WEEK_KEY, NEXT_KEY}
-    assert usage_json(usages) == {k: v for k, v in doc.items() if k != "journal"}
+    assert usage_json(usages) == {k: v for k, v in doc.items() if k not in ("journal", "ledger")}
 
     # the human table, from the file and from the config
     out = run_cli("usage", "-f", str(usages))

@@ -25,13 +25,15 @@ CHILD = textwrap.dedent(
     """
     import logging, os, signal, sys
     from ccm_wsgi.accounting.pricing import Pricing
-    from ccm_wsgi.accounting.usage import Record, UsageStore
+    from ccm_wsgi.accounting.records import Record
+    from ccm_wsgi.accounting.store import UsageStore
+    from ccm_wsgi.accounting.tokens import Tokens
 
     path = sys.argv[1]
     store = UsageStore(path, Pricing(), logging.getLogger("child"))
 
     def rec(user, i):
-        return Record(user, "claude-sonnet-4-5", 200000, 1766620800, 1, 10 + i % 7, 1, 0, 0, 0, 0)
+        return Record(user, "claude-sonnet-4-5", 200000, 1766620800, 1, Tokens(10 + i % 7, 1))
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -66,7 +68,7 @@ def test_sigkill_right_after_recording_loses_nothing(tmp_path: Path, opened: boo
 
 @pytest.mark.parametrize(
     ("target", "when"),
-    [("file", "before"), ("file", "after"), ("journal", "before"), ("journal", "after")],
+    [(step, when) for step in ("file", "seal", "unlink") for when in ("before", "after")],
 )
 def test_sigkill_inside_save_never_loses_or_doubles(tmp_path: Path, target: str, when: str) -> None:
     path = tmp_path / "u.json"
@@ -75,13 +77,17 @@ def test_sigkill_inside_save_never_loses_or_doubles(tmp_path: Path, target: str,
         for i in range(5): store.record(rec("alice", i))
         store.save()  # the file now has a journal marker
         for i in range(5, 12): store.record(rec("bob", i))
-        target = {"file": path, "journal": path + ".journal"}[sys.argv[2]]
-        real = os.replace
-        def replace(src, dst):
-            if dst == target and sys.argv[3] == "before": die()
-            real(src, dst)
-            if dst == target and sys.argv[3] == "after": die()
-        os.replace = replace
+        # the three steps of a fold: the journal is sealed (renamed), the file replaced, the sealed journal removed
+        step, when = sys.argv[2], sys.argv[3]
+        def crashing(real, hit):
+            def call(*args):
+                if hit(*args) and when == "before": die()
+                real(*args)
+                if hit(*args) and when == "after": die()
+            return call
+        os.rename = crashing(os.rename, lambda src, dst: step == "seal" and src == path + ".journal")
+        os.replace = crashing(os.replace, lambda src, dst: step == "file" and dst == path)
+        os.unlink = crashing(os.unlink, lambda name: step == "unlink" and name.startswith(path + ".journal."))
         store.save()
     """
     done = child(path, body, target, when)
@@ -231,3 +237,35 @@ def test_report_with_config(tmp_path: Path) -> None:
     assert "team" in done.stdout and "USD 2.84" in done.stdout
     done = usage_cli("-c", str(tmp_path / "config.json"), "--json")
     assert json.loads(done.stdout) == json.loads(FIXTURE.read_text())
+
+
+def test_a_slow_fold_in_one_process_never_holds_up_another_s_records(tmp_path: Path) -> None:
+    """A worker whose fold is slow (a slow disk) must not stall the responses of the others: they append to
+    the journal while it folds, and their records are durable at once."""
+    path = tmp_path / "u.json"
+    slow = subprocess.Popen([sys.executable, "-c", CHILD + textwrap.dedent("""
+        store.open()
+        for i in range(3): store.record(rec("alice", i))
+        from ccm_wsgi import files
+        real = files.replace_atomically
+        def slowly(*args):
+            print("folding", flush=True)
+            sys.stdin.readline()  # until the test has appended meanwhile
+            real(*args)
+        files.replace_atomically = slowly
+        store.save()
+        print("done", flush=True)
+    """), str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert slow.stdout is not None and slow.stdin is not None
+    try:
+        assert slow.stdout.readline().strip() == "folding"
+        other = store_at(path)
+        other.record(rec("bob"))  # another worker records while the fold is under way
+        assert b'"user":"bob"' in Path(str(path) + ".journal").read_bytes(), "the record waited for the fold"
+        slow.stdin.write("\n")
+        slow.stdin.flush()
+        assert slow.stdout.readline().strip() == "done"
+    finally:
+        slow.kill()
+        slow.wait()
+    assert requests(path)["bob"] == 1 and requests(path)["alice"] == 3

@@ -65,7 +65,9 @@ class Window:
         return 0.0 if 0 < self.reset <= now else self.points.get(user, 0.0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"reset": self.reset, "seen": self.seen, "points": self.points, "pending": self.pending}
+        return {"reset": _plain(self.reset), "seen": _plain(self.seen),
+                "points": {k: _plain(v) for k, v in self.points.items()},
+                "pending": {k: _plain(v) for k, v in self.pending.items()}}
 
     @classmethod
     def from_json(cls, raw: Any) -> Window:
@@ -103,7 +105,7 @@ class Ledger:
 
     def to_json(self, now: float) -> dict[str, Any]:
         oldest = oldest_day_kept(now)
-        spend = {user: {day_name(day): usd for day, usd in sorted(days.items()) if day >= oldest}
+        spend = {user: {day_name(day): _plain(usd) for day, usd in sorted(days.items()) if day >= oldest}
                  for user, days in sorted(self.spend.items())}
         return {"spend": {user: days for user, days in spend.items() if days},
                 "windows": {name: window.to_json() for name, window in self.windows.items()}}
@@ -124,6 +126,11 @@ class Ledger:
             for name in WINDOWS:
                 ledger.windows[name] = Window.from_json(windows.get(name))
         return ledger
+
+
+def _plain(value: float) -> float | int:
+    """Whole numbers as integers, as the rest of the usage file writes them (Go's way)."""
+    return int(value) if value.is_integer() else value
 
 
 def _number(value: Any) -> float:

@@ -1,6 +1,6 @@
 """USD cost of a usage bucket: sing-box's price table plus the config's own prices.
 
-The table (reference §8.8) ships as package data (`pricing.json`) so a price change is a data edit,
+sing-box's table ships as package data (`pricing.json`) so a price change is a data edit,
 not a code change. Config `pricing` entries are tried before it, so they override or extend it.
 Claude Code keeps moving to models newer than any table (claude-opus-5-5, ...): instead of
 sing-box's blanket "Sonnet 4" fallback, a model whose name says opus/sonnet/haiku is priced at the
@@ -8,7 +8,7 @@ newest known price of that family, and each such guess is logged once per model 
 knows to add a config price. Anything else still falls back to Sonnet 4 standard, as sing-box does.
 
 Arithmetic is exact (Decimal) and rounding is Go's `math.Round(x*100)/100` on the decimal value
-(half away from zero), so `0.125` becomes `0.13` and float noise never flips a cent (§8.7).
+(half away from zero), so `0.125` becomes `0.13` and float noise never flips a cent.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import Price
 from ..config import Rates as PriceRates
+from .tokens import Tokens
 
 LONG_CONTEXT = 1_000_000
 _MILLION = Decimal(1_000_000)
@@ -127,26 +128,17 @@ class Pricing:
         row = self.row(model)
         return row.premium if row.premium is not None and context_window >= LONG_CONTEXT else row.standard
 
-    def cost(
-        self,
-        model: str,
-        context_window: int,
-        in_: int,
-        out: int,
-        cache_read: int,
-        cache_creation: int,
-        c5m: int,
-        c1h: int,
-    ) -> float:
-        """Unrounded USD. Cache writes without a 5m/1h split (legacy data) are priced at the 5m rate,
-        also when a bucket mixes legacy and split data (§15 #12)."""
+    def cost(self, model: str, context_window: int, tokens: Tokens) -> float:
+        """Unrounded USD. Cache writes without a 5m/1h split (older data) are priced at the 5m rate, also the
+        part of a bucket's writes that mixes such data with split data."""
         r = self.rates(model, context_window)
-        legacy = max(0, cache_creation - c5m - c1h)
+        c5m, c1h = tokens.cache_creation_5m_input_tokens, tokens.cache_creation_1h_input_tokens
+        unsplit = max(0, tokens.cache_creation - c5m - c1h)
         total = (
-            in_ * r.input
-            + out * r.output
-            + cache_read * r.cache_read
-            + (c5m + legacy) * r.cache_write_5m
+            tokens.input_tokens * r.input
+            + tokens.output_tokens * r.output
+            + tokens.cache_read_input_tokens * r.cache_read
+            + (c5m + unsplit) * r.cache_write_5m
             + c1h * r.cache_write_1h
         )
         return float(total / _MILLION)
@@ -160,5 +152,5 @@ def round_cents(x: float) -> float:
 
 
 def sum_cents(values: list[float]) -> float:
-    """A summary figure: the sum of already rounded costs, rounded again (§8.9)."""
+    """A summary figure: the sum of already rounded costs, rounded again (as sing-box's file does)."""
     return round_cents(math.fsum(values))

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .pricing import LONG_CONTEXT, Pricing, sum_cents
-from .usage import Bucket, Stats, Totals, UsageFileError, dumps, format_time, load_totals, render, week_key
+from .records import Bucket, Stats, Totals, format_time, render, week_key
+from .store import UsageFileError, dumps, load_totals
 
 log = logging.getLogger("ccm_wsgi.report")
 
@@ -171,22 +172,18 @@ def _sum_stats(items: Any) -> Stats:
 
 
 def _cells(user: str, model: str, s: Stats, usd: float) -> tuple[str, ...]:
-    numbers = (
-        s.request_count,
-        s.messages_count,
-        s.input_tokens,
-        s.output_tokens,
-        s.cache_read_input_tokens,
-        s.cache_creation_input_tokens,
-    )
+    t = s.tokens
+    numbers = (s.request_count, s.messages_count, t.input_tokens, t.output_tokens, t.cache_read_input_tokens,
+               t.cache_creation_input_tokens)
     return (user, model, *(f"{n:,}" for n in numbers), f"{usd:,.2f}")
 
 
 def _summary(s: Stats, usd: float) -> str:
+    t = s.tokens
     return (
-        f"{s.request_count:,} requests, {s.messages_count:,} messages, {s.input_tokens:,} input, "
-        f"{s.output_tokens:,} output, {s.cache_read_input_tokens:,} cache read, "
-        f"{s.cache_creation_input_tokens:,} cache write tokens, USD {usd:,.2f}"
+        f"{s.request_count:,} requests, {s.messages_count:,} messages, {t.input_tokens:,} input, "
+        f"{t.output_tokens:,} output, {t.cache_read_input_tokens:,} cache read, "
+        f"{t.cache_creation_input_tokens:,} cache write tokens, USD {usd:,.2f}"
     )
 
 

@@ -20,8 +20,10 @@ even when `input_tokens` is 0, and each field present in a later `message_delta.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from .tokens import Tokens
 
 MAX_EVENT = 1 << 20
 _MARK = b'"message_'
@@ -38,12 +40,7 @@ class Usage:
     """What the upstream reported for one response (all zero when nothing was seen)."""
 
     model: str = ""
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_creation_5m_input_tokens: int = 0
-    cache_creation_1h_input_tokens: int = 0
+    tokens: Tokens = field(default_factory=Tokens)
     stopped: bool = False  # message_stop seen (SSE), or a complete JSON message (non-streaming)
 
 
@@ -55,16 +52,17 @@ def _merge_usage(usage: Usage, raw: Any) -> None:
     """Every well-formed counter present in `raw` (a Messages `usage` object) overrides `usage`."""
     if not isinstance(raw, dict):
         return
+    tokens = usage.tokens
     for key in _COUNTERS:
         value = raw.get(key)
         if _count(value):
-            setattr(usage, key, value)
+            setattr(tokens, key, value)
     split = raw.get("cache_creation")
     if isinstance(split, dict):
         for key, attr in _SPLIT:
             value = split.get(key)
             if _count(value):
-                setattr(usage, attr, value)
+                setattr(tokens, attr, value)
 
 
 def _apply_event(usage: Usage, event: Any) -> None:

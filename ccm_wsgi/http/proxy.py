@@ -22,8 +22,8 @@ from urllib3.exceptions import HTTPError
 
 from ..accounting.decoding import decoder_for
 from ..accounting.pricing import Pricing
+from ..accounting.records import make_record
 from ..accounting.sse import SSETap, Usage
-from ..accounting.usage import make_record
 from ..anthropic import RATELIMIT_PREFIX
 from ..credentials.oauth import CredentialError
 from ..errors import JSON_HEADERS, ProxyError
@@ -92,6 +92,7 @@ class Exchange:
     facts: Facts = NO_FACTS
     beta: str = ""
     week_reset: str | None = None
+    readings: tuple[float, ...] = ()
     usage: Usage | None = None
     cut: str = ""
 
@@ -199,7 +200,9 @@ class Proxy:
         tried: set[str] = set()
         while True:
             upstream = self._forward(account, environ, body)
-            account.quota.observe_headers(upstream.headers, time.time(), account.external)
+            before = account.quota.windows()
+            if account.quota.observe_headers(upstream.headers, time.time(), account.external):
+                ex.readings = account.quota.readings(before)
             if upstream.status != 429 or not provider.pooled or not is_quota_429(upstream.headers):
                 return upstream, account
             tried.add(account.tag)
@@ -330,12 +333,9 @@ class Proxy:
             record = make_record(ex.user, ex.usage, ex.facts.model, ex.facts.messages_count, ex.beta,
                                  ex.week_reset)
             if record is not None:
+                cost = record.cost = self.pricing.cost(record.model, record.context_window, record.tokens)
+                record.readings = ex.readings
                 ex.account.usage.record(record)
-                cost = self.pricing.cost(
-                    record.model, record.context_window, record.input_tokens, record.output_tokens,
-                    record.cache_read_input_tokens, record.cache_creation_input_tokens,
-                    record.cache_creation_5m_input_tokens, record.cache_creation_1h_input_tokens,
-                )
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(access_line(ex, cost))
 
@@ -359,10 +359,11 @@ def access_line(ex: Exchange, cost: float | None) -> str:
         f"{'stream' if ex.streamed else 'whole'}"
     )
     usage = ex.usage
-    if usage is not None and (usage.input_tokens or usage.output_tokens):
+    if usage is not None and usage.tokens.any:
+        t = usage.tokens
         line += (
-            f" model={usage.model or ex.facts.model} in={usage.input_tokens} out={usage.output_tokens}"
-            f" cache_read={usage.cache_read_input_tokens} cache_write={usage.cache_creation_input_tokens}"
+            f" model={usage.model or ex.facts.model} in={t.input_tokens} out={t.output_tokens}"
+            f" cache_read={t.cache_read_input_tokens} cache_write={t.cache_creation}"
         )
         if cost is not None:
             line += f" cost=${cost:.4f}"

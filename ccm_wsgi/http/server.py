@@ -27,7 +27,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
 
 from .. import config as config_mod  # noqa: E402
 from .. import logs  # noqa: E402
-from ..accounting.usage import UsageFileError  # noqa: E402
+from ..accounting.store import UsageFileError  # noqa: E402
 from ..errors import error_body  # noqa: E402
 from ..service import Service  # noqa: E402
 from ..upstream.outbounds import Outbounds  # noqa: E402

@@ -199,6 +199,24 @@ class Quota:
 
     # --- reading it out ------------------------------------------------------------------------
 
+    def windows(self) -> tuple[float, float, float, float]:
+        """(5h utilisation, 5h reset, weekly utilisation, weekly reset) as last observed."""
+        return self.five_hour, self.five_hour_reset, self.weekly, self.weekly_reset
+
+    def readings(self, before: tuple[float, float, float, float]) -> tuple[float, ...]:
+        """What a response just reported, for the usage ledger: per window its utilisation, its reset, and
+        the utilisation known for the same window before the response (unknown before: the response's own,
+        so that nothing earlier is attributed to it; a new window since: 0)."""
+        five, five_reset, week, week_reset = before
+
+        def base(old: float, old_reset: float, now: float, now_reset: float) -> float:
+            if old_reset <= 0:
+                return now
+            return old if abs(old_reset - now_reset) <= RESET_JITTER else 0.0
+
+        return (self.five_hour, self.five_hour_reset, base(five, five_reset, self.five_hour, self.five_hour_reset),
+                self.weekly, self.weekly_reset, base(week, week_reset, self.weekly, self.weekly_reset))
+
     def limited(self, now: float) -> bool:
         """Hard-limited by a quota 429; clears itself at `limited_until`."""
         return self.limited_until > now

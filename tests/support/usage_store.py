@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ccm_wsgi.accounting.pricing import Pricing
-from ccm_wsgi.accounting.usage import Record, UsageStore, load_totals, render
+from ccm_wsgi.accounting.records import Record, render
+from ccm_wsgi.accounting.sse import Usage
+from ccm_wsgi.accounting.store import UsageStore, load_totals
+from ccm_wsgi.accounting.tokens import NAMES, Tokens
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "singbox-usages.json"
 W1 = 1766620800  # 2025-12-25 00:00:00 UTC
@@ -16,18 +19,16 @@ log = logging.getLogger("test-usage")
 
 
 def rec(user: str = "alice", model: str = "claude-sonnet-4-5", **fields: int) -> Record:
-    values = {"context_window": 200_000, "week_start_unix": W1, "messages_count": 1, "input_tokens": 10}
-    values |= dict.fromkeys(
-        (
-            "output_tokens",
-            "cache_read_input_tokens",
-            "cache_creation_input_tokens",
-            "cache_creation_5m_input_tokens",
-            "cache_creation_1h_input_tokens",
-        ),
-        0,
-    )
-    return Record(user, model, **(values | fields))
+    """A record; token counters are keyword arguments by their usage-file names (input_tokens=10 unless given)."""
+    tokens = Tokens(**({"input_tokens": 10} | {k: v for k, v in fields.items() if k in NAMES}))
+    values = {"context_window": 200_000, "week_start_unix": W1, "messages_count": 1}
+    values |= {k: v for k, v in fields.items() if k not in NAMES}
+    return Record(user, model, tokens=tokens, **values)
+
+
+def usage(model: str = "", *counts: int, stopped: bool = False, **named: int) -> Usage:
+    """A response's Usage: the token counters positionally in usage-file order, or by name."""
+    return Usage(model, Tokens(*counts, **named), stopped)
 
 
 def store_at(path: Path, **kwargs: Any) -> UsageStore:

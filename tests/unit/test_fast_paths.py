@@ -103,33 +103,45 @@ TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_
 INT = st.integers(min_value=-(2**70), max_value=2**70)
 
 
+FLOAT = st.floats(allow_nan=False, allow_infinity=False)
+
+
 @settings(max_examples=300, deadline=None)
-@given(TEXT, TEXT, st.lists(INT, min_size=10, max_size=10))
-def test_journal_line_is_what_json_dumps_gives(user: str, model: str, ints: list[int]) -> None:
+@given(TEXT, TEXT, st.lists(INT, min_size=10, max_size=10), FLOAT, st.lists(FLOAT, max_size=6))
+def test_journal_line_is_what_json_dumps_gives(user: str, model: str, ints: list[int], cost: float,
+                                               readings: list[float]) -> None:
     import json
 
-    from ccm_wsgi.accounting.usage import Record, _journal_line
+    from ccm_wsgi.accounting import journal
+    from ccm_wsgi.accounting.records import Record
+    from ccm_wsgi.accounting.tokens import NAMES, Tokens
 
-    rec = Record(user, model, *ints[:9])
+    rec = Record(user, model, *ints[:3], Tokens(*ints[3:9]), cost, tuple(readings))
     t_ns = ints[9]
-    entry = {"t": t_ns, **{name: getattr(rec, name) for name in Record.__slots__}}
-    assert _journal_line(rec, t_ns) == b"\n" + json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
+    entry = {"t": t_ns, "user": user, "model": model, "context_window": ints[0], "week_start_unix": ints[1],
+             "messages_count": ints[2], **dict(zip(NAMES, ints[3:9], strict=True)), "cost": cost}
+    if readings:
+        entry["readings"] = readings
+    line = journal.line(rec, t_ns)
+    assert line == b"\n" + json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
+    assert journal.decode(line.strip(b"\n")) == (rec, t_ns)
 
 
 # --- the usage journal kept open between records ---------------------------------------------------
 
 
 def _record(user: str):
-    from ccm_wsgi.accounting.usage import Record
+    from ccm_wsgi.accounting.records import Record
+    from ccm_wsgi.accounting.tokens import Tokens
 
-    return Record(user, "claude-sonnet-4-5", 200_000, 0, 1, 10, 5, 0, 0, 0, 0)
+    return Record(user, "claude-sonnet-4-5", 200_000, 0, 1, Tokens(10, 5))
 
 
 def _store(path):
     import logging
 
     from ccm_wsgi.accounting.pricing import Pricing
-    from ccm_wsgi.accounting.usage import UsageStore
+    from ccm_wsgi.accounting.store import UsageStore
 
     log = logging.getLogger("test")
     return UsageStore(str(path), Pricing((), log), log)
@@ -143,9 +155,9 @@ def _users(path) -> dict[str, int]:
 
 
 def test_kept_journal_follows_rotation_by_another_store(tmp_path, monkeypatch) -> None:
-    from ccm_wsgi.accounting import usage
+    from ccm_wsgi.accounting import store
 
-    monkeypatch.setattr(usage, "LOCK_RECHECK", 0.0)  # notice a deleted lock file at once
+    monkeypatch.setattr(store, "LOCK_RECHECK", 0.0)  # notice a deleted lock file at once
     path = tmp_path / "u.json"
     a, b = _store(path), _store(path)
     a.open()

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from ccm_wsgi.accounting.pricing import Pricing, round_cents, sum_cents
+from ccm_wsgi.accounting.tokens import Tokens
 from ccm_wsgi.config import Price, Rates
 
 M = 1_000_000
@@ -14,7 +15,8 @@ M = 1_000_000
 
 def usd(pricing: Pricing, model: str, window: int = 200_000, **tokens: int) -> float:
     t = {"in_": 0, "out": 0, "cache_read": 0, "cache_creation": 0, "c5m": 0, "c1h": 0, **tokens}
-    return pricing.cost(model, window, t["in_"], t["out"], t["cache_read"], t["cache_creation"], t["c5m"], t["c1h"])
+    counts = (t["in_"], t["out"], t["cache_read"], t["cache_creation"], t["c5m"], t["c1h"])
+    return pricing.cost(model, window, Tokens(*counts))
 
 
 def test_worked_example() -> None:
@@ -151,7 +153,7 @@ def test_rounding_of_exact_costs_and_sums() -> None:
 def test_newer_minor_versions_are_not_priced_as_the_4_0_rows():
     """`claude-opus-4-8` is newer than the table: the Opus 4/4.1 row ($15/$75) must not catch it."""
     pricing = Pricing()
-    assert pricing.cost("claude-opus-4-8", 200_000, 1_000_000, 0, 0, 0, 0, 0) == 5.0
-    assert pricing.cost("claude-opus-4-1-20250805", 200_000, 1_000_000, 0, 0, 0, 0, 0) == 15.0
-    assert pricing.cost("claude-sonnet-4-20250514", 200_000, 1_000_000, 0, 0, 0, 0, 0) == 3.0
-    assert pricing.cost("claude-haiku-4-9", 200_000, 1_000_000, 0, 0, 0, 0, 0) == 1.0
+    assert pricing.cost("claude-opus-4-8", 200_000, Tokens(1_000_000)) == 5.0
+    assert pricing.cost("claude-opus-4-1-20250805", 200_000, Tokens(1_000_000)) == 15.0
+    assert pricing.cost("claude-sonnet-4-20250514", 200_000, Tokens(1_000_000)) == 3.0
+    assert pricing.cost("claude-haiku-4-9", 200_000, Tokens(1_000_000)) == 1.0

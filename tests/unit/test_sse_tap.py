@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from ccm_wsgi.accounting.decoding import Decoder, decoder_for
 from ccm_wsgi.accounting.sse import SSETap, Usage, parse_json_usage
 from ccm_wsgi.http.request import facts
+from tests.support.usage_store import usage
 
 COUNTERS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
@@ -64,7 +65,7 @@ STREAM = (
 
 
 def test_basic_stream_any_chunk_size() -> None:
-    want = Usage("claude-sonnet-4-5", 10, 42, 300, 0, 0, 0, True)
+    want = usage("claude-sonnet-4-5", 10, 42, 300, 0, 0, 0, stopped=True)
     for size in (1, 2, 3, 5, 64, len(STREAM)):
         assert tap(*pieces(STREAM, size)) == want
 
@@ -73,41 +74,41 @@ def test_basic_stream_any_chunk_size() -> None:
 def test_line_endings(nl: str) -> None:
     data = STREAM.replace(b"\n", nl.encode())
     for size in (1, 7, len(data)):
-        assert tap(*pieces(data, size)).output_tokens == 42
+        assert tap(*pieces(data, size)).tokens.output_tokens == 42
 
 
 def test_cr_at_chunk_end_then_lf() -> None:
     event = sse(start(input_tokens=5), nl="\r\n")
     cut = event.index(b"\r") + 1  # "...\r" | "\n..."
-    assert tap(event[:cut], event[cut:]).input_tokens == 5
+    assert tap(event[:cut], event[cut:]).tokens.input_tokens == 5
     # CR CR LF is two line ends: the blank line ends the event even when split between CRs
     two = b'data: {"type":"message_start","message":{"usage":{"input_tokens":7}}}\r'
-    assert tap(two, b"\r", b"\n").input_tokens == 7
+    assert tap(two, b"\r", b"\n").tokens.input_tokens == 7
 
 
 def test_lone_cr_then_lf_in_next_chunk_is_one_line_end() -> None:
     # "data: a\r" + "\ndata: b\n\n": one event with two data lines (not two events)
     first = b'data: {"type":"message_delta",\r'
     rest = b'\ndata: "usage":{"output_tokens":9}}\n\n'
-    assert tap(first, rest).output_tokens == 9
-    assert tap(first + rest).output_tokens == 9
+    assert tap(first, rest).tokens.output_tokens == 9
+    assert tap(first + rest).tokens.output_tokens == 9
 
 
 def test_multi_line_data_is_joined_with_lf() -> None:
     pretty = json.dumps(start(input_tokens=11, cache_creation_input_tokens=4), indent=2).splitlines()
     event = "".join(f"data: {line}\n" for line in pretty) + "\n"
-    assert tap(event.encode()).input_tokens == 11
-    assert tap(*pieces(event.encode(), 3)).cache_creation_input_tokens == 4
+    assert tap(event.encode()).tokens.input_tokens == 11
+    assert tap(*pieces(event.encode(), 3)).tokens.cache_creation_input_tokens == 4
 
 
 def test_data_field_variants() -> None:
     no_space = b'data:{"type":"message_delta","usage":{"output_tokens":3}}\n\n'
-    assert tap(no_space).output_tokens == 3
+    assert tap(no_space).tokens.output_tokens == 3
     # "dataX:" is another field and a bare "data" line adds an empty line (making the JSON invalid here)
     other_field = b'datax: {"type":"message_delta","usage":{"output_tokens":4}}\n\n'
-    assert tap(other_field).output_tokens == 0
+    assert tap(other_field).tokens.output_tokens == 0
     two_spaces = b'data:  {"type":"message_delta","usage":{"output_tokens":5}}\n\n'
-    assert tap(two_spaces).output_tokens == 5  # JSON ignores the second space
+    assert tap(two_spaces).tokens.output_tokens == 5  # JSON ignores the second space
 
 
 def test_comments_unknown_fields_and_events_are_ignored() -> None:
@@ -119,11 +120,11 @@ def test_comments_unknown_fields_and_events_are_ignored() -> None:
         + sse({"type": "error", "error": {"type": "overloaded_error", "message": "message_start"}})
         + sse(start(input_tokens=1))
     )
-    assert tap(data) == Usage("claude-sonnet-4-5", 1, 0, 0, 0, 0, 0, False)
+    assert tap(data) == usage("claude-sonnet-4-5", 1, 0, 0, 0, 0, 0, stopped=False)
 
 
 def test_message_start_with_zero_input_keeps_cache_numbers() -> None:
-    usage = tap(
+    got = tap(
         sse(
             start(
                 input_tokens=0,
@@ -133,26 +134,26 @@ def test_message_start_with_zero_input_keeps_cache_numbers() -> None:
             )
         )
     )
-    assert (usage.cache_read_input_tokens, usage.cache_creation_input_tokens) == (50_000, 700)
-    assert (usage.cache_creation_5m_input_tokens, usage.cache_creation_1h_input_tokens) == (300, 400)
+    assert (got.tokens.cache_read_input_tokens, got.tokens.cache_creation_input_tokens) == (50_000, 700)
+    assert (got.tokens.cache_creation_5m_input_tokens, got.tokens.cache_creation_1h_input_tokens) == (300, 400)
 
 
 def test_message_delta_overrides_each_field_present() -> None:
-    usage = tap(
+    got = tap(
         sse(start(input_tokens=10, output_tokens=1, cache_read_input_tokens=5, cache_creation_input_tokens=6)),
         sse(delta(output_tokens=20)),
         sse(delta(output_tokens=30, input_tokens=12, cache_read_input_tokens=None)),  # null is not a number
         sse(delta(cache_creation={"ephemeral_1h_input_tokens": 8})),
     )
-    assert (usage.input_tokens, usage.output_tokens, usage.cache_read_input_tokens) == (12, 30, 5)
-    assert (usage.cache_creation_input_tokens, usage.cache_creation_1h_input_tokens) == (6, 8)
+    assert (got.tokens.input_tokens, got.tokens.output_tokens, got.tokens.cache_read_input_tokens) == (12, 30, 5)
+    assert (got.tokens.cache_creation_input_tokens, got.tokens.cache_creation_1h_input_tokens) == (6, 8)
 
 
 def test_bad_values_are_ignored() -> None:
-    usage = tap(
+    got = tap(
         sse(start(input_tokens=-1, output_tokens="7", cache_read_input_tokens=True)), sse(delta(output_tokens=2.5))
     )
-    assert usage == Usage("claude-sonnet-4-5")
+    assert got == usage("claude-sonnet-4-5")
 
 
 def test_garbage_json_and_done() -> None:
@@ -166,23 +167,23 @@ def test_garbage_json_and_done() -> None:
         + sse(delta(output_tokens=4))
         + b"\xff\xfe garbage \x00\n\n"
     )
-    assert tap(data).output_tokens == 4
-    assert tap(*pieces(data, 1000)).output_tokens == 4
+    assert tap(data).tokens.output_tokens == 4
+    assert tap(*pieces(data, 1000)).tokens.output_tokens == 4
 
 
 def test_final_unterminated_event_is_flushed_by_finish() -> None:
     cut = sse(start(input_tokens=3)) + b'data: {"type":"message_delta","usage":{"output_tokens":17}}'
     t = SSETap()
     t.feed(cut)
-    assert t.usage.output_tokens == 0
-    assert t.finish().output_tokens == 17
-    assert t.finish().output_tokens == 17  # idempotent
+    assert t.usage.tokens.output_tokens == 0
+    assert t.finish().tokens.output_tokens == 17
+    assert t.finish().tokens.output_tokens == 17  # idempotent
     truncated = sse(start(input_tokens=3)) + b'data: {"type":"message_delta","usage":{"output_tok'
-    assert tap(truncated) == Usage("claude-sonnet-4-5", 3)
+    assert tap(truncated) == usage("claude-sonnet-4-5", 3)
 
 
 def test_bom_and_empty_chunks() -> None:
-    assert tap(b"", b"\xef\xbb\xbf" + sse(start(input_tokens=2)), b"").input_tokens == 2
+    assert tap(b"", b"\xef\xbb\xbf" + sse(start(input_tokens=2)), b"").tokens.input_tokens == 2
 
 
 def test_huge_event_is_capped_and_memory_stays_bounded() -> None:
@@ -194,9 +195,9 @@ def test_huge_event_is_capped_and_memory_stays_bounded() -> None:
         t.feed(b"A" * 1000)
         assert sum(map(len, t._tail)) <= cap + 1
     t.feed(b'"}}\n\n' + sse(delta(output_tokens=5)))
-    usage = t.finish()
-    assert usage.model == "" and usage.input_tokens == 0  # the oversized event was dropped as a whole
-    assert usage.output_tokens == 5  # and the stream continues normally after it
+    got = t.finish()
+    assert got.model == "" and got.tokens.input_tokens == 0  # the oversized event was dropped as a whole
+    assert got.tokens.output_tokens == 5  # and the stream continues normally after it
 
 
 def test_cap_boundary_does_not_depend_on_chunking() -> None:
@@ -204,15 +205,15 @@ def test_cap_boundary_does_not_depend_on_chunking() -> None:
     head = b'data: {"type":"message_delta","usage":{"output_tokens":6},"pad":"'
     event = head + b"x" * (cap - len(head) - 2) + b'"}'
     assert len(event) == cap  # exactly at the cap: kept, however the blank line arrives
-    assert tap(event + b"\n\n", max_event=cap).output_tokens == 6
-    assert tap(event + b"\n", b"\n", max_event=cap).output_tokens == 6
-    assert tap(event + b"x\n", b"\n", max_event=cap).output_tokens == 0
+    assert tap(event + b"\n\n", max_event=cap).tokens.output_tokens == 6
+    assert tap(event + b"\n", b"\n", max_event=cap).tokens.output_tokens == 6
+    assert tap(event + b"x\n", b"\n", max_event=cap).tokens.output_tokens == 0
 
 
 def test_default_cap_keeps_large_but_sane_events() -> None:
     padded = start(input_tokens=8)
     padded["message"]["pad"] = "x" * 200_000
-    assert tap(*pieces(sse(padded), 65536)).input_tokens == 8
+    assert tap(*pieces(sse(padded), 65536)).tokens.input_tokens == 8
 
 
 def test_bytes_are_not_touched() -> None:
@@ -227,8 +228,8 @@ def test_a_long_stream_in_large_reads() -> None:
     start and end events, whatever lies between (speed is `make bench`'s business, not a unit test's)."""
     deltas = b"".join(sse(text_delta("some streamed words " * 3), "content_block_delta") for _ in range(60_000))
     body = sse(start(input_tokens=321), "message_start") + deltas + sse(delta(output_tokens=60_000), "message_delta")
-    usage = tap(*pieces(body + sse(STOP, "message_stop"), 65536))
-    assert (usage.input_tokens, usage.output_tokens, usage.model) == (321, 60_000, "claude-sonnet-4-5")
+    got = tap(*pieces(body + sse(STOP, "message_stop"), 65536))
+    assert (got.tokens.input_tokens, got.tokens.output_tokens, got.model) == (321, 60_000, "claude-sonnet-4-5")
 
 
 # --- property: any chunking gives the generated usage ------------------------------------------
@@ -336,7 +337,7 @@ def expected_usage(evs: list[Ev]) -> Usage:
             apply(obj["usage"])
         elif obj["type"] == "message_stop":
             want["stopped"] = True
-    return Usage(**want)
+    return usage(want.pop("model", ""), stopped=want.pop("stopped", False), **want)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -387,11 +388,11 @@ def test_compressed_streams_decode_incrementally(encoding: str, size: int) -> No
     first = pieces(blocks[0], size)
     for piece in first:
         t.feed(decoder.decompress(piece))
-    assert t.usage.input_tokens == 10  # the first event is usable as soon as its block arrived
+    assert t.usage.tokens.input_tokens == 10  # the first event is usable as soon as its block arrived
     for piece in pieces(b"".join(blocks[1:]), size):
         t.feed(decoder.decompress(piece))
     assert not decoder.failed
-    assert t.finish() == Usage("claude-sonnet-4-5", 10, 77, 0, 0, 0, 0, True)
+    assert t.finish() == usage("claude-sonnet-4-5", 10, 77, 0, 0, 0, 0, stopped=True)
 
 
 def test_decoder_edge_cases() -> None:
@@ -428,9 +429,10 @@ def test_parse_json_usage() -> None:
             "cache_creation": {"ephemeral_5m_input_tokens": 10, "ephemeral_1h_input_tokens": 20},
         },
     }
-    assert parse_json_usage(json.dumps(body).encode()) == Usage("claude-haiku-4-5", 0, 12, 900, 30, 10, 20, True)
+    want = usage("claude-haiku-4-5", 0, 12, 900, 30, 10, 20, stopped=True)
+    assert parse_json_usage(json.dumps(body).encode()) == want
     for garbage in (b"", b"nope", b"[1,2]", b'"x"', b"\xff\xfe", b"{" * 50_000, b'{"usage": 5, "model": 3}'):
-        assert parse_json_usage(garbage).input_tokens == 0
+        assert parse_json_usage(garbage).tokens.input_tokens == 0
 
 
 def test_request_facts() -> None:

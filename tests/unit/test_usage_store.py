@@ -18,18 +18,10 @@ import gevent.event
 import pytest
 
 from ccm_wsgi.accounting.pricing import Pricing
-from ccm_wsgi.accounting.sse import Usage
-from ccm_wsgi.accounting.usage import (
-    Record,
-    UsageFileError,
-    format_time,
-    load_totals,
-    make_record,
-    parse_time,
-    render,
-    week_key,
-)
-from tests.support.usage_store import FIXTURE, W1, rec, requests, store_at
+from ccm_wsgi.accounting.records import Record, format_time, make_record, parse_time, render, week_key
+from ccm_wsgi.accounting.store import UsageFileError, load_totals
+from ccm_wsgi.accounting.tokens import Tokens
+from tests.support.usage_store import FIXTURE, W1, rec, requests, store_at, usage
 
 log = logging.getLogger("test-usage")
 
@@ -50,12 +42,12 @@ def tz(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def test_make_record_rules() -> None:
-    u = Usage("claude-opus-4-6", 150_000, 10, 40_000, 0, 6_000, 5_000)
+    u = usage("claude-opus-4-6", 150_000, 10, 40_000, 0, 6_000, 5_000)
     r = make_record("alice", u, "ignored", 4, "context-1m-2025-08-07", " 1767225600 ")
-    assert r == Record("alice", "claude-opus-4-6", 1_000_000, W1, 4, 150_000, 10, 40_000, 11_000, 6_000, 5_000)
-    assert make_record("", Usage(input_tokens=1), "req-model", 0, "", None).model == "req-model"  # type: ignore[union-attr]
-    assert make_record("a", Usage(input_tokens=1), "", 0, "", None) is None  # no model at all
-    assert make_record("a", Usage("m", cache_read_input_tokens=5), "", 0, "", None) is None  # no input/output
+    assert r == Record("alice", "claude-opus-4-6", 1_000_000, W1, 4, Tokens(150_000, 10, 40_000, 11_000, 6_000, 5_000))
+    assert make_record("", usage(input_tokens=1), "req-model", 0, "", None).model == "req-model"  # type: ignore[union-attr]
+    assert make_record("a", usage(input_tokens=1), "", 0, "", None) is None  # no model at all
+    assert make_record("a", usage("m", cache_read_input_tokens=5), "", 0, "", None) is None  # no input/output
 
 
 @pytest.mark.parametrize(
@@ -70,7 +62,7 @@ def test_make_record_rules() -> None:
     ],
 )
 def test_context_window(tokens: int, beta: str, window: int) -> None:
-    r = make_record("a", Usage("m", input_tokens=tokens - 1, cache_read_input_tokens=1), "", 1, beta, None)
+    r = make_record("a", usage("m", input_tokens=tokens - 1, cache_read_input_tokens=1), "", 1, beta, None)
     assert r is not None and r.context_window == window
 
 
@@ -79,17 +71,17 @@ def test_context_window(tokens: int, beta: str, window: int) -> None:
     [("1767225600", W1), (" 1767225600\t", W1), ("+1767225600", W1), (None, 0), ("", 0), ("abc", 0), ("0", 0)],
 )
 def test_week_hint(header: str | None, week: int) -> None:
-    assert make_record("a", Usage("m", 1), "", 1, "", header).week_start_unix == week  # type: ignore[union-attr]
+    assert make_record("a", usage("m", 1), "", 1, "", header).week_start_unix == week  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("header", ["-5", "1.5e9", "1_767_225_600", "9" * 30, "100", "١٢٣"])
 def test_week_hint_never_raises(header: str) -> None:
-    assert make_record("a", Usage("m", 1), "", 1, "", header).week_start_unix == 0  # type: ignore[union-attr]
+    assert make_record("a", usage("m", 1), "", 1, "", header).week_start_unix == 0  # type: ignore[union-attr]
 
 
 def test_cache_creation_falls_back_to_the_split() -> None:
-    u = Usage("m", 1, 0, 0, 0, 30, 12)
-    assert make_record("a", u, "", 1, "", None).cache_creation_input_tokens == 42  # type: ignore[union-attr]
+    u = usage("m", 1, 0, 0, 0, 30, 12)
+    assert make_record("a", u, "", 1, "", None).tokens.cache_creation_input_tokens == 42  # type: ignore[union-attr]
 
 
 # --- time formats --------------------------------------------------------------------------------
@@ -166,8 +158,9 @@ def test_records_fold_into_the_exact_schema(tmp_path: Path, tz: Any) -> None:
             {"model": "claude-opus-4-6", "context_window": 1_000_000, "total": opus, "by_user": {"alice": opus}},
         ],
         "journal": doc["journal"],
+        "ledger": doc["ledger"],  # ours: what each user spent per UTC day, and their window shares
     }
-    assert list(doc) == ["last_updated", "costs", "combinations", "journal"]
+    assert list(doc) == ["last_updated", "costs", "combinations", "journal", "ledger"]
     assert list(doc["combinations"][0]["total"]) == [
         "request_count",
         "messages_count",
@@ -180,6 +173,8 @@ def test_records_fold_into_the_exact_schema(tmp_path: Path, tz: Any) -> None:
     ]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z", doc["last_updated"])
     assert '"bob": 0\n' in text and not re.search(r"\.0[,\n]", text)  # Go writes 0, not 0.0
+    spend = {user: round(sum(days.values()), 6) for user, days in doc["ledger"]["spend"].items()}
+    assert spend == {"alice": 3.06525, "bob": 0.0018}  # unrounded, per record, as the file prices them
     snap = store.snapshot()
     assert "journal" not in snap and snap["combinations"] == doc["combinations"]
 

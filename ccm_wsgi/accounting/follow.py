@@ -1,0 +1,104 @@
+"""Following a usage journal as it grows, so that every process sharing it sees every record, in order.
+
+gunicorn workers (and any other process on the same usage file) each append their own records; the
+ledger that budgets and window shares are checked against must count all of them, and in the same order
+everywhere. A `Follower` keeps a descriptor on the live journal and reads what was appended since its last
+look. When the journal is sealed (renamed for a fold, a fresh one created), the follower finishes the old
+file to its end - appenders never write to a journal once it is sealed - and moves on to the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from .. import files
+from . import journal
+from .records import Record
+
+Entry = tuple[Record, int]
+
+
+class Follower:
+    def __init__(self, path: str, apply: Callable[[Record, int], None], log: logging.Logger):
+        self.path = path
+        self.apply = apply
+        self.log = log
+        self.fd: int | None = None
+        self.identity: tuple[int, int] | None = None
+        self.position = 0
+
+    def start(self) -> None:
+        """Follow the journal as it is now, from its first record (call with appends excluded)."""
+        self.stop()
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        first = os.pread(fd, 4096, 0)
+        end = first.find(b"\n")
+        self.fd, self.identity = fd, (st.st_ino, st.st_dev)
+        self.position = len(first) if end < 0 else end
+
+    def stop(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            files.close(fd)
+
+    def at(self, identity: tuple[int, int] | None, end: int) -> bool:
+        """Whether this follower has read everything up to `end` of the journal `identity` (a record just
+        appended there starts at `end`: it can be applied directly, no other process wrote in between)."""
+        return self.fd is not None and self.identity == identity and self.position == end
+
+    def advance(self, end: int) -> None:
+        self.position = end
+
+    def catch_up(self) -> None:
+        """Apply every complete record appended since the last look, following a sealed journal onto the new."""
+        if self.fd is None:
+            return
+        self._read_to_end()
+        current = files.identity(self.path)
+        if current is not None and current != self.identity:
+            self._read_to_end()  # the sealed journal: nothing is appended to it any more
+            try:
+                self.start()
+            except OSError as exc:
+                self.log.error("usage: cannot follow %s: %s", self.path, exc.strerror)
+                self.stop()
+                return
+            self._read_to_end()
+
+    def _read_to_end(self) -> None:
+        assert self.fd is not None
+        chunks = []
+        while True:
+            chunk = os.pread(self.fd, 1 << 20, self.position + sum(map(len, chunks)))
+            if not chunk:
+                break
+            chunks.append(chunk)
+        if not chunks:
+            return
+        data = b"".join(chunks)
+        done = 0
+        for raw in _complete_lines(data):
+            done += len(raw)
+            line = raw.strip(b"\n")
+            if line:
+                entry = journal.decode(line)
+                if entry is None:
+                    self.log.warning("usage journal %s: skipped a damaged line (a write cut short)", self.path)
+                else:
+                    self.apply(*entry)
+        self.position += done
+
+
+def _complete_lines(data: bytes) -> list[bytes]:
+    """The complete records in `data` (each `\\n{...}`); the last one only if it already decodes, since an
+    append may be under way."""
+    parts = data.split(b"\n")
+    lines = [b"\n" + p for p in parts[1:]]
+    if parts[0]:
+        lines.insert(0, parts[0])  # the rest of a line started before (never happens: we stop on boundaries)
+    if lines and journal.decode(lines[-1].strip(b"\n")) is None:
+        lines.pop()  # still being written, or damaged at the very end: looked at again next time
+    return lines
