@@ -18,7 +18,10 @@ def main() -> None:
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="sing-box style JSON config.")
 def serve(config_path: str | None) -> None:
     """Serve every ccm service of CONFIG (the embedded default without -c)."""
-    from .http import server  # imports gevent and patches first
+    from gevent import monkey
+
+    monkey.patch_all()  # before anything imports socket, ssl or urllib3
+    from .http import server
 
     sys.exit(server.run(config_path))
 

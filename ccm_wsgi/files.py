@@ -131,11 +131,12 @@ class Reservation:
 
     def __init__(self, path: str, size: int, mode: int):
         self.target = os.path.realpath(path)
+        self.owner: tuple[int, int] | None = None
         try:
             st = os.stat(self.target)
             self.mode, self.owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
         except FileNotFoundError:
-            self.mode, self.owner = mode, None
+            self.mode = mode
         self.tmp = f"{self.target}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:

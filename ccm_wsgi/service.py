@@ -10,16 +10,17 @@ from typing import Any
 
 from . import config
 from .accounting.pricing import Pricing
-from .accounting.store import UsageStore
+from .accounting.store import SAVE_INTERVAL, UsageStore
 from .credentials import keychain
 from .credentials.oauth import OAuthCredential
+from .credentials.peer import PeerCredential
 from .credentials.store import CredentialStore, default_path, real_home
 from .http.auth import Authenticator
 from .http.drain import Drain
 from .http.proxy import Proxy, ProxySettings
 from .pool import poller
 from .pool.balancer import Balancer, aggregate_status
-from .pool.providers import Account, ExternalCredential, PoolProvider, SingleProvider
+from .pool.providers import Account, PoolProvider, SingleProvider
 from .pool.quota import caps
 from .upstream.outbounds import Outbounds
 
@@ -38,8 +39,9 @@ def credential_store(path: str) -> CredentialStore:
 
 
 class Service:
-    def __init__(self, cfg: config.Service, outbounds: Outbounds):
+    def __init__(self, cfg: config.Service, outbounds: Outbounds, save_interval: float = SAVE_INTERVAL):
         self.cfg = cfg
+        self.save_interval = save_interval
         self.tag = cfg.tag
         self.outbounds = outbounds
         self.drain = Drain()  # requests in flight, for a graceful stop
@@ -54,6 +56,10 @@ class Service:
             self.default_provider = self.providers[cfg.credentials[0].tag]
         else:  # one credential; its answers (429s included) pass through
             self.default_provider = SingleProvider(self.accounts[0])
+        # every account's own one-member balancer: its view of the account is the admin status's
+        self.own = {a.tag: p.balancer for a in self.accounts if (p := self.providers.get(a.tag)) is not None}
+        for account in self.accounts:
+            self.own.setdefault(account.tag, Balancer(account.tag, [account], "fallback"))
         self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain)
         self._greenlets: list[Any] = []
 
@@ -95,11 +101,11 @@ class Service:
 
     def _external_account(self, c: config.ExternalCredential) -> Account:
         route = self.outbounds.route(c.detour, self.cfg.connect_timeout)
-        return Account(c.tag, ExternalCredential(c.tag, c.token), route, c.url, self._usage(c.usages_path),
+        return Account(c.tag, PeerCredential(c.tag, c.token), route, c.url, self._usage(c.usages_path),
                        external=True, poll_interval=c.poll_interval)
 
     def _usage(self, path: str) -> UsageStore | None:
-        return UsageStore(os.path.abspath(path), self.pricing, log) if path else None
+        return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval) if path else None
 
     def provider_for(self, user: config.User | None) -> SingleProvider | PoolProvider:
         if user is not None and user.credential:
@@ -107,7 +113,7 @@ class Service:
         return self.default_provider
 
     def status(self, user: config.User | None) -> dict[str, float]:
-        """The caller's view of its pool (§12): remaining headroom as utilisation, and plan weight."""
+        """The caller's view of its pool: remaining headroom as utilisation, and plan weight."""
         accounts = self.provider_for(user).accounts
         exclude = user.external_credential if user is not None else ""
         allow_external = user.allow_external_usage if user is not None else True
@@ -115,12 +121,11 @@ class Service:
 
     def admin_status(self) -> dict[str, Any]:
         """Every credential's quota, state and sticky sessions, for `admin_tokens`."""
-        now = time.time()
         credentials = []
         for account in self.accounts:
-            state = account.quota.snapshot(now)
-            state.update(tag=account.tag, external=account.external, cap_5h=account.cap_5h,
-                         cap_weekly=account.cap_weekly, plan_weight=account.plan_weight(), **account.credential.info())
+            state = self.own[account.tag].member_status(account)
+            state.update(account.credential.info())
+            state["sessions"] = sum(p.balancer.sessions_on(account.tag) for p in self.providers.values())
             credentials.append(state)
         pools = {
             tag: {"strategy": p.balancer.strategy, "members": [m.tag for m in p.balancer.members],

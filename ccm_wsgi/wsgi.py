@@ -57,24 +57,19 @@ def load_config() -> tuple[config_mod.Config, config_mod.Service]:
 
 
 def _build() -> tuple[Service, Flask]:
-    from . import logs
-    from .http.app import create_app
-    from .service import Service
-    from .upstream.outbounds import Outbounds
+    from . import assemble, logs
+    from .accounting.store import SAVE_INTERVAL
 
     try:
         cfg, service_cfg = load_config()
     except ConfigProblem as exc:
         raise SystemExit("invalid config:\n" + str(exc)) from None
     logs.setup(cfg.log)
-    service = Service(service_cfg, Outbounds(cfg.outbounds))
-    interval = os.environ.get("CCM_USAGE_SAVE_INTERVAL")
-    if interval:
-        for store in service.usage_stores():
-            store.interval = float(interval)
+    interval = float(os.environ.get("CCM_USAGE_SAVE_INTERVAL") or SAVE_INTERVAL)
+    service, app = assemble.service(cfg, service_cfg, save_interval=interval)
     service.start()
     logging.getLogger("ccm_wsgi.server").info("service %s ready in worker %d", service.tag, os.getpid())
-    return service, create_app(service)
+    return service, app
 
 
 def __getattr__(name: str) -> Any:

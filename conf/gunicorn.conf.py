@@ -1,5 +1,5 @@
 """gunicorn settings for ccm-wsgi: `CCM_CONFIG=/etc/ccm-wsgi/config.json gunicorn -c conf/gunicorn.conf.py
-ccm_wsgi.wsgi:app` (CONTRACT §1). With several ccm services in the config, `CCM_SERVICE` picks one.
+ccm_wsgi.wsgi:app`. With several ccm services in the config, `CCM_SERVICE` picks one.
 
 The config is read here, in the master, so a bad one stops gunicorn at once with the same lines as
 `ccm-wsgi check`, and the service's own settings apply as with `ccm-wsgi serve`:

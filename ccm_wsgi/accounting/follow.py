@@ -70,12 +70,14 @@ class Follower:
 
     def _read_to_end(self) -> None:
         assert self.fd is not None
-        chunks = []
+        chunks: list[bytes] = []
+        read = 0
         while True:
-            chunk = os.pread(self.fd, 1 << 20, self.position + sum(map(len, chunks)))
+            chunk = os.pread(self.fd, 1 << 20, self.position + read)
             if not chunk:
                 break
             chunks.append(chunk)
+            read += len(chunk)
         if not chunks:
             return
         data = b"".join(chunks)

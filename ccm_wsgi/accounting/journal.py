@@ -47,8 +47,9 @@ def decode(raw: bytes) -> tuple[Record, int] | None:
     if not isinstance(entry, dict) or type(entry.get("t")) is not int:
         return None
     user, model = entry.get("user"), entry.get("model")
-    ints = [entry.get(name) for name in _INT_FIELDS]
-    if type(user) is not str or type(model) is not str or any(type(v) is not int for v in ints):
+    found = [entry.get(name) for name in _INT_FIELDS]
+    ints = [v for v in found if type(v) is int]
+    if type(user) is not str or type(model) is not str or len(ints) != len(found):
         return None
     cost = entry.get("cost", 0.0)
     readings = entry.get("readings", ())

@@ -16,7 +16,7 @@ class DecodeError(ValueError):
     """The text is not JSON; the message says why and where."""
 
 
-class JsonObject(dict):  # type: ignore[type-arg]
+class JsonObject(dict[str, object]):
     """A decoded JSON object that remembers which keys appeared more than once."""
 
     duplicates: frozenset[str] = frozenset()

@@ -140,7 +140,8 @@ class OAuthCredential:
     @property
     def oauth(self) -> dict[str, Any]:
         assert self._document is not None
-        return self._document[OAUTH_KEY]  # type: ignore[no-any-return]
+        oauth: dict[str, Any] = self._document[OAUTH_KEY]
+        return oauth
 
     def available(self) -> bool:
         self._refresh_view()

@@ -142,7 +142,7 @@ class CredentialStore:
             return None
         if on_disk_refresh_token is None or record.get("spent_sha256") != _sha256(on_disk_refresh_token):
             return None
-        return document  # type: ignore[no-any-return]
+        return document if isinstance(document, dict) else None
 
     def clear_pending(self) -> None:
         with contextlib.suppress(OSError):

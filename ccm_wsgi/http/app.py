@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, request
 
 from ..errors import JSON_HEADERS, ProxyError, error_body
+from ..patches import abandon
 from .guard import OpenGuard
-from .proxy import abandon, has_body, status_line
+from .proxy import has_body, status_line
 
 if TYPE_CHECKING:
     from ..service import Service

@@ -27,6 +27,7 @@ from ..accounting.sse import SSETap, Usage
 from ..anthropic import RATELIMIT_PREFIX
 from ..credentials.oauth import CredentialError
 from ..errors import JSON_HEADERS, ProxyError
+from ..patches import abandon
 from ..pool.balancer import NoCredential
 from ..pool.quota import is_quota_429
 from ..upstream.request import request_headers, response_headers, send
@@ -99,12 +100,12 @@ class Exchange:
 
 def raw_target(environ: dict[str, Any]) -> str:
     """The request target as the client wrote it (still percent-encoded), query included."""
-    raw = environ.get("RAW_URI")
+    raw: str | None = environ.get("RAW_URI")
     if raw:
-        return raw  # type: ignore[no-any-return]
-    path = environ.get("PATH_INFO", "")
+        return raw
+    path: str = environ.get("PATH_INFO", "")
     query = environ.get("QUERY_STRING")
-    return path + ("?" + query if query else "")  # type: ignore[no-any-return]
+    return path + ("?" + query if query else "")
 
 
 def safe_path(environ: dict[str, Any]) -> str:
@@ -157,8 +158,8 @@ class Proxy:
             raise
         except Exception:
             log.exception("internal error while proxying %s %s", ex.method, printable(ex.path))
-            err = ProxyError(500, "api_error", "internal error in ccm-wsgi")
-            return self._fail(ex, err, environ, start_response)
+            internal = ProxyError(500, "api_error", "internal error in ccm-wsgi")
+            return self._fail(ex, internal, environ, start_response)
 
     def _proxy(self, environ: dict[str, Any], start_response: Any, ex: Exchange) -> Any:
         if self.drain.draining:
@@ -181,7 +182,7 @@ class Proxy:
         tap = self._tap(account, upstream, sse)
         if tap is not None:
             ex.week_reset = headers.get(WEEK_RESET)
-        extra = CLOSE if self.drain.draining else []
+        extra: list[tuple[str, str]] = CLOSE if self.drain.draining else []
         length = headers.get("content-length")
         if not sse and length is not None and length.isdigit() and int(length) <= SMALL_BODY:
             return self._whole(upstream, ex, tap, start_response, extra)
@@ -251,7 +252,8 @@ class Proxy:
     def _read_piece(stream: Any, want: int, allowed: float) -> bytes:
         try:
             with gevent.Timeout(max(allowed, 0.001)):
-                return stream.read(want)  # type: ignore[no-any-return]
+                piece: bytes = stream.read(want)
+                return piece
         except gevent.Timeout:
             abandon(stream)
             raise ProxyError(408, "invalid_request_error", "the request body did not arrive in time", CLOSE) \
@@ -338,12 +340,6 @@ class Proxy:
                 ex.account.usage.record(record)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(access_line(ex, cost))
-
-
-def abandon(stream: Any) -> None:
-    """Tell pywsgi not to drain the rest of a body we gave up on (a slow client would hold it again)."""
-    if hasattr(stream, "_chunked_input_error"):
-        stream._chunked_input_error = True
 
 
 def printable(text: str) -> str:

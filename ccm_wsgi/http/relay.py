@@ -137,7 +137,7 @@ class Relay:
         self._set_idle_timeout()
         upstream = self.upstream
         chunks: Iterator[bytes]
-        if upstream.chunked and upstream.supports_chunked_reads():
+        if upstream.chunked and isinstance(upstream, urllib3.HTTPResponse) and upstream.supports_chunked_reads():
             # Each HTTP chunk (an SSE event) as soon as it is complete: read_chunked wraps the whole body
             # once, where read1 pays urllib3's and http.client's per-call checks on every event.
             chunks = upstream.read_chunked(CHUNK, decode_content=False)

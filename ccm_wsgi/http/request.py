@@ -107,4 +107,7 @@ def _bounded(session: str) -> str:
 
 
 def session_header(environ: dict[str, Any]) -> str | None:
-    return environ.get("HTTP_" + SESSION_HEADER.upper().replace("-", "_"))  # type: ignore[no-any-return]
+    return environ.get(_SESSION_KEY)
+
+
+_SESSION_KEY = "HTTP_" + SESSION_HEADER.upper().replace("-", "_")

@@ -1,197 +1,44 @@
 """`ccm-wsgi serve`: every ccm service of the config on its own gevent WSGIServer, in one process.
 
-Importing this module monkey-patches the standard library first, so that urllib3, ssl and socket
-are cooperative before anything else imports them. Shutdown on SIGTERM/SIGINT is graceful: stop
-accepting, let requests in flight (streams included) finish within the grace period, save usage,
-exit 0.
+The `serve` command monkey-patches the standard library before it imports this module, so that urllib3,
+ssl and socket are cooperative. Shutdown on SIGTERM/SIGINT is graceful (see `shutdown`).
 """
 
-from gevent import monkey
+from __future__ import annotations
 
-monkey.patch_all()
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, cast
 
-import contextlib  # noqa: E402
-import http.client  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import time  # noqa: E402
-import weakref  # noqa: E402
-from typing import Any  # noqa: E402
+import gevent
+import gevent.event
+import gevent.pool
+import gevent.socket
+from gevent.pywsgi import WSGIServer
 
-import gevent  # noqa: E402
-import gevent.event  # noqa: E402
-import gevent.pool  # noqa: E402
-import gevent.socket  # noqa: E402
-from gevent.pywsgi import WSGIHandler, WSGIServer  # noqa: E402
+from .. import assemble, logs
+from .. import config as config_mod
+from ..accounting.store import UsageFileError
+from ..service import Service
+from ..upstream.outbounds import Outbounds
+from . import tls
+from .drain import Drain
+from .handler import Handler
+from .sockets import KeepAlive
 
-from .. import config as config_mod  # noqa: E402
-from .. import logs  # noqa: E402
-from ..accounting.store import UsageFileError  # noqa: E402
-from ..errors import error_body  # noqa: E402
-from ..service import Service  # noqa: E402
-from ..upstream.outbounds import Outbounds  # noqa: E402
-from . import tls  # noqa: E402
-from .app import create_app  # noqa: E402
-from .drain import Drain  # noqa: E402
-from .sockets import KeepAlive  # noqa: E402
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from ..config import Service as ServiceConfig
 
 log = logging.getLogger("ccm_wsgi.server")
 
 BACKLOG = 4096
-RFILE_BUFFER = 4096
-COALESCE = 16 * 1024  # first body bytes sent in one write with the response head up to this size
-MAX_HEAD = 64 * 1024  # all header lines of a request (the request line has pywsgi's own 8 KiB limit)
-
-
-class HeadTimeout(OSError):
-    """The request head did not arrive within client_timeout."""
-
-
-class HeadTooLarge(ValueError):
-    """The header lines of a request exceed MAX_HEAD."""
-
-
-class _HeadReader:
-    """The client stream as http.client reads the header lines from it, with a budget for all of them
-    (on its own, http.client accepts 100 lines of 64 KiB each)."""
-
-    __slots__ = ("fp", "left")
-
-    def __init__(self, fp: Any, budget: int):
-        self.fp = fp
-        self.left = budget
-
-    def readline(self, limit: int = -1) -> bytes:
-        if self.left <= 0:
-            raise HeadTooLarge("request header fields too large")
-        line = self.fp.readline(self.left if limit < 0 else min(limit, self.left))
-        self.left -= len(line)
-        return line
-
-
-def _client_error(status: int, kind: str, message: str) -> bytes:
-    body = error_body(kind, message)
-    reason = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}[status]
-    head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-    return (head + "Connection: close\r\n\r\n").encode() + body
-
-
-class Handler(WSGIHandler):
-    """Adds `RAW_URI` (the undecoded request target, as gunicorn does) so paths are forwarded verbatim.
-
-    Hardening: the whole request head must arrive within client_timeout (the socket timeout alone only
-    bounds silence, so a client sending a byte at a time would hold the connection forever), its header
-    lines are limited to MAX_HEAD, framing that a front proxy could read differently (conflicting
-    Content-Length values, Content-Length with Transfer-Encoding, a Transfer-Encoding other than chunked)
-    is refused, and malformed requests get an Anthropic-shaped error that never repeats what was sent."""
-
-    _head_timer: Any = None
-    _head: bytearray | None = None  # a response head waiting to be sent with the first body bytes
-    busy = False  # between a request's head and the end of its response; otherwise idle on keep-alive
-
-    def __init__(self, sock: Any, address: Any, server: Any, rfile: Any = None):
-        # pywsgi reads requests through an 8 KiB buffer that every connection keeps for its whole life
-        # (an open stream included); 4 KiB holds a request head, and larger reads bypass the buffer
-        super().__init__(sock, address, server, sock.makefile("rb", RFILE_BUFFER) if rfile is None else rfile)
-
-    def handle(self) -> None:
-        self.server.connections.add(self)
-        try:
-            super().handle()
-        finally:
-            self.server.connections.discard(self)
-
-    def handle_one_request(self) -> Any:
-        if self.server.drain.draining:
-            return None  # stopping: no new request on a kept-alive connection
-        self._head_timer = timer = gevent.Timeout.start_new(self.server.client_timeout, HeadTimeout)
-        try:
-            return super().handle_one_request()
-        finally:
-            timer.close()
-            self.busy = False
-
-    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        if self.server.drain.draining and ("Connection", "close") not in headers:
-            headers = [*headers, ("Connection", "close")]  # the connection ends with this response
-        return super().start_response(status, headers, exc_info)
-
-    def close_if_idle(self) -> None:
-        """A stop began: a connection waiting for its next request is closed now."""
-        if not self.busy and self.socket is not None:
-            with contextlib.suppress(OSError):
-                self.socket.shutdown(socket.SHUT_RDWR)
-
-    def MessageClass(self, fp: Any, *args: Any) -> Any:  # pywsgi's name
-        headers = super().MessageClass(_HeadReader(fp, MAX_HEAD), *args)
-        lengths = headers.get_all("content-length")
-        codings = headers.get_all("transfer-encoding")
-        if lengths and (codings or len({v.strip() for v in lengths}) > 1):
-            raise ValueError("ambiguous request framing")
-        if codings and (len(codings) > 1 or codings[0].strip().lower() != "chunked"):
-            raise ValueError("unsupported Transfer-Encoding")
-        return headers
-
-    def _handle_client_error(self, ex: BaseException) -> tuple[str, bytes]:
-        if isinstance(ex, HeadTimeout):
-            status, message = 408, "the request head did not arrive in time"
-        elif isinstance(ex, (HeadTooLarge, http.client.HTTPException)):  # or more than 100 header lines
-            status, message = 431, f"request header fields exceed {MAX_HEAD} bytes"
-        else:
-            status, message = 400, "malformed HTTP request"
-        log.debug("refused a request from %s: %s (%s)", self.client_address[0], status, type(ex).__name__)
-        return str(status), _client_error(status, "invalid_request_error", message)
-
-    def get_environ(self) -> dict[str, Any]:
-        self.busy = True
-        if self._head_timer is not None:
-            self._head_timer.close()  # the head is in: the application takes as long as it needs
-        env = super().get_environ()
-        env["RAW_URI"] = self.path
-        return env
-
-    def _write_with_headers(self, data: Any) -> None:
-        # pywsgi sends the response head and the first body bytes (a whole JSON reply, the first event of
-        # a stream) with two send() calls; when the body part is small the head waits for it in _sendall
-        # and both go in one (the same bytes, one system call less)
-        if data and len(data) <= COALESCE:
-            self._head = bytearray()
-        try:
-            super()._write_with_headers(data)
-        finally:
-            head, self._head = self._head, None
-        if head:  # the body was never written after it: send the head alone, as pywsgi would have
-            self._sendall(head)
-
-    def _sendall(self, data: Any) -> None:
-        # gevent's sendall asks the kernel for SO_SNDBUF and reads the clock twice on every call; a reply
-        # or an SSE event fits in the socket buffer, so a single send() is the common case
-        head = self._head
-        if head is not None:
-            if not head:  # the response head: hold it for the body write that follows
-                head += data
-                return
-            self._head = None
-            head += data
-            data = head
-        sock = self.socket
-        try:
-            sent = sock.send(data)
-            if sent < len(data):
-                sock.sendall(memoryview(data)[sent:])
-        except OSError as ex:  # what pywsgi's own _sendall records
-            self.status = f"socket error: {ex}"
-            if self.code > 0:
-                self.code = -self.code
-            raise
-        self.response_length += len(data)
-
-    def log_request(self) -> None:
-        # pywsgi formats an access line per request even when it has nowhere to write it (log=None);
-        # ccm-wsgi writes its own access line (ccm_wsgi.access)
-        if self.server.log_requests:
-            super().log_request()
 
 
 class Server(WSGIServer):
@@ -202,13 +49,19 @@ class Server(WSGIServer):
 
     handler_class = Handler
 
-    def __init__(self, *args: Any, client_timeout: float, drain: Drain, keep_alive: KeepAlive, **kwargs: Any):
-        super().__init__(*args, spawn=gevent.pool.Pool(), **kwargs)
-        self.client_timeout = client_timeout
+    def __init__(self, address: tuple[str, int], app: Flask, drain: Drain, cfg: ServiceConfig,
+                 ssl_context: tls.ServerContext | None = None):
+        common: dict[str, Any] = {"backlog": BACKLOG, "spawn": gevent.pool.Pool(), "log": None,
+                                  "error_log": ErrorLog()}
+        if ssl_context is None:
+            super().__init__(address, app, **common)
+        else:  # gevent only calls the context's wrap_socket
+            super().__init__(address, app, ssl_context=cast(ssl.SSLContext, ssl_context), **common)
+        self.client_timeout = cfg.client_timeout
         self.drain = drain
-        self.keep_alive = keep_alive
+        self.keep_alive = KeepAlive.of(cfg)
         self.connections: weakref.WeakSet[Handler] = weakref.WeakSet()
-        self.log_requests = kwargs.get("log", "default") is not None
+        self.log_requests = False  # ccm-wsgi writes its own access line (ccm_wsgi.access)
         self._handshake_failures = FailureLog("TLS handshake")
 
     def get_listener(self, address: Any, backlog: Any = None, family: Any = None) -> Any:  # type: ignore[override]
@@ -234,7 +87,8 @@ class Server(WSGIServer):
         client_socket.settimeout(self.client_timeout)
         try:
             with gevent.Timeout(self.client_timeout, HandshakeTimeout):
-                tls_socket = self.wrap_socket(client_socket, **self.ssl_args)
+                # gevent sets wrap_socket and ssl_args per instance, from the ssl_context given
+                tls_socket = self.wrap_socket(client_socket, **self.ssl_args)  # type: ignore[misc, arg-type]
         except (HandshakeTimeout, OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             self._handshake_failures.note(address, exc)
             with contextlib.suppress(OSError):
@@ -299,17 +153,12 @@ def build(cfg: config_mod.Config) -> list[tuple[Service, Server]]:
     outbounds = Outbounds(cfg.outbounds)
     pairs = []
     for service_cfg in cfg.services:
-        service = Service(service_cfg, outbounds)
-        kwargs: dict[str, Any] = {}
+        service, app = assemble.service(cfg, service_cfg, outbounds)
+        context = None
         if service_cfg.tls is not None:
-            ctx = tls.server_context(service_cfg.tls)
-            ctx.watch()
-            kwargs["ssl_context"] = ctx
-        server = Server(
-            (service_cfg.listen, service_cfg.listen_port), create_app(service), backlog=BACKLOG,
-            log=None, error_log=ErrorLog(), client_timeout=service_cfg.client_timeout, drain=service.drain,
-            keep_alive=KeepAlive.of(service_cfg), **kwargs,
-        )
+            context = tls.server_context(service_cfg.tls)
+            context.watch()
+        server = Server((service_cfg.listen, service_cfg.listen_port), app, service.drain, service_cfg, context)
         pairs.append((service, server))
     return pairs
 
@@ -331,8 +180,7 @@ def run(config_path: str | None) -> int:
             return 1
         server.start()
         scheme = "https" if service.cfg.tls is not None else "http"
-        host, port = server.address[:2]
-        log.info("service %s listening on %s://%s:%d", service.tag, scheme, host, port)
+        log.info("service %s listening on %s://%s:%d", service.tag, scheme, server.server_host, server.server_port)
     stop = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)

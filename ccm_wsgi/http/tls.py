@@ -140,8 +140,8 @@ def server_context(cfg: InboundTLS) -> ServerContext:
     return ServerContext(cfg)
 
 
-def _stamp(paths: list[str]) -> tuple[Any, ...]:
-    stamp = []
+def _stamp(paths: list[str]) -> tuple[tuple[int, int, int, int] | None, ...]:
+    stamp: list[tuple[int, int, int, int] | None] = []
     for path in paths:
         try:
             st = os.stat(path)

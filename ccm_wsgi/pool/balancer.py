@@ -3,7 +3,7 @@
 A session (one Claude Code conversation) stays on one credential so that its prompt cache keeps
 paying off; it moves only when that credential becomes unusable, is excluded for this request
 (it just answered a quota 429) or, for `least_used` with a rebalance threshold, has drifted too far
-above the best choice (reference §11.4, issue item 3). Other upstream errors never move a session.
+above the best choice. Other upstream errors never move a session.
 
 Everything here is pure bookkeeping: no I/O and no blocking, so under gevent each call runs to
 completion without a switch and needs no lock. (Not thread-safe; the service runs greenlets.)
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from ..errors import ProxyError
@@ -39,7 +39,7 @@ class Member(Protocol):
         ...
 
     def plan_weight(self) -> float:
-        """Relative plan capacity (§10.7)."""
+        """Relative plan capacity (a Max 20x plan weighs more than a Pro plan)."""
         ...
 
 
@@ -66,7 +66,7 @@ class Balancer:
     def __init__(
         self,
         tag: str,
-        members: list[Member],
+        members: Sequence[Member],
         strategy: str = "least_used",
         rebalance_threshold: float = 0.0,
         grace: float = 900.0,
@@ -204,8 +204,12 @@ class Balancer:
         self._pins.purge(self._clock())
         return {session: pin.tag for (_, session), pin in self._pins.items()}
 
+    def sessions_on(self, tag: str) -> int:
+        return sum(1 for _, pin in self._pins.items() if pin.tag == tag)
+
     def member_status(self, member: Member) -> dict[str, object]:
-        """One member's state for the admin status: quota snapshot, caps, weight, usability, sessions."""
+        """One member's state, the admin status's view of a credential: quota snapshot, caps, weight,
+        usability, and the sessions this balancer pins to it."""
         now = self._clock()
         self._pins.purge(now)
         state = member.quota.snapshot(now)
@@ -217,12 +221,12 @@ class Balancer:
             cap_5h=member.cap_5h,
             cap_weekly=member.cap_weekly,
             plan_weight=_weight(member),
-            sessions=sum(1 for _, pin in self._pins.items() if pin.tag == member.tag),
+            sessions=self.sessions_on(member.tag),
         )
         return state
 
     def _failure(self, allow_external: bool, now: float) -> NoCredential:
-        """Explain why nothing is usable (§11.6), with seconds until the earliest member reset."""
+        """Explain why nothing is usable, with seconds until the earliest member reset."""
         scoped = [m for m in self.members if allow_external or not m.external]
         loaded = [m for m in scoped if m.available()]
         if not scoped:
@@ -269,9 +273,9 @@ def _least_used(usable: list[Member], now: float) -> Member | None:
 
 
 def aggregate_status(
-    members: list[Member], now: float, exclude_tag: str = "", allow_external: bool = True
+    members: Sequence[Member], now: float, exclude_tag: str = "", allow_external: bool = True
 ) -> dict[str, float]:
-    """The user's view (§12 steps 7-8): weight-averaged remaining headroom under each member's caps.
+    """The user's view: weight-averaged remaining headroom under each member's caps.
 
     Counts every available member in scope, usable or not, so the figure reflects real capacity;
     an idle member with cap 99 reports 1 %. Nothing counted → 100 / 100 / weight 0.

@@ -15,41 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..credentials.oauth import CredentialError
+from ..accounting.store import UsageStore
+from ..credentials import Credential
 from ..upstream.outbounds import Route
 from .balancer import Balancer
 from .quota import Quota
 
 
-class ExternalCredential:
-    """Another ccm instance: our "access token" is a user token of that instance."""
-
-    def __init__(self, tag: str, token: str):
-        self.tag = tag
-        self._token = token
-
-    def access_token(self) -> str:
-        return self._token
-
-    def renew(self, rejected: str) -> str | None:
-        raise CredentialError(502, f"credential {self.tag}: the peer ccm instance rejected our token")
-
-    def available(self) -> bool:
-        return True
-
-    def info(self) -> dict[str, Any]:
-        return {"available": True}
-
-
 @dataclass(eq=False)
 class Account:
     tag: str
-    credential: Any  # OAuthCredential or ExternalCredential
+    credential: Credential
     route: Route
     base_url: str
-    usage: Any = None  # UsageStore when this credential counts usage
+    usage: UsageStore | None = None  # when this credential counts usage
     external: bool = False
     cap_5h: float = 100.0
     cap_weekly: float = 100.0

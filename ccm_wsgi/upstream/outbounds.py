@@ -69,12 +69,15 @@ class ProxyRefused(UrllibProxyError):
     """An HTTP proxy answered a forwarded (plain-http) request with 407 instead of forwarding it."""
 
     def __init__(self, status: int, reason: str):
-        super().__init__(f"Tunnel connection failed: {status} {reason}", None)
+        super().__init__(f"Tunnel connection failed: {status} {reason}", OSError(status, reason))
         self.status, self.reason = status, reason
 
 
 class _HTTPProxyManager(urllib3.ProxyManager):
-    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> urllib3.BaseHTTPResponse:
+    # the signature of urllib3's own ProxyManager.urlopen, which narrows RequestMethods' the same way
+    def urlopen(  # type: ignore[override]
+        self, method: str, url: str, redirect: bool = True, **kw: Any
+    ) -> urllib3.BaseHTTPResponse:
         response = super().urlopen(method, url, redirect=redirect, **kw)
         # Only a proxy sends 407. A refused CONNECT (https upstream) is already an exception.
         if response.status == 407 and not url.lower().startswith("https:"):
@@ -292,7 +295,7 @@ def _reason(exc: BaseException) -> str:
         return "authentication failed"
     for name in ("SOCKS5Error", "SOCKS4Error"):
         if name in by_name:
-            return f"the proxy could not open the connection ({by_name[name].msg})"
+            return f"the proxy could not open the connection ({getattr(by_name[name], 'msg', '')})"
     refused = _first(chain, ProxyRefused)
     if refused is not None:
         return f"proxy returned {refused.status} {refused.reason} (authentication failed)"
@@ -318,7 +321,7 @@ def _reason(exc: BaseException) -> str:
             return str(text(found))
     general = by_name.get("GeneralProxyError")
     if general is not None:
-        return f"proxy error ({general.msg})"
+        return f"proxy error ({getattr(general, 'msg', '')})"
     os_error = next((e for e in chain if isinstance(e, OSError) and e.strerror), None)
     if os_error is not None:
         return str(os_error.strerror).lower()

@@ -8,9 +8,6 @@ sent (all header lines, de-duplicated). Configured `headers` replace same-named 
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-import http.client
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -73,60 +70,6 @@ def request_headers(environ: Mapping[str, Any], configured: Mapping[str, tuple[s
         headers[name.lower()] = ", ".join(values)
     headers["anthropic-beta"] = merge_beta(headers.get("anthropic-beta"))
     return headers
-
-
-# --- response header parsing -------------------------------------------------------------------
-#
-# http.client hands every response's header block to the `email` package's feed parser, which costs
-# more than everything else urllib3 does for a small response. `parse_headers` below gives the same
-# HTTPMessage (same header list, payload, defects) for the plain header blocks upstreams send, in a
-# few regex matches, and leaves everything else to the original: obs-fold continuation lines, names
-# the feed parser would not take as a header, a CR inside a line (the feed parser splits lines there;
-# other line-break characters are left to it too, to be safe), a missing blank line, and multipart or
-# message content types (the feed parser looks into those bodies). tests/bench/test_fast_paths.py
-# checks it against the original.
-
-_HEADER_LINE = re.compile(rb"([!-9;-~]+):[ \t]*([^\r\n\x0b\x0c\x1c-\x1e\x85]*)\r?\n")
-_read_headers = http.client._read_headers  # type: ignore[attr-defined]
-
-
-def _email_parse(lines: list[bytes], message_class: type) -> http.client.HTTPMessage:
-    """What http.client.parse_headers does with the lines it read."""
-    return email.parser.Parser(_class=message_class).parsestr(b"".join(lines).decode("iso-8859-1"))
-
-
-def parse_header_lines(lines: list[bytes], message_class: type = http.client.HTTPMessage) -> http.client.HTTPMessage:
-    """`message_class` may be a subclass (gevent's pywsgi parses request headers with one)."""
-    if not issubclass(message_class, http.client.HTTPMessage) or not lines or lines[-1] not in (b"\r\n", b"\n"):
-        return _email_parse(lines, message_class)
-    items = []
-    match = _HEADER_LINE.fullmatch
-    for i in range(len(lines) - 1):
-        m = match(lines[i])
-        if m is None:
-            return _email_parse(lines, message_class)
-        name = m.group(1).decode("iso-8859-1")
-        value = m.group(2).decode("iso-8859-1")
-        if len(name) == 12 and name.lower() == "content-type":
-            kind = value.lower()
-            if "multipart" in kind or "message" in kind:
-                return _email_parse(lines, message_class)
-        items.append((name, value))
-    try:
-        message = message_class(policy=email.policy.compat32)  # as the feed parser makes it
-    except TypeError:
-        return _email_parse(lines, message_class)
-    message._headers = items  # type: ignore[attr-defined]
-    message._payload = ""  # type: ignore[attr-defined]
-    return message
-
-
-def parse_headers(fp: Any, _class: type = http.client.HTTPMessage) -> http.client.HTTPMessage:
-    """Drop-in for `http.client.parse_headers` (same limits and errors: it reads with the same code)."""
-    return parse_header_lines(_read_headers(fp), _class)
-
-
-http.client.parse_headers = parse_headers  # type: ignore[assignment]
 
 
 def response_headers(upstream: urllib3.BaseHTTPResponse, keep_length: bool) -> list[tuple[str, str]]:

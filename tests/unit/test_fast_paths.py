@@ -8,7 +8,7 @@ import io
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccm_wsgi.upstream import request as upstream
+from ccm_wsgi import patches
 
 
 def state(message: http.client.HTTPMessage) -> dict:
@@ -26,8 +26,8 @@ def check(block: bytes) -> None:
 
     lines = http.client._read_headers(io.BytesIO(block))  # type: ignore[attr-defined]
     for cls in (http.client.HTTPMessage, headers_factory(io.BytesIO(b"\r\n")).__class__):
-        expected = upstream._email_parse(list(lines), cls)
-        got = upstream.parse_header_lines(list(lines), cls)
+        expected = patches._email_parse(list(lines), cls)
+        got = patches.parse_header_lines(list(lines), cls)
         assert type(got) is cls
         assert state(got) == state(expected)
 
@@ -42,8 +42,9 @@ ANTHROPIC = (
 )
 
 
-def test_parse_headers_is_installed() -> None:
-    assert http.client.parse_headers is upstream.parse_headers
+def test_parse_headers_is_installed_at_start_up_only() -> None:
+    patches.install()
+    assert http.client.parse_headers is patches.parse_headers
 
 
 def test_typical_and_odd_blocks() -> None:

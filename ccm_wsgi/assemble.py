@@ -1,0 +1,23 @@
+"""One ccm service assembled from the typed config: the same for `ccm-wsgi serve` and for a gunicorn worker.
+
+Both entry points call `service()` after gevent's monkey-patching; it installs the library patches
+(`patches.py`), builds the runtime objects (`Service`: credentials, pools, usage stores, the proxy) and the
+WSGI application that serves them.
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from . import config, patches
+from .accounting.store import SAVE_INTERVAL
+from .http.app import create_app
+from .service import Service
+from .upstream.outbounds import Outbounds
+
+
+def service(cfg: config.Config, service_cfg: config.Service, outbounds: Outbounds | None = None,
+            save_interval: float = SAVE_INTERVAL) -> tuple[Service, Flask]:
+    patches.install()
+    built = Service(service_cfg, outbounds or Outbounds(cfg.outbounds), save_interval)
+    return built, create_app(built)
