@@ -11,9 +11,8 @@ from typing import Any
 from . import config
 from .accounting.pricing import Pricing
 from .accounting.usage import UsageStore
-from .credentials import keychain
 from .credentials.oauth import OAuthCredential
-from .credentials.store import CredentialStore, default_path, real_home
+from .credentials.store import credential_store
 from .http.auth import Authenticator
 from .http.drain import Drain
 from .http.proxy import Proxy, ProxySettings
@@ -24,17 +23,6 @@ from .pool.quota import caps
 from .upstream.outbounds import Outbounds
 
 log = logging.getLogger("ccm_wsgi.service")
-
-
-def credential_store(path: str) -> CredentialStore:
-    """An explicit path means that file; no path means Claude Code's own location (keychain first on macOS)."""
-    if path:
-        return CredentialStore(os.path.abspath(os.path.expanduser(path)))
-    store_path = default_path()
-    chain = None
-    if keychain.enabled():
-        chain = keychain.Keychain(keychain.service_name(os.environ.get("CLAUDE_CONFIG_DIR"), real_home()))
-    return CredentialStore(store_path, chain)
 
 
 class Service:
