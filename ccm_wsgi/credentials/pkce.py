@@ -83,7 +83,7 @@ def read_pasted(text: str) -> tuple[str, str | None]:
     else:
         code, _, rest = text.partition("#")
         state = rest or None
-    code = re.split(r"[#&\s]", code, maxsplit=1)[0]  # a bare code: whatever follows # or & is not part of it
+    code = re.split(r"[#&]", code, maxsplit=1)[0]  # a bare code: whatever follows # or & is not part of it
     if not CODE_CHARS.fullmatch(code):
         raise PasteError("that does not look like an authorization code: paste the code#state the page shows, "
                          "or the address of the page the browser landed on")
