@@ -77,3 +77,12 @@ def login(config_path: str | None, credential: str | None, credential_path: str 
     if import_from is not None and callback_port is not None:
         raise click.UsageError("--import installs a login made elsewhere: it takes no --callback-port")
     sys.exit(flow.run(config_path, credential, credential_path, callback_port, import_from))
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="the config to check the host for")
+def doctor(config_path: str | None) -> None:
+    """Check that this host can serve CONFIG: one line per check (ok, warn, fail) and what to do; exit 1 on a fail."""
+    from . import doctor as checks
+
+    sys.exit(checks.run(config_path))
