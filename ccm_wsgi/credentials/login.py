@@ -538,7 +538,8 @@ def run(config_path: str | None, credential: str | None, credential_path: str | 
             click.echo(IMPORT_WARNING, err=True)
         else:
             interactive(target, installer, callback_port)
-            click.echo(f"Saved into {target.label}, mode 0600. A running ccm-wsgi uses it from its next request on.")
+            mode = ", mode 0600" if target.store.keychain is None else ""
+            click.echo(f"Saved into {target.label}{mode}. A running ccm-wsgi uses it from its next request on.")
     except LoginError as exc:
         click.echo(f"error: {exc}", err=True)
         return 1
