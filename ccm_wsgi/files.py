@@ -132,11 +132,16 @@ class Reservation:
 
     def __init__(self, path: str, size: int, mode: int, keep_mode: bool = True):
         self.target = os.path.realpath(path)
+        self.mode = mode
+        self.owner: tuple[int, int] | None = None
         try:
             st = os.stat(self.target)
-            self.mode, self.owner = st.st_mode & 0o7777 if keep_mode else mode, (st.st_uid, st.st_gid)
         except FileNotFoundError:
-            self.mode, self.owner = mode, None
+            pass
+        else:
+            self.owner = (st.st_uid, st.st_gid)
+            if keep_mode:
+                self.mode = st.st_mode & 0o7777
         self.tmp = f"{self.target}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
