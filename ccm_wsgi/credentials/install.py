@@ -6,7 +6,7 @@ is checked before anything is asked of the person (it can be written, and what i
 is reserved before the code is spent; the document is re-read and written (atomically, mode 0600, every other key
 kept, owner kept, through a symlink) under ccm-wsgi's `flock` and Claude Code's directory lock. SIGINT, SIGTERM
 and SIGHUP end a login with KeyboardInterrupt, which leaves the target as it was and gives the reserved space
-back; during the write itself they are held back until it is done.
+back; during the write itself they let the write finish.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Installer:
 
     def commit(self, oauth: dict[str, Any]) -> None:
         """Write `oauth` as the target's Claude Code login, keeping the rest of the document."""
-        with self.signals.held():
+        with self.signals.held(deliver=False):
             try:
                 with files.locked(self.store.lock_path(), fcntl.LOCK_EX, LOCK_WAIT_SECONDS, mode_if_created=0o600), \
                         claude_lock(self.store.path):
@@ -141,8 +141,9 @@ def claude_lock(path: str) -> Iterator[None]:
 
 
 class Signals:
-    """SIGINT, SIGTERM and SIGHUP (the ssh session closing) end the login with KeyboardInterrupt; while a write
-    is under way they are held back and take effect right after it."""
+    """SIGINT, SIGTERM and SIGHUP (the ssh session closing) end the login with KeyboardInterrupt. While a file
+    is being set aside they are held back and take effect right after (which gives it back); while the login
+    itself is written they let the write finish, and the login ends as written."""
 
     NAMES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -166,11 +167,13 @@ class Signals:
         raise KeyboardInterrupt
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        self._holding = True
+    def held(self, deliver: bool = True) -> Iterator[None]:
+        """No interrupt inside; one that came meanwhile is raised after the block when `deliver`, else dropped
+        (the block finished what the person wanted)."""
+        self._holding, self._pending = True, False
         try:
             yield
         finally:
             self._holding = False
-        if self._pending:
+        if self._pending and deliver:
             raise KeyboardInterrupt

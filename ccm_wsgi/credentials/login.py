@@ -68,8 +68,6 @@ def resolve(config_path: str | None, tag: str | None, path: str | None) -> Targe
         cfg = config.load(config_path) if config_path else config.default_config()
     except config.ConfigError as exc:
         raise LoginError(f"{config_path} does not pass check:\n  " + "\n  ".join(exc.problems)) from None
-    if not cfg.services:
-        raise LoginError(f"{config_path} has no ccm service")
     service, credential = _credential(cfg, tag, path)
     detour = credential.detour if credential is not None else service.detour if not service.pooled else ""
     if path:
