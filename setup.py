@@ -19,6 +19,7 @@ setup(
         "brotli>=1.1",
         "zstandard>=0.22",
         "pydantic>=2.7",
+        "segno>=1.5",  # the QR code of the login URL in a terminal; pure Python, no dependencies
     ],
     extras_require={
         "gunicorn": ["gunicorn[gevent]>=23.0"],

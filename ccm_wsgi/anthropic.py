@@ -19,7 +19,8 @@ TOKEN_USER_AGENT = "axios/1.15.2"
 API_USER_AGENT = "claude-cli/2.1.332 (external, cli)"
 
 OAUTH_BETA = "oauth-2025-04-20"  # an OAuth bearer token is only accepted with this beta flag
-USAGE_PATH = "/api/oauth/usage"  # the subscription's 5-hour and weekly windows
+USAGE_PATH = "/api/oauth/usage"  # the subscription's 5-hour and weekly windows (and its paid extra usage)
+PROFILE_PATH = "/api/oauth/profile"  # the account's organisation type and rate-limit tier
 
 RATELIMIT_PREFIX = "anthropic-ratelimit-unified-"
 SESSION_HEADER = "x-claude-code-session-id"

@@ -1,4 +1,4 @@
-"""The `ccm-wsgi` command: serve, check, usage, token."""
+"""The `ccm-wsgi` command: serve, check, usage, token, login, doctor."""
 
 from __future__ import annotations
 
@@ -58,3 +58,34 @@ def usage(config_path: str | None, usages_file: str | None, as_json: bool) -> No
 def token() -> None:
     """Print a new random user token (256 bits, URL-safe)."""
     click.echo("ak-ccm-" + secrets.token_urlsafe(32))
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="the config whose service (URLs, detour, credential file) the login is for")
+@click.option("--credential", "credential", metavar="TAG", help="log in the pool credential TAG of the config")
+@click.option("--credential-path", "credential_path", type=click.Path(dir_okay=False),
+              help="write the login into this file instead")
+@click.option("--callback-port", "callback_port", type=click.IntRange(0, 65535), metavar="N",
+              help="receive the browser's redirect on 127.0.0.1:N (through ssh -L) instead of a pasted code")
+@click.option("--import", "import_from", metavar="FILE|-",
+              help="install a credentials JSON made elsewhere (- reads standard input)")
+def login(config_path: str | None, credential: str | None, credential_path: str | None, callback_port: int | None,
+          import_from: str | None) -> None:
+    """Log a subscription in (Claude's OAuth login, no browser needed here) and save it where the service reads it."""
+    from .credentials import login as flow
+
+    if credential and credential_path:
+        raise click.UsageError("give --credential or --credential-path, not both")
+    if import_from is not None and callback_port is not None:
+        raise click.UsageError("--import installs a login made elsewhere: it takes no --callback-port")
+    sys.exit(flow.run(config_path, credential, credential_path, callback_port, import_from))
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="the config to check the host for")
+def doctor(config_path: str | None) -> None:
+    """Check that this host can serve CONFIG: one line per check (ok, warn, fail) and what to do; exit 1 on a fail."""
+    from . import doctor as checks
+
+    sys.exit(checks.run(config_path))

@@ -126,17 +126,22 @@ class Reservation:
     The credential refresh spends a refresh token that cannot be spent again; reserving the space of the
     new file before spending it turns "disk full" into "do not refresh" instead of "refreshed, then could
     not save". The replacement keeps the owner, group and mode of the file it replaces (a refresh run as
-    root must not take a user's login away from them) and writes through a symlink to its target.
+    root must not take a user's login away from them; `keep_mode=False` sets `mode` instead) and writes
+    through a symlink to its target.
     """
 
-    def __init__(self, path: str, size: int, mode: int):
+    def __init__(self, path: str, size: int, mode: int, keep_mode: bool = True):
         self.target = os.path.realpath(path)
+        self.mode = mode
         self.owner: tuple[int, int] | None = None
         try:
             st = os.stat(self.target)
-            self.mode, self.owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
         except FileNotFoundError:
-            self.mode = mode
+            pass
+        else:
+            self.owner = (st.st_uid, st.st_gid)
+            if keep_mode:
+                self.mode = st.st_mode & 0o7777
         self.tmp = f"{self.target}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -198,6 +203,19 @@ def create_if_missing(path: str, data: bytes, mode: int) -> None:
         pass
     finally:
         unlink(tmp)
+
+
+def unwritable_directory(directory: str) -> str | None:
+    """Why a new file cannot be created in `directory` (tried for real, so read-only mounts and root count
+    right), None when it can."""
+    probe = os.path.join(directory, f".ccm-wsgi-probe-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    unlink(probe)
+    return None
 
 
 def unlink(path: str) -> None:

@@ -11,10 +11,9 @@ from typing import Any
 from . import config
 from .accounting.pricing import Pricing
 from .accounting.store import SAVE_INTERVAL, UsageStore
-from .credentials import keychain
 from .credentials.oauth import OAuthCredential
 from .credentials.peer import PeerCredential
-from .credentials.store import CredentialStore, default_path, real_home
+from .credentials.store import credential_store
 from .http.auth import Authenticator
 from .http.drain import Drain
 from .http.proxy import Proxy, ProxySettings
@@ -25,17 +24,6 @@ from .pool.quota import caps
 from .upstream.outbounds import Outbounds
 
 log = logging.getLogger("ccm_wsgi.service")
-
-
-def credential_store(path: str) -> CredentialStore:
-    """An explicit path means that file; no path means Claude Code's own location (keychain first on macOS)."""
-    if path:
-        return CredentialStore(os.path.abspath(os.path.expanduser(path)))
-    store_path = default_path()
-    chain = None
-    if keychain.enabled():
-        chain = keychain.Keychain(keychain.service_name(os.environ.get("CLAUDE_CONFIG_DIR"), real_home()))
-    return CredentialStore(store_path, chain)
 
 
 class Service:
@@ -105,7 +93,9 @@ class Service:
                        external=True, poll_interval=c.poll_interval)
 
     def _usage(self, path: str) -> UsageStore | None:
-        return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval) if path else None
+        if not path:
+            return None
+        return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval)
 
     def provider_for(self, user: config.User | None) -> SingleProvider | PoolProvider:
         if user is not None and user.credential:

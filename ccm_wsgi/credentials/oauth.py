@@ -226,7 +226,7 @@ class OAuthCredential:
             if self._unsaved is None and self._adopt_pending(self.oauth.get("refreshToken") or ""):
                 return str(self.oauth["accessToken"])
             self._check_hold()
-            reason = self._unwritable()
+            reason = self.store.unwritable()
             if reason:
                 raise self._fail(
                     503,
@@ -378,37 +378,18 @@ class OAuthCredential:
         self._retry_save()
         return True
 
-    def _unwritable(self) -> str | None:
-        """Why a refreshed login could not be saved (so no refresh may happen), None when it can be."""
-        if self.store.keychain is not None:
-            return None
-        import os
-
-        target = os.path.realpath(self.store.path)
-        directory = os.path.dirname(target)
-        if not os.access(directory, os.W_OK):
-            return f"the directory {directory} is not writable"
-        if os.path.exists(target) and not os.access(target, os.W_OK):
-            return f"{self.store.path} is not writable"
-        return None
-
     # -- the token endpoint ----------------------------------------------------------------------
 
     def _post_refresh(self, refresh_token: str, scopes: Any) -> dict[str, Any]:
         body: dict[str, Any] = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": CLIENT_ID}
         if isinstance(scopes, list) and scopes:
             body["scope"] = " ".join(str(s) for s in scopes)
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": TOKEN_USER_AGENT}
         last_error = ""
         for attempt in range(3):
             if attempt:
                 gevent.sleep(0.2 * attempt)
             try:
-                resp = self.route.pool.request(
-                    "POST", self.token_url, body=json.dumps(body).encode(), headers=headers,
-                    timeout=urllib3.Timeout(connect=self.route.connect_timeout, read=30.0), retries=False,
-                    redirect=False,
-                )
+                resp = post_token(self.route, self.token_url, body)
             except urllib3.exceptions.HTTPError as exc:
                 last_error = self.route.describe(exc)
                 if isinstance(exc, NOT_SENT):
@@ -420,15 +401,10 @@ class OAuthCredential:
         raise self._fail(502, f"credential {self.tag}: the token endpoint is unreachable ({last_error})")
 
     def _refresh_answer(self, resp: urllib3.BaseHTTPResponse) -> dict[str, Any]:
-        try:
-            answer = json.loads(resp.data)
-        except ValueError:
-            answer = None
-        if resp.status == 200 and isinstance(answer, dict) and isinstance(answer.get("access_token"), str):
+        answer = token_answer(resp)
+        if resp.status == 200 and answer is not None:
             return answer
-        code = answer.get("error") if isinstance(answer, dict) else None
-        # only an OAuth error code (invalid_grant, ...): whatever else the endpoint says is never repeated
-        reason = f"HTTP {resp.status}" + (f" {code}" if isinstance(code, str) and OAUTH_ERROR.fullmatch(code) else "")
+        reason = refusal(resp)
         if resp.status == 429:
             wait = retry_after_seconds(resp.headers.get("retry-after"))
             raise self._hold_for(wait, CredentialError(
@@ -479,6 +455,43 @@ class OAuthCredential:
         if self.store.signature() != self._hold_signature:
             return  # the file changed (a new login, or someone else refreshed): look again at once
         raise self._hold
+
+
+def post_token(route: Route, token_url: str, body: dict[str, Any]) -> urllib3.BaseHTTPResponse:
+    """One POST of `body` (JSON) to the token endpoint, dressed as Claude Code's; never retried here (a grant
+    can be spent only once: whether to send it again is the caller's decision)."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": TOKEN_USER_AGENT}
+    return route.pool.request(
+        "POST", token_url, body=json.dumps(body).encode(), headers=headers,
+        timeout=urllib3.Timeout(connect=route.connect_timeout, read=30.0), retries=False, redirect=False,
+    )
+
+
+def token_answer(resp: urllib3.BaseHTTPResponse) -> dict[str, Any] | None:
+    """The decoded answer of a successful grant (it holds an `access_token`), None for anything else."""
+    try:
+        answer = json.loads(resp.data)
+    except ValueError:
+        return None
+    if resp.status == 200 and isinstance(answer, dict) and isinstance(answer.get("access_token"), str):
+        return answer
+    return None
+
+
+def oauth_error(resp: urllib3.BaseHTTPResponse) -> str:
+    """The OAuth error code of a refused grant (`invalid_grant`, ...), "" when it has none."""
+    try:
+        answer = json.loads(resp.data)
+    except ValueError:
+        return ""
+    code = answer.get("error") if isinstance(answer, dict) else None
+    return code if isinstance(code, str) and OAUTH_ERROR.fullmatch(code) else ""
+
+
+def refusal(resp: urllib3.BaseHTTPResponse) -> str:
+    """`HTTP <status>` and the OAuth error code: whatever else the endpoint says is never repeated."""
+    code = oauth_error(resp)
+    return f"HTTP {resp.status}" + (f" {code}" if code else "")
 
 
 def retry_after_seconds(value: str | None) -> float:

@@ -19,6 +19,7 @@ import pwd
 from typing import Any
 
 from .. import files
+from . import keychain
 from .keychain import Keychain
 
 OAUTH_KEY = "claudeAiOauth"
@@ -64,6 +65,16 @@ def parse_document(raw: bytes, source: str) -> dict[str, Any]:
 
 def dumps(document: dict[str, Any]) -> bytes:
     return json.dumps(document, indent=2).encode()
+
+
+def credential_store(path: str) -> CredentialStore:
+    """An explicit path means that file; no path means Claude Code's own location (keychain first on macOS)."""
+    if path:
+        return CredentialStore(os.path.abspath(os.path.expanduser(path)))
+    chain = None
+    if keychain.enabled():
+        chain = Keychain(keychain.service_name(os.environ.get("CLAUDE_CONFIG_DIR"), real_home()))
+    return CredentialStore(default_path(), chain)
 
 
 class CredentialStore:
@@ -115,6 +126,18 @@ class CredentialStore:
         if reservation is None:
             reservation = files.Reservation(self.path, len(data), FILE_MODE)
         reservation.commit(data)
+
+    def unwritable(self) -> str | None:
+        """Why a new login could not be saved here, None when it can be (a keychain item always can)."""
+        if self.keychain is not None:
+            return None
+        target = os.path.realpath(self.path)
+        directory = os.path.dirname(target)
+        if not os.access(directory, os.W_OK):
+            return f"the directory {directory} is not writable"
+        if os.path.exists(target) and not os.access(target, os.W_OK):
+            return f"{self.path} is not writable"
+        return None
 
     def lock_path(self) -> str:
         """Our own cross-process lock (flock), beside the file."""

@@ -88,7 +88,7 @@ class _HTTPProxyManager(urllib3.ProxyManager):
         return response
 
 
-def _hostport(host: str, port: int) -> str:
+def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -204,7 +204,7 @@ class Outbounds:
                 kind = "socks" + outbound.version
             case HttpOutbound():
                 kind = "https" if outbound.tls is not None else "http"
-        return f'outbound "{tag}" ({kind} {_hostport(outbound.server, outbound.server_port)})'
+        return f'outbound "{tag}" ({kind} {hostport(outbound.server, outbound.server_port)})'
 
     def describe_error(self, tag: str, exc: BaseException) -> str:
         """One short, secret-free line for a 502 body: where it failed and why."""
@@ -229,13 +229,13 @@ class Outbounds:
                     return self._direct
                 return self._manager(urllib3.PoolManager, timeout)
             case SocksOutbound():
-                address = _hostport(outbound.server, outbound.server_port)
+                address = hostport(outbound.server, outbound.server_port)
                 return self._manager(
                     _socks_module().SOCKSProxyManager, timeout, f"{SOCKS_SCHEMES[outbound.version]}://{address}",
                     username=outbound.username or None, password=outbound.password or None,
                 )
             case HttpOutbound():
-                return self._http(tag, outbound, _hostport(outbound.server, outbound.server_port), timeout)
+                return self._http(tag, outbound, hostport(outbound.server, outbound.server_port), timeout)
 
     def _http(self, tag: str, outbound: HttpOutbound, address: str, timeout: float) -> urllib3.ProxyManager:
         headers = {name: ", ".join(values) for name, values in outbound.headers.items()}

@@ -14,7 +14,10 @@ Upstream endpoints
     POST /v1/messages                JSON or SSE (``"stream": true``), like the Messages API
     POST /v1/messages/count_tokens   ``{"input_tokens": n}``
     GET  /v1/models                  a small model list
-    POST /v1/oauth/token, /oauth/token   refresh_token grant with refresh-token rotation
+    POST /v1/oauth/token, /oauth/token   refresh_token grant with refresh-token rotation; authorization_code
+                                     grant of a login (PKCE S256, state, redirect URI and client id checked)
+    GET  .../oauth/authorize         a login's authorize page: records it, redirects to its redirect_uri with a
+                                     code (config `authorize` changes that, see authorize.py)
     GET  /api/oauth/usage            5h / 7d utilisation (percent) of the caller's account
     GET  /api/oauth/profile          organisation type and rate-limit tier of the caller's account
     anything else                    404 with an Anthropic error body (``/ccm/v1/status`` included)
@@ -59,6 +62,9 @@ Unknown bearer tokens are auto-registered as their own account unless strict mod
 As Anthropic does, a bearer (OAuth) token on /v1/* or /api/oauth/usage without ``anthropic-beta: oauth-2025-04-20``
 gets a 401 authentication_error ("OAuth authentication is currently not supported."), in every mode.
 
+Config `date_skew` (seconds) shifts the `Date` header of every answer, like an upstream whose clock is off.
+An account's `extra_usage` is the usage API's `extra_usage` object (default: paid extra usage off).
+
 Faults of the token endpoint and the usage API (``/_fake/config`` token_endpoint / usage_api, or an account's
 usage_api): delay_ms, hold KEY (wait for POST /_fake/release/KEY, reset after 30 s), down (close), reset (RST),
 status with retry_after and body; times N uses the fault N times.
@@ -69,7 +75,10 @@ Control API (never recorded or counted, never rate-limited)
     GET  /_fake/requests[?path=P&since=SEQ]  recorded upstream requests
     POST /_fake/reset                        clear records and counters (body {"accounts": true, "config": true}
                                              also drops accounts/tokens and restores the start-up config)
-    GET|POST /_fake/config                   strict, token_expires_in, token_endpoint fault, usage_api fault
+    GET|POST /_fake/config                   strict, token_expires_in, token_endpoint fault, usage_api fault,
+                                             authorize, date_skew
+    GET  /_fake/authorizations[/<state>]     the logins the authorize page saw (challenge, redirect URI, code...)
+    POST /_fake/authorizations/<state>       {"expired": true}: that login's code has expired
     GET|POST /_fake/accounts                 list / create (or extend) an account
     GET|POST /_fake/accounts/<ref>/state     read / script an account (ref = account id, access or refresh token)
     POST /_fake/revoke                       {"access_token": T} and/or {"refresh_token": R}
@@ -78,12 +87,12 @@ Control API (never recorded or counted, never rate-limited)
                                              "timed_out"} of that stream (or held token request)
 
 Stats (GET /_fake/stats): requests_total, requests_by_path, responses_by_status, messages_by_account, unauthorized,
-oauth_beta_missing, refreshes, refreshes_by_account, invalid_grant, token_requests (client_id, scope, grant_type,
-refresh_token, content_type, status), usage_api_calls / profile_api_calls (by account), connections_total,
-streams_total, streams_completed, dropped, closed_early (answers the client abandoned: a failed send, or the peer
-closing during a delay, ttfb, stall or stall-before-headers), and the live gauges open_connections (client sockets,
-control connections excluded), open_connections_all, active_streams, active_requests. Reset clears all but the
-gauges.
+oauth_beta_missing, refreshes, refreshes_by_account, invalid_grant, authorizations, logins, token_requests (client_id,
+scope, grant_type, refresh_token, content_type, status), usage_api_calls / profile_api_calls (by account),
+connections_total, streams_total, streams_completed, dropped, closed_early (answers the client abandoned: a failed
+send, or the peer closing during a delay, ttfb, stall or stall-before-headers), and the live gauges open_connections
+(client sockets, control connections excluded), open_connections_all, active_streams, active_requests. Reset clears
+all but the gauges.
 
 ``FakeUpstream`` (harness.py) starts it as a subprocess for tests; importing this package does not monkey-patch
 anything (only running it with ``python -m`` does). The modules, by concern:
@@ -95,6 +104,7 @@ anything (only running it with ``python -m`` does). The modules, by concern:
     plan.py      the per-request knobs and the SSE event sequence
     messages.py  the /v1 endpoints
     oauth.py     the token endpoint, the usage and profile APIs, scripted faults
+    authorize.py the authorize page and the authorization_code grant of a login
     control.py   the /_fake/ control API
     server.py    the gevent server, routing, the command line
     harness.py   FakeUpstream: start, control and stop it from a test

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from . import authorize
 from .common import HttpError
 from .state import Account
 from .wire import Exchange
@@ -55,6 +56,8 @@ class Control:
             self.ex.send_json(200, simple[route]())
         elif parts[0] == "accounts":
             self.accounts(parts[1:])
+        elif parts[0] == "authorizations":
+            authorize.control(self.state, self.ex, parts[1:])
         elif parts[0] == "release" and len(parts) == 2 and route[0] == "POST":
             rel = self.state.release(parts[1])
             rel.event.set()

@@ -174,6 +174,16 @@ class FakeUpstream:
     def revoke(self, access_token: str | None = None, refresh_token: str | None = None) -> dict[str, Any]:
         return self.call("POST", "/_fake/revoke", {"access_token": access_token, "refresh_token": refresh_token})
 
+    def authorizations(self) -> list[dict[str, Any]]:
+        """Every login the authorize page saw, oldest first (code, state, code_challenge, redirect_uri, ...)."""
+        return self.call("GET", "/_fake/authorizations")
+
+    def expire_code(self, state: str) -> dict[str, Any]:
+        """Let the code of the login with this `state` expire."""
+        from urllib.parse import quote
+
+        return self.call("POST", f"/_fake/authorizations/{quote(state, safe='')}", {"expired": True})
+
     def release(self, key: str) -> dict[str, Any]:
         return self.call("POST", f"/_fake/release/{key}")
 

@@ -1,5 +1,6 @@
-"""The OAuth side of the fake: the token endpoint (refresh-token grant with rotation), the usage and profile APIs,
-and the scripted faults (delay, close, reset, status) both can be given."""
+"""The OAuth side of the fake: the token endpoint (refresh-token grant with rotation; the authorization-code grant
+of a login is in authorize.py), the usage and profile APIs, and the scripted faults (delay, close, reset, status)
+both can be given."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl
 
+from . import authorize
 from .common import (
     DEFAULT_SCOPE,
     HOLD_TIMEOUT,
@@ -40,6 +42,12 @@ class TokenEndpoint:
         log_list = self.state.stats.token_requests
         log_list.append(entry)
         del log_list[:-MAX_TOKEN_LOG]
+        if params.get("grant_type") == "authorization_code":
+            entry["status"] = 400  # until the grant succeeds
+            answer = authorize.exchange(self.state, params)
+            entry["status"] = 200
+            self.ex.send_json(200, answer)
+            return
         if params.get("grant_type") != "refresh_token":
             entry["status"] = 400
             raise HttpError(400, "unsupported grant", body={
@@ -179,6 +187,8 @@ class OAuthApi:
             "seven_day": self.window(account.seven_day_utilization, account.seven_day_reset),
             "seven_day_oauth_apps": None,
             "seven_day_opus": None,
+            "extra_usage": account.extra_usage or {"is_enabled": False, "monthly_limit": None, "used_credits": None,
+                                                   "utilization": None},
         }
 
     @staticmethod

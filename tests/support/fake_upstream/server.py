@@ -18,6 +18,7 @@ import gevent.event
 import gevent.pool
 from gevent.server import StreamServer
 
+from . import authorize
 from .common import (
     READ_TIMEOUT,
     TLS_HANDSHAKE_TIMEOUT,
@@ -145,6 +146,8 @@ class FakeServer:
     def route(self, ex: Exchange, path: str) -> None:
         if path in ("/v1/oauth/token", "/oauth/token"):
             TokenEndpoint(self.state, ex).handle()
+        elif path.endswith("/oauth/authorize"):
+            authorize.authorize(self.state, ex)
         elif path in ("/api/oauth/usage", "/api/oauth/profile"):
             OAuthApi(self.state, ex).handle()
         elif path.startswith("/v1/"):

@@ -39,6 +39,7 @@ class Account:
     organization_type: str = "claude_max"
     rate_limit_tier: str = "default_claude_max_20x"
     profile: dict[str, Any] | None = None  # replaces the whole /api/oauth/profile answer
+    extra_usage: dict[str, Any] | None = None  # the usage API's `extra_usage` (default: paid extra usage off)
     headers: dict[str, str | None] = field(default_factory=dict)  # extra / override headers on /v1 answers
 
 
@@ -76,12 +77,17 @@ def validate_fault(value: Any, what: str) -> dict[str, Any] | None:
     return dict(value)
 
 
+AUTHORIZE_KEYS = {"redirect", "error", "account"}
+
+
 @dataclass
 class Config:
     strict: bool = False
     token_expires_in: int = 3600
     token_endpoint: dict[str, Any] | None = None
     usage_api: dict[str, Any] | None = None
+    authorize: dict[str, Any] | None = None  # how the authorize page answers (see authorize.py)
+    date_skew: float = 0.0  # seconds added to the `Date` of every answer (a clock that is off)
 
     def update(self, data: dict[str, Any]) -> None:
         unknown = set(data) - {f.name for f in fields(self)}
@@ -95,6 +101,13 @@ class Config:
             self.token_endpoint = validate_fault(data["token_endpoint"], "token_endpoint")
         if "usage_api" in data:
             self.usage_api = validate_fault(data["usage_api"], "usage_api")
+        if "authorize" in data:
+            knobs = data["authorize"] or None
+            if knobs is not None and (not isinstance(knobs, dict) or set(knobs) - AUTHORIZE_KEYS):
+                raise HttpError(400, f"authorize must be an object with keys among {sorted(AUTHORIZE_KEYS)}")
+            self.authorize = knobs
+        if "date_skew" in data:
+            self.date_skew = float(data["date_skew"])
 
 
 @dataclass
@@ -126,6 +139,8 @@ class Stats:
     refreshes: int = 0
     refreshes_by_account: Counter[str] = field(default_factory=Counter)
     invalid_grant: int = 0
+    authorizations: int = 0  # authorize requests that issued a code
+    logins: int = 0  # codes exchanged for tokens
     token_requests: list[dict[str, Any]] = field(default_factory=list)
     usage_api_calls: Counter[str] = field(default_factory=Counter)
     profile_api_calls: Counter[str] = field(default_factory=Counter)
@@ -148,6 +163,7 @@ class FakeState:
         self.stats = Stats()
         self.records: list[dict[str, Any]] = []
         self.releases: dict[str, Release] = {}
+        self.authorizations: dict[str, Any] = {}  # code -> authorize.Authorization
         self.seq = itertools.count(1)
         self.token_seq = itertools.count(1)
         self.active_streams = 0
@@ -265,6 +281,7 @@ class FakeState:
             rel.event.set()  # never leave a stream blocked on a key nobody can see any more
         self.releases.clear()
         if accounts:
+            self.authorizations.clear()
             self.accounts.clear()
             self.access.clear()
             self.refresh.clear()

@@ -236,6 +236,10 @@ class BodyWriter:
             self.conn.send(b"0\r\n\r\n")
 
 
+def http_date(epoch: float) -> str:
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(epoch))
+
+
 class Exchange:
     """One request/response on a connection."""
 
@@ -257,7 +261,7 @@ class Exchange:
             reason = http.HTTPStatus(status).phrase
         except ValueError:
             reason = "Overloaded" if status == 529 else "Unknown"
-        lines = [f"HTTP/1.1 {status} {reason}", f"date: {time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime())}"]
+        lines = [f"HTTP/1.1 {status} {reason}", f"date: {http_date(time.time() + self.state.config.date_skew)}"]
         if self.request_id:
             lines.append(f"request-id: {self.request_id}")
         lines.extend(f"{k}: {v}" for k, v in headers)
