@@ -16,9 +16,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..config import Service as ServiceConfig
 
-DEFAULT_INTERVAL = 75.0
-
-
 @dataclass(frozen=True, slots=True)
 class KeepAlive:
     enabled: bool
@@ -28,7 +25,7 @@ class KeepAlive:
 
     @classmethod
     def of(cls, cfg: ServiceConfig) -> KeepAlive:
-        return cls(not cfg.disable_tcp_keep_alive, cfg.tcp_keep_alive, DEFAULT_INTERVAL, cfg.reuse_addr)
+        return cls(not cfg.disable_tcp_keep_alive, cfg.tcp_keep_alive, cfg.tcp_keep_alive_interval, cfg.reuse_addr)
 
     def apply(self, sock: socket.socket) -> None:
         """Set keep-alive on an accepted connection."""
