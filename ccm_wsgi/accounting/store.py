@@ -26,9 +26,8 @@ file format (key for key, plus two keys of its own, `journal` and `ledger`) and 
   from empty plus every journal, so the two files together still hold every record. If it cannot be
   renamed, `open()` raises `UsageFileError` and `save()` leaves everything as it is.
 * **The ledger** (what each user spent per day, and their share of the subscription's windows; see
-  `ledger.py`) is derived from the same records in journal order and saved in the file with them. A store
-  that needs it current (budgets, window shares) follows the live journal, so it also counts what other
-  processes record.
+  `ledger.py`) is derived from the same records in journal order and saved in the file with them. Each
+  store follows the live journal, so its ledger also counts what other processes record, at once.
 """
 
 from __future__ import annotations
@@ -142,8 +141,7 @@ def load_totals(path: str, log: logging.Logger, extra: Iterable[tuple[Record, in
 class UsageStore:
     """One `usages_path`: durable `record()`, periodic `save()` (fold), read-only `snapshot()`, and a ledger."""
 
-    def __init__(self, path: str, pricing: Pricing, log: logging.Logger, interval: float = SAVE_INTERVAL,
-                 follow: bool = False) -> None:
+    def __init__(self, path: str, pricing: Pricing, log: logging.Logger, interval: float = SAVE_INTERVAL) -> None:
         self.path = path
         self.pricing = pricing
         self.log = log
@@ -152,7 +150,7 @@ class UsageStore:
         self.lock_path = path + ".lock"
         self.fold_lock_path = path + ".fold.lock"
         self.ledger = Ledger()
-        self._follower = Follower(self.journal_path, self._apply, log) if follow else None
+        self._follower = Follower(self.journal_path, self._apply, log)
         self._pending: list[tuple[Record, int]] = []  # records the journal refused, folded at the next save
         self._changes = 0
         self._saved_changes = 0
@@ -200,7 +198,7 @@ class UsageStore:
             )
             return
         follower = self._follower
-        if follower is not None:
+        if follower.fd is not None:
             if follower.at(self._journal_id, end - len(line)):  # nothing else was appended since
                 follower.advance(end)
                 self._apply(rec, t_ns)
@@ -209,8 +207,7 @@ class UsageStore:
 
     def current_ledger(self) -> Ledger:
         """The ledger with every record appended so far, by any process."""
-        if self._follower is not None:
-            self._follower.catch_up()
+        self._follower.catch_up()
         return self.ledger
 
     def save(self) -> bool:
@@ -240,8 +237,7 @@ class UsageStore:
         if not self.save():
             self._flush_pending()
         self._close_fds()
-        if self._follower is not None:
-            self._follower.stop()
+        self._follower.stop()
 
     def snapshot(self) -> dict[str, Any]:
         """Current totals (file + journals + records kept in memory) as a usage document."""
@@ -350,7 +346,7 @@ class UsageStore:
                     sealed = False
             if live is None:
                 files.create_if_missing(self.journal_path, journal.header(), _file_mode(self.path))
-            if start_following and self._follower is not None:
+            if start_following:
                 self._follower.start()
             return sealed
 
