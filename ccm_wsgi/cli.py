@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import sys
 
 import click
@@ -56,8 +55,10 @@ def usage(config_path: str | None, usages_file: str | None, as_json: bool) -> No
 
 @main.command()
 def token() -> None:
-    """Print a new random user token (256 bits, URL-safe)."""
-    click.echo("ak-ccm-" + secrets.token_urlsafe(32))
+    """Print a new random user token (256 bits, URL-safe, shaped so that Claude Code shows usage notices)."""
+    from .http.tokens import new_token
+
+    click.echo(new_token())
 
 
 @main.command()

@@ -17,6 +17,8 @@ from .credentials.store import credential_store
 from .http.auth import Authenticator
 from .http.drain import Drain
 from .http.proxy import Proxy, ProxySettings
+from .limits.counters import Counters, MemoryCounters
+from .limits.engine import Limits
 from .pool import poller
 from .pool.balancer import Balancer, aggregate_status
 from .pool.providers import Account, PoolProvider, SingleProvider
@@ -27,7 +29,8 @@ log = logging.getLogger("ccm_wsgi.service")
 
 
 class Service:
-    def __init__(self, cfg: config.Service, outbounds: Outbounds, save_interval: float = SAVE_INTERVAL):
+    def __init__(self, cfg: config.Service, outbounds: Outbounds, save_interval: float = SAVE_INTERVAL,
+                 counters: Counters | None = None):
         self.cfg = cfg
         self.save_interval = save_interval
         self.tag = cfg.tag
@@ -48,7 +51,8 @@ class Service:
         self.own = {a.tag: p.balancer for a in self.accounts if (p := self.providers.get(a.tag)) is not None}
         for account in self.accounts:
             self.own.setdefault(account.tag, Balancer(account.tag, [account], "fallback"))
-        self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain)
+        self.limits = Limits(cfg, counters or MemoryCounters(), lambda: self.accounts)
+        self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain, self.limits)
         self._greenlets: list[Any] = []
 
     def _accounts(self, credentials: tuple[config.Credential, ...]) -> dict[str, Account]:

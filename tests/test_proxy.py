@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -383,4 +384,10 @@ def test_open_service_warns_when_not_loopback(fake, creds, start_proxy):
 def test_token_command():
     out = subprocess.run([sys.executable, "-m", "ccm_wsgi", "token"], capture_output=True, text=True, check=True)
     token = out.stdout.strip()
-    assert len(token) >= 40 and all(c.isalnum() or c in "-_" for c in token)
+    assert len(token) >= 40 and all(c.isalnum() or c in "-_." for c in token)
+    # shaped as a gateway JWT so that Claude Code shows its usage notices; the secret part is 256 bits
+    _, payload, secret = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["aud"] == "claude-gateway" and len(base64.urlsafe_b64decode(secret + "=")) == 32
+    again = subprocess.run([sys.executable, "-m", "ccm_wsgi", "token"], capture_output=True, text=True, check=True)
+    assert again.stdout.strip() != token

@@ -27,6 +27,8 @@ from ..accounting.sse import SSETap, Usage
 from ..anthropic import RATELIMIT_PREFIX
 from ..credentials.oauth import CredentialError
 from ..errors import JSON_HEADERS, ProxyError
+from ..limits.engine import Admission, Limits
+from ..limits.refusals import Refusal
 from ..patches import abandon
 from ..pool.balancer import NoCredential
 from ..pool.quota import is_quota_429
@@ -96,6 +98,8 @@ class Exchange:
     readings: tuple[float, ...] = ()
     usage: Usage | None = None
     cut: str = ""
+    admission: Admission | None = None
+    refused: str = ""  # the limit that refused the request
 
 
 def raw_target(environ: dict[str, Any]) -> str:
@@ -133,12 +137,14 @@ class Proxy:
         pricing: Pricing,
         settings: ProxySettings,
         drain: Drain,
+        limits: Limits,
     ):
         self.auth = auth
         self.provider_for = provider_for
         self.pricing = pricing
         self.settings = settings
         self.drain = drain
+        self.limits = limits
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         ex = Exchange(time.monotonic(), environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
@@ -170,10 +176,14 @@ class Proxy:
         body = self._read_body(environ)
         ex.body_read = True
         ex.facts = facts(body, session_header(environ))
+        ex.admission = self.limits.admit(user, ex.facts.model)
         provider = self.provider_for(user)
+        excluded, refusal = self.limits.screen(user, provider.accounts)
+        if refusal is not None and len(excluded) >= len(provider.accounts):
+            raise refusal
         allow_external = user.allow_external_usage if user is not None else True
-        account = provider.select(ex.facts.session, allow_external=allow_external, user=ex.user)
-        upstream, account = self._send(provider, account, ex, allow_external, environ, body)
+        account = provider.select(ex.facts.session, excluded, allow_external, ex.user)
+        upstream, account = self._send(provider, account, ex, excluded, allow_external, environ, body)
         del body  # not held while the response is relayed
         ex.account, ex.status = account, upstream.status
         ex.beta = environ.get("HTTP_ANTHROPIC_BETA", "")
@@ -184,21 +194,23 @@ class Proxy:
             ex.week_reset = headers.get(WEEK_RESET)
         extra: list[tuple[str, str]] = CLOSE if self.drain.draining else []
         length = headers.get("content-length")
-        if not sse and length is not None and length.isdigit() and int(length) <= SMALL_BODY:
-            return self._whole(upstream, ex, tap, start_response, extra)
+        whole = not sse and length is not None and length.isdigit() and int(length) <= SMALL_BODY
+        answer = self.limits.headers(user, account, provider.accounts,
+                                     response_headers(upstream, keep_length=not sse and not whole))
+        if whole:
+            return self._whole(upstream, ex, tap, start_response, answer + extra)
         ex.streamed = True
-        start_response(status_line(upstream.status, upstream.reason),
-                       [*response_headers(upstream, keep_length=not sse), *extra])
+        start_response(status_line(upstream.status, upstream.reason), answer + extra)
         relay = Relay(upstream, sse, tap, lambda relay: self._finish_relay(ex, relay), self.settings.idle_timeout)
         self.drain.track(relay)
         return relay
 
     def _send(
-        self, provider: Provider, account: Account, ex: Exchange, allow_external: bool,
+        self, provider: Provider, account: Account, ex: Exchange, excluded: frozenset[str], allow_external: bool,
         environ: dict[str, Any], body: bytes,
     ) -> tuple[urllib3.BaseHTTPResponse, Account]:
         """Forward, and in a pool move the request (and its session) on when an account's quota is spent."""
-        tried: set[str] = set()
+        tried: set[str] = set(excluded)
         while True:
             upstream = self._forward(account, environ, body)
             before = account.quota.windows()
@@ -292,7 +304,7 @@ class Proxy:
         return DecodingTap(tap, decoder) if decoder is not None else tap
 
     def _whole(self, upstream: urllib3.BaseHTTPResponse, ex: Exchange, tap: Tap | None, start_response: Any,
-               extra: list[tuple[str, str]]) -> Any:
+               headers: list[tuple[str, str]]) -> Any:
         try:
             data = upstream.read(decode_content=False)
         except (HTTPError, OSError):
@@ -304,14 +316,15 @@ class Proxy:
             tap.feed(data)
             ex.usage = tap.finish()
         ex.sent = len(data)
-        headers = [*response_headers(upstream, keep_length=False), ("Content-Length", str(len(data))), *extra]
-        start_response(status_line(upstream.status, upstream.reason), headers)
+        start_response(status_line(upstream.status, upstream.reason), [*headers, ("Content-Length", str(len(data)))])
         self._finish(ex)
         return [data]
 
     def _fail(self, ex: Exchange, err: ProxyError, environ: dict[str, Any], start_response: Any) -> list[bytes]:
         body = err.body()
         ex.status, ex.sent = err.status, len(body)
+        if isinstance(err, Refusal):
+            ex.refused = err.limit
         headers = [*JSON_HEADERS, ("Content-Length", str(len(body))), *err.headers]
         if (not ex.body_read and has_body(environ)) or self.drain.draining:
             # a body nobody will read is not waited for: the connection ends with this answer
@@ -330,6 +343,8 @@ class Proxy:
     def _finish(self, ex: Exchange) -> None:
         """Record usage and write the access line; runs exactly once per request."""
         self.drain.active -= 1
+        if ex.admission is not None:
+            ex.admission.release()
         cost = None
         if ex.usage is not None and ex.account is not None and ex.account.usage is not None:
             record = make_record(ex.user, ex.usage, ex.facts.model, ex.facts.messages_count, ex.beta,
@@ -365,4 +380,6 @@ def access_line(ex: Exchange, cost: float | None) -> str:
             line += f" cost=${cost:.4f}"
     if ex.cut:
         line += f" partial({ex.cut})"
+    if ex.refused:
+        line += f" refused({ex.refused})"
     return printable(line)

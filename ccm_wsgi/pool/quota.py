@@ -63,6 +63,7 @@ class Quota:
     rate_limit_tier: str = ""
     remote_plan_weight: float = 0.0
     failing_since: float = 0.0  # first failure of the current poll-failure streak (grace anchor without data)
+    overage_until: float = 0.0  # paid extra usage in use until this instant (the window's reset)
 
     # --- feeding data in -------------------------------------------------------------------------
 
@@ -87,6 +88,8 @@ class Quota:
         status = found.get(PREFIX + "status", "")
         if status:
             self.status = status.lower()[:64]
+        if _using_overage(found):
+            self.overage_until = max(self.overage_until, _limit_reset(found, now))
         if external:
             weight = _number(found.get(PLAN_WEIGHT_HEADER))
             if weight is not None and 0 < weight < 1e6:
@@ -288,11 +291,22 @@ class Quota:
             "weekly_reset": self.weekly_reset or None,
             "status": self.status,
             "limited_until": self.limited_until if self.limited(now) else None,
+            "overage_until": self.overage_until if self.overage_until > now else None,
             "updated": self.updated or None,
             "poll_failures": self.poll_failures,
             "account_type": self.account_type,
             "rate_limit_tier": self.rate_limit_tier,
         }
+
+
+def _using_overage(found: Mapping[str, str]) -> bool:
+    """Whether the subscription now pays for this request from extra usage: its window refused it
+    (`rejected`) while extra usage let it through, or the upstream says so outright (Claude Code's rule)."""
+    if found.get(PREFIX + "overage-in-use", "").strip().lower() == "true":
+        return True
+    status = found.get(PREFIX + "status", "").strip().lower()
+    return status == "rejected" and found.get(PREFIX + "overage-status", "").strip().lower() in (
+        "allowed", "allowed_warning")
 
 
 def is_quota_429(headers: Mapping[str, str]) -> bool:

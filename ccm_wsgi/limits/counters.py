@@ -1,0 +1,173 @@
+"""Requests per minute and requests in flight, counted where all of a host's requests are seen.
+
+`ccm-wsgi serve` is one process, so its counts live in memory (`MemoryCounters`). gunicorn's workers are
+several processes on one host; they share one small SQLite database (`HostCounters`) that the master
+creates for them, so that "2 at a time" means 2 on the whole host. Several hosts share Redis (the
+`state` of a service). All of them count the same way:
+
+* a request in flight holds a *lease*, given back exactly once when its response ends for any reason
+  (completed, failed, client gone, cut at shutdown); a request over the limit waits for a lease, first
+  come first served, for a short while before it is refused;
+* a request counts towards the sliding minute when it is admitted, and only then (a request refused
+  for concurrency does not use up the user's rate).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import gevent
+import gevent.lock
+
+MINUTE = 60.0
+POLL = 0.05  # seconds between looks for a free lease in a store shared by processes
+
+
+@dataclass(slots=True)
+class Lease:
+    user: str
+    most: int
+    key: int = 0  # the store's id for it (HostCounters)
+
+
+class Counters(Protocol):
+    def acquire(self, user: str, most: int, wait: float) -> Lease | None:
+        """A lease among `most` for `user`, waiting up to `wait` seconds; None when none freed."""
+        ...
+
+    def release(self, lease: Lease) -> None: ...
+
+    def hit(self, user: str, per_minute: int, now: float) -> float:
+        """Count one request in the sliding minute: 0 when allowed, else seconds until one would be."""
+        ...
+
+    def in_flight(self, user: str) -> int: ...
+
+
+class MemoryCounters:
+    def __init__(self) -> None:
+        self._slots: dict[tuple[str, int], gevent.lock.BoundedSemaphore] = {}
+        self._held: collections.Counter[str] = collections.Counter()
+        self._hits: dict[str, collections.deque[float]] = {}
+
+    def acquire(self, user: str, most: int, wait: float) -> Lease | None:
+        slots = self._slots.get((user, most))
+        if slots is None:  # per limit value: a reload that changes it starts a new count
+            slots = self._slots[(user, most)] = gevent.lock.BoundedSemaphore(most)
+        if not slots.acquire(timeout=wait):
+            return None
+        self._held[user] += 1
+        return Lease(user, most)
+
+    def release(self, lease: Lease) -> None:
+        self._held[lease.user] -= 1
+        self._slots[(lease.user, lease.most)].release()
+
+    def hit(self, user: str, per_minute: int, now: float) -> float:
+        hits = self._hits.setdefault(user, collections.deque())
+        while hits and hits[0] <= now - MINUTE:
+            hits.popleft()
+        if len(hits) >= per_minute:
+            return hits[len(hits) - per_minute] + MINUTE - now
+        hits.append(now)
+        return 0.0
+
+    def in_flight(self, user: str) -> int:
+        return self._held[user]
+
+
+class HostCounters:
+    """The same counts in a SQLite file that every process of the host opens (gunicorn's workers).
+
+    Each lease records the process that holds it; the leases of a process that died are dropped (by the
+    gunicorn master when it reaps a worker, and by anyone who finds the limit reached), so a killed worker
+    never keeps a user's slots. Transactions last microseconds; a lock held by another process is waited
+    for cooperatively (a few milliseconds of gevent sleeps), never by blocking the hub."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")  # counts of the moment: nothing to keep across a crash
+        with self._transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY, user TEXT, pid INTEGER)")
+            db.execute("CREATE TABLE IF NOT EXISTS hits (user TEXT, t REAL)")
+            db.execute("CREATE INDEX IF NOT EXISTS leases_user ON leases (user)")
+            db.execute("CREATE INDEX IF NOT EXISTS hits_user ON hits (user, t)")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        for attempt in range(2000):  # a bounded wait (about 10 s) for a lock another process holds
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                gevent.sleep(0.005 if attempt < 100 else POLL)
+        else:
+            raise TimeoutError(f"the host's limit counters in {self.path} stayed locked")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def acquire(self, user: str, most: int, wait: float) -> Lease | None:
+        deadline = time.monotonic() + wait
+        while True:
+            with self._transaction() as db:
+                held = db.execute("SELECT pid FROM leases WHERE user = ?", (user,)).fetchall()
+                if len(held) >= most:
+                    dead = {pid for (pid,) in held if not _alive(pid)}
+                    for pid in dead:
+                        db.execute("DELETE FROM leases WHERE pid = ?", (pid,))
+                    held = [row for row in held if row[0] not in dead]
+                if len(held) < most:
+                    key = db.execute("INSERT INTO leases (user, pid) VALUES (?, ?)", (user, os.getpid())).lastrowid
+                    return Lease(user, most, key or 0)
+            if time.monotonic() >= deadline:
+                return None
+            gevent.sleep(POLL)
+
+    def release(self, lease: Lease) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM leases WHERE id = ?", (lease.key,))
+
+    def hit(self, user: str, per_minute: int, now: float) -> float:
+        with self._transaction() as db:
+            db.execute("DELETE FROM hits WHERE user = ? AND t <= ?", (user, now - MINUTE))
+            times = [t for (t,) in db.execute("SELECT t FROM hits WHERE user = ? ORDER BY t", (user,))]
+            if len(times) >= per_minute:
+                return float(times[len(times) - per_minute] + MINUTE - now)
+            db.execute("INSERT INTO hits (user, t) VALUES (?, ?)", (user, now))
+            return 0.0
+
+    def in_flight(self, user: str) -> int:
+        (count,) = self._db.execute("SELECT COUNT(*) FROM leases WHERE user = ?", (user,)).fetchone()
+        return int(count)
+
+    @staticmethod
+    def forget(path: str, pid: int) -> None:
+        """Drop the leases of a process that ended (the gunicorn master, when it reaps a worker)."""
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+            db.execute("DELETE FROM leases WHERE pid = ?", (pid,))
+            db.commit()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,211 @@
+"""Sharing one subscription fairly: each user's limits, checked before anything is sent upstream.
+
+For every request of a user, in this order (cheapest first, and a refusal never uses up another limit):
+
+1. disabled, expired, the model (fnmatch patterns);
+2. budgets: USD spent in the current UTC day / week / month, from the usage ledger (priced as the usage
+   file prices it). Requests already running when a budget is reached may finish: a user can overspend by
+   at most what their requests in flight cost (with `max_concurrent`, at most that many requests);
+3. concurrency: a lease among `max_concurrent`, waited for (first come, first served) up to QUEUE_WAIT,
+   then refused with a short `retry-after`; given back exactly once when the response ends;
+4. rate: the sliding minute, counted only for admitted requests.
+
+Window shares and the overage guard depend on the credential, so they are screened per credential: a
+pool moves on to another credential, a single credential refuses. Open services (no users) have no limits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..accounting.periods import ADJECTIVE, bounds, ends
+from ..pool.balancer import aggregate_status
+from . import refusals
+from .counters import Counters, Lease
+from .headers import BudgetStanding, Standing, rewrite
+from .refusals import Refusal
+
+if TYPE_CHECKING:
+    from ..accounting.store import UsageStore
+    from ..config import Limits as LimitsConfig
+    from ..config import Service as ServiceConfig
+    from ..config import User
+    from ..pool.providers import Account
+
+QUEUE_WAIT = 10.0  # seconds a request over max_concurrent waits for a slot before it is refused
+BUSY_RETRY = 2.0  # the retry-after then
+WINDOWS = ("five_hour", "weekly")
+
+
+@dataclass(slots=True)
+class Admission:
+    """What an admitted request holds until its response ends."""
+
+    user: str
+    limits: LimitsConfig
+    counters: Counters
+    lease: Lease | None = None
+    released: bool = field(default=False)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            if self.lease is not None:
+                self.counters.release(self.lease)
+
+
+class Limits:
+    def __init__(self, cfg: ServiceConfig, counters: Counters, accounts: Callable[[], Sequence[Account]],
+                 clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.counters = counters
+        self.accounts = accounts
+        self.clock = clock
+
+    def reload(self, cfg: ServiceConfig) -> None:
+        """New limits for new requests; requests already admitted keep what they hold."""
+        self.cfg = cfg
+
+    # -- before forwarding ---------------------------------------------------------------------------
+
+    def admit(self, user: User | None, model: str) -> Admission | None:
+        """Check the user's limits; raises a Refusal, or returns what the request holds (None: no limits)."""
+        if user is None:
+            return None
+        now = self.clock()
+        if user.disabled:
+            raise refusals.disabled(user.name)
+        if user.expires is not None and user.expires.timestamp() <= now:
+            raise refusals.expired(user.name, user.expires.timestamp())
+        limits = self.cfg.limits_for(user)
+        if limits is None:
+            return None
+        if limits.models and not any(fnmatch.fnmatchcase(model, pattern) for pattern in limits.models):
+            raise refusals.model(model, limits.models)
+        for budget in limits.budget:
+            if self.spent(user.name, budget.per, now) >= budget.usd:
+                raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
+        admission = Admission(user.name, limits, self.counters)
+        if limits.max_concurrent is not None:
+            admission.lease = self.counters.acquire(user.name, limits.max_concurrent, QUEUE_WAIT)
+            if admission.lease is None:
+                raise refusals.concurrency(limits.max_concurrent, BUSY_RETRY)
+        if limits.requests_per_minute is not None:
+            wait = self.counters.hit(user.name, limits.requests_per_minute, self.clock())
+            if wait > 0:
+                admission.release()
+                raise refusals.rate(limits.requests_per_minute, wait)
+        return admission
+
+    def screen(self, user: User | None, accounts: Sequence[Account]) -> tuple[frozenset[str], Refusal | None]:
+        """The credentials this user's request must not go to (their share of its window used up, or its paid
+        extra usage in use while the service denies it), and the refusal to give when none is left."""
+        now = self.clock()
+        excluded: set[str] = set()
+        refusal: Refusal | None = None
+        limits = self.cfg.limits_for(user) if user is not None else None
+        share = limits.window_share if limits is not None else None
+        for account in accounts:
+            if self.cfg.overage == "deny" and account.quota.overage_until > now:
+                excluded.add(account.tag)
+                refusal = refusal or refusals.overage(account.quota.overage_until, now)
+                continue
+            if share is None or user is None or account.usage is None:
+                continue
+            ledger = account.usage.current_ledger()
+            for window in WINDOWS:
+                percent = getattr(share, window)
+                if percent is not None and ledger.used(user.name, window, now) >= percent:
+                    excluded.add(account.tag)
+                    refusal = refusal or refusals.share(window, percent, ledger.reset(window), now)
+        return frozenset(excluded), refusal
+
+    # -- the answer ------------------------------------------------------------------------------
+
+    def headers(self, user: User | None, account: Account, accounts: Sequence[Account],
+                upstream: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The response headers with the limit headers of this user's own standing (an open service's caller
+        of one credential is the subscription's only user: its headers pass as they are)."""
+        if user is None and len(accounts) <= 1:
+            return list(upstream)
+        now = self.clock()
+        windows = self._standing(user, account, accounts, now)
+        return rewrite(upstream, windows, self._budget_standing(user, now), now)
+
+    def _standing(self, user: User | None, account: Account, accounts: Sequence[Account],
+                  now: float) -> dict[str, Standing]:
+        five, week = account.quota.utilization(now)
+        if len(accounts) > 1:
+            pooled = aggregate_status(accounts, now, allow_external=user.allow_external_usage if user else True)
+            five, week = pooled["five_hour_utilization"], pooled["weekly_utilization"]
+        standing = {"five_hour": Standing(five / 100, account.quota.five_hour_reset),
+                    "weekly": Standing(week / 100, account.quota.weekly_reset)}
+        limits = self.cfg.limits_for(user) if user is not None else None
+        share = limits.window_share if limits is not None else None
+        if share is not None and user is not None and account.usage is not None:
+            ledger = account.usage.current_ledger()
+            for window in WINDOWS:
+                percent = getattr(share, window)
+                mine = ledger.used(user.name, window, now) / percent if percent else 0.0
+                if mine > standing[window].utilization:
+                    standing[window] = Standing(mine, ledger.reset(window) or standing[window].reset)
+        return {w: s for w, s in standing.items() if s.reset > 0}
+
+    def _budget_standing(self, user: User | None, now: float) -> BudgetStanding | None:
+        limits = self.cfg.limits_for(user) if user is not None else None
+        if user is None or limits is None or not limits.budget:
+            return None
+        fullest = max(limits.budget, key=lambda b: self.spent(user.name, b.per, now) / b.usd)
+        return BudgetStanding(self.spent(user.name, fullest.per, now) / fullest.usd, ends(fullest.per, now),
+                              fullest.per)
+
+    # -- what users and admins see --------------------------------------------------------------
+
+    def spent(self, user: str, per: str, now: float) -> float:
+        """USD `user` spent in the current UTC `per` (day, week or month), over every usage ledger."""
+        first, _ = bounds(per, now)
+        return sum((store.current_ledger().spent(user, first) for _, store in self._ledgered()), 0.0)
+
+    def _ledgered(self) -> list[tuple[Account, UsageStore]]:
+        """Each usage store once (credentials may share one), with an account that records into it."""
+        found: dict[int, tuple[Account, UsageStore]] = {}
+        for account in self.accounts():
+            if account.usage is not None:
+                found.setdefault(id(account.usage), (account, account.usage))
+        return list(found.values())
+
+    def view(self, user: User) -> dict[str, Any]:
+        """A user's limits and what is left of each, for the status endpoint and page."""
+        now = self.clock()
+        limits = self.cfg.limits_for(user)
+        view: dict[str, Any] = {"disabled": user.disabled,
+                                "expires": user.expires.isoformat() if user.expires is not None else None,
+                                "spent": {per: round(self.spent(user.name, per, now), 6) for per in ADJECTIVE}}
+        if limits is None:
+            return view
+        view["budget"] = [{"per": b.per, "usd": b.usd, "spent": round(self.spent(user.name, b.per, now), 6),
+                           "remaining": round(max(0.0, b.usd - self.spent(user.name, b.per, now)), 6),
+                           "resets": ends(b.per, now)} for b in limits.budget]
+        view["requests_per_minute"] = limits.requests_per_minute
+        view["max_concurrent"] = limits.max_concurrent
+        view["in_flight"] = self.counters.in_flight(user.name)
+        view["models"] = list(limits.models)
+        if limits.window_share is not None:
+            view["window_share"] = self._share_view(user, limits, now)
+        return view
+
+    def _share_view(self, user: User, limits: LimitsConfig, now: float) -> dict[str, Any]:
+        share = limits.window_share
+        assert share is not None
+        found: dict[str, Any] = {}
+        for account, store in self._ledgered():
+            ledger = store.current_ledger()
+            found[account.tag] = {w: {"share": getattr(share, w), "used": round(ledger.used(user.name, w, now), 4),
+                                      "resets": ledger.reset(w) or None}
+                                  for w in WINDOWS if getattr(share, w) is not None}
+        return found
+
