@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -10,7 +11,7 @@ from typing import Any
 
 from . import config
 from .accounting.pricing import Pricing
-from .accounting.store import SAVE_INTERVAL, UsageStore
+from .accounting.store import SAVE_INTERVAL, UsageStore, apply
 from .credentials.oauth import OAuthCredential
 from .credentials.peer import PeerCredential
 from .credentials.store import credential_store
@@ -23,6 +24,10 @@ from .pool import poller
 from .pool.balancer import Balancer, aggregate_status
 from .pool.providers import Account, PoolProvider, SingleProvider
 from .pool.quota import caps
+from .state.connection import SharedState
+from .state.counters import RedisCounters
+from .state.credentials import SharedCredential
+from .state.usage import SharedUsage
 from .upstream.outbounds import Outbounds
 
 log = logging.getLogger("ccm_wsgi.service")
@@ -38,6 +43,10 @@ class Service:
         self.drain = Drain()  # requests in flight, for a graceful stop
         self.pricing = Pricing(cfg.pricing, log)
         self.auth = Authenticator(cfg.users, cfg.admin_tokens)
+        # several nodes: credentials, usage, limits, quota and sessions shared through Redis
+        self.state = SharedState(cfg.state, cfg.tag) if cfg.state is not None else None
+        if self.state is not None:
+            counters = RedisCounters(self.state)
         accounts = self._accounts(cfg.effective_credentials)
         self.accounts = list(accounts.values())
         self.providers: dict[str, PoolProvider] = {}
@@ -52,7 +61,8 @@ class Service:
         for account in self.accounts:
             self.own.setdefault(account.tag, Balancer(account.tag, [account], "fallback"))
         self.limits = Limits(cfg, counters or MemoryCounters(), lambda: self.accounts)
-        self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain, self.limits)
+        self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain, self.limits,
+                           self.state.batch if self.state is not None else contextlib.nullcontext)
         self._greenlets: list[Any] = []
 
     def _accounts(self, credentials: tuple[config.Credential, ...]) -> dict[str, Account]:
@@ -86,7 +96,9 @@ class Service:
 
     def _default_account(self, c: config.DefaultCredential) -> Account:
         route = self.outbounds.route(c.detour, self.cfg.connect_timeout)
-        credential = OAuthCredential(c.tag, credential_store(c.credential_path), self.cfg.token_url, route)
+        store = credential_store(c.credential_path)
+        shared = SharedCredential(self.state, c.tag, store.path) if self.state is not None else None
+        credential = OAuthCredential(c.tag, store, self.cfg.token_url, route, shared)
         cap_5h, cap_weekly = caps(c.reserve_5h, c.reserve_weekly, c.limit_5h, c.limit_weekly)
         return Account(c.tag, credential, route, self.cfg.upstream_url, self._usage(c.usages_path),
                        cap_5h=cap_5h, cap_weekly=cap_weekly, poll_interval=self.cfg.default_poll_interval)
@@ -99,7 +111,14 @@ class Service:
     def _usage(self, path: str) -> UsageStore | None:
         if not path:
             return None
-        return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval)
+        shared = None
+        if self.state is not None:  # one stream per usage file, named after the credentials that record into it
+            tags = sorted(c.tag for c in self.cfg.effective_credentials
+                          if isinstance(c, config.DefaultCredential | config.ExternalCredential)
+                          and c.usages_path == path)
+            shared = SharedUsage(self.state, "+".join(tags),
+                                 lambda ledger, rec, t_ns: apply(ledger, self.pricing, rec, t_ns))
+        return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval, shared)
 
     def provider_for(self, user: config.User | None) -> SingleProvider | PoolProvider:
         if user is not None and user.credential:
@@ -126,12 +145,18 @@ class Service:
                   "usable": [m.tag for m in p.balancer.usable_members()], "sessions": p.balancer.sessions()}
             for tag, p in self.providers.items() if isinstance(p, PoolProvider)
         }
-        return {"credentials": credentials, "pools": pools}
+        found: dict[str, Any] = {"credentials": credentials, "pools": pools}
+        if self.state is not None:
+            found["state"] = self.state.status()
+        return found
 
     def usage_stores(self) -> list[UsageStore]:
         return [a.usage for a in self.accounts if a.usage is not None]
 
     def start(self) -> None:
+        if self.state is not None:
+            self._join_cluster()
+            self.state.on_recovery(self._join_cluster)
         for store in self.usage_stores():
             store.open()
             store.start()
@@ -150,6 +175,16 @@ class Service:
                 store.close()
             except Exception:
                 log.exception("saving usage of service %s failed", self.tag)
+        if self.state is not None:
+            if isinstance(self.limits.counters, RedisCounters):
+                self.limits.counters.close()
+            self.state.close()
+
+    def _join_cluster(self) -> None:
+        """Each subscription login agrees with Redis's (at start, and whenever Redis is back)."""
+        for account in self.accounts:
+            if isinstance(account.credential, OAuthCredential):
+                account.credential.join_cluster()
 
 
 def is_loopback(address: str) -> bool:

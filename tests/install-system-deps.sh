@@ -2,6 +2,7 @@
 # Programs the tests run: real proxy servers for tests/test_outbounds.py and tests/test_detour.py (see
 # tests/support/proxies.py): microsocks (SOCKS5 with user/password), tinyproxy (HTTP forwarding + CONNECT,
 # Basic auth) and v2ray (SOCKS4/4a, and an HTTP proxy over TLS); strace (tests/test_atomic_writes.py);
+# redis-server (tests/test_state*.py: shared state of several nodes, plain and TLS);
 # unshare (util-linux: a private network namespace in tests/test_proxy.py) and chattr (e2fsprogs:
 # tests/test_faults.py). Idempotent, quiet, non-interactive: installs only what is missing, so it needs
 # root (or password-less sudo) only then. None of these is started here; the tests run their own.
@@ -20,6 +21,7 @@ have unshare || missing="$missing util-linux"
 have chattr || missing="$missing e2fsprogs"
 have ss || missing="$missing iproute2"
 have node || missing="$missing nodejs npm"
+have redis-server || missing="$missing redis-server"
 [ -z "$missing" ] && exit 0
 
 sudo=""
@@ -41,6 +43,6 @@ if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-rec
     echo "tests/install-system-deps.sh: apt-get failed for:$missing" >&2
     exit 1
 fi
-for program in microsocks tinyproxy v2ray strace unshare chattr ss node; do
+for program in microsocks tinyproxy v2ray strace unshare chattr ss node redis-server; do
     have "$program" || { echo "tests/install-system-deps.sh: $program still missing after apt-get" >&2; exit 1; }
 done

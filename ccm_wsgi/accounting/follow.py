@@ -3,7 +3,8 @@
 gunicorn workers (and any other process on the same usage file) each append their own records; the
 ledger that budgets and window shares are checked against must count all of them, and in the same order
 everywhere. A `Follower` keeps a descriptor on the live journal and reads what was appended since its last
-look. When the journal is sealed (renamed for a fold, a fresh one created), the follower finishes the old
+look, with each record's identity (`journal.ident`). When the journal is sealed (renamed for a fold, a
+fresh one created), the follower finishes the old
 file to its end - appenders never write to a journal once it is sealed - and moves on to the new one.
 """
 
@@ -17,17 +18,16 @@ from .. import files
 from . import journal
 from .records import Record
 
-Entry = tuple[Record, int]
-
 
 class Follower:
-    def __init__(self, path: str, apply: Callable[[Record, int], None], log: logging.Logger):
+    def __init__(self, path: str, apply: Callable[[Record, int, str], None], log: logging.Logger):
         self.path = path
         self.apply = apply
         self.log = log
         self.fd: int | None = None
         self.identity: tuple[int, int] | None = None
         self.position = 0
+        self.generation = ""
 
     def start(self) -> None:
         """Follow the journal as it is now, from its first record (call with appends excluded)."""
@@ -38,6 +38,7 @@ class Follower:
         end = first.find(b"\n")
         self.fd, self.identity = fd, (st.st_ino, st.st_dev)
         self.position = len(first) if end < 0 else end
+        self.generation = journal.generation_of(first)
 
     def stop(self) -> None:
         fd, self.fd = self.fd, None
@@ -83,6 +84,7 @@ class Follower:
         data = b"".join(chunks)
         done = 0
         for raw in _complete_lines(data):
+            offset = self.position + done
             done += len(raw)
             line = raw.strip(b"\n")
             if line:
@@ -90,7 +92,7 @@ class Follower:
                 if entry is None:
                     self.log.warning("usage journal %s: skipped a damaged line (a write cut short)", self.path)
                 else:
-                    self.apply(*entry)
+                    self.apply(*entry, journal.ident(self.generation, offset))
         self.position += done
 
 

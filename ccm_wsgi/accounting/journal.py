@@ -61,6 +61,17 @@ def decode(raw: bytes) -> tuple[Record, int] | None:
                   tuple(float(v) for v in readings)), entry["t"]
 
 
+def generation_of(head: bytes) -> str:
+    """The generation named by a journal's first line ("" when it is missing or damaged)."""
+    end = head.find(b"\n")
+    try:
+        parsed = json.loads(head[:end] if end >= 0 else head)
+    except (ValueError, RecursionError):
+        return ""
+    generation = parsed.get("generation") if isinstance(parsed, dict) else None
+    return generation if isinstance(generation, str) else ""
+
+
 def header() -> bytes:
     return json.dumps({"format": FORMAT, "generation": secrets.token_hex(16)}, separators=(",", ":")).encode()
 
@@ -73,23 +84,35 @@ class Journal:
 
     def entries(self, marker: Marker | None, log: logging.Logger, path: str) -> list[tuple[Record, int]]:
         """The records a file with `marker` has not absorbed yet."""
+        return [(rec, t_ns) for rec, t_ns, _ in self.located(marker, log, path)]
+
+    def located(self, marker: Marker | None, log: logging.Logger, path: str) -> list[tuple[Record, int, int]]:
+        """The same records, each with the offset where its line starts (its identity within the journal)."""
         start = self.body
         if marker is not None and marker.generation == self.generation:
             if marker.offset > len(self.data):
                 log.warning("usage journal %s is shorter than the usage file says; nothing new in it", path)
             start = max(start, min(marker.offset, len(self.data)))
-        return parse_lines(self.data[start:], log, path)
+        return parse_lines(self.data, start, log, path)
 
 
-def parse_lines(data: bytes, log: logging.Logger, path: str) -> list[tuple[Record, int]]:
+def ident(generation: str, offset: int) -> str:
+    """A record's identity across nodes: its journal's random generation and where its line starts."""
+    return f"{generation}:{offset}"
+
+
+def parse_lines(data: bytes, start: int, log: logging.Logger, path: str) -> list[tuple[Record, int, int]]:
+    """The records of `data` from `start` (a line boundary), with their offsets."""
     entries, damaged = [], 0
-    for raw in data.split(b"\n"):
+    offset = start
+    for raw in data[start:].split(b"\n"):
         if raw.strip():
             entry = decode(raw)
             if entry is None:
                 damaged += 1
             else:
-                entries.append(entry)
+                entries.append((*entry, offset - 1))
+        offset += len(raw) + 1
     if damaged:
         log.warning("usage journal %s: skipped %d damaged line(s) (a write cut short)", path, damaged)
     return entries
@@ -104,12 +127,7 @@ def read(path: str) -> Journal | None:
     end = data.find(b"\n")
     if end < 0:
         end = len(data)
-    try:
-        head = json.loads(data[:end])
-    except (ValueError, RecursionError):
-        head = None
-    generation = head.get("generation") if isinstance(head, dict) else None
-    return Journal(generation if isinstance(generation, str) else "", data, end)
+    return Journal(generation_of(data[:end]), data, end)
 
 
 def sealed_name(journal_path: str, generation: str) -> str:

@@ -171,6 +171,31 @@ class Marker:
     offset: int
 
 
+@dataclass(slots=True)
+class Cursor:
+    """The file's `shared` key (several nodes on Redis): the usage stream is folded in up to stream id
+    `stream`; of this host's journals still on disk, the records at the offsets in `absorbed[generation]`
+    came back from the stream, so they are in the file already."""
+
+    stream: str = "0-0"
+    absorbed: dict[str, set[int]] = field(default_factory=dict)
+
+    def holds(self, generation: str, offset: int) -> bool:
+        return offset in self.absorbed.get(generation, ())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stream": self.stream, "absorbed": {g: sorted(o) for g, o in sorted(self.absorbed.items()) if o}}
+
+    @classmethod
+    def parse(cls, raw: Any) -> Cursor | None:
+        if not isinstance(raw, dict) or not isinstance(raw.get("stream"), str):
+            return None
+        absorbed = raw.get("absorbed")
+        found = {g: {o for o in offsets if type(o) is int} for g, offsets in absorbed.items()
+                 if isinstance(g, str) and isinstance(offsets, list)} if isinstance(absorbed, dict) else {}
+        return cls(raw["stream"], found)
+
+
 class Totals:
     """Buckets by (model, context window, week) in first-seen order, as in sing-box."""
 

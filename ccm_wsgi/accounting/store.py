@@ -28,6 +28,10 @@ file format (key for key, plus two keys of its own, `journal` and `ledger`) and 
 * **The ledger** (what each user spent per day, and their share of the subscription's windows; see
   `ledger.py`) is derived from the same records in journal order and saved in the file with them. Each
   store follows the live journal, so its ledger also counts what other processes record, at once.
+* **Several nodes** (shared state, `state/usage.py`): the journal stays the first write, but a fold folds
+  the cluster's usage stream instead of the journal: it pushes the sealed journals' records to the
+  stream, then adds the stream's entries after the cursor saved in the file (`"shared"`). The file then
+  holds every node's records, each once, and its ledger is the stream's.
 """
 
 from __future__ import annotations
@@ -39,17 +43,21 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.event import Event
 
 from .. import files
+from ..state.connection import Unavailable
 from . import journal
 from .follow import Follower
 from .ledger import Ledger, Reading
 from .pricing import Pricing
-from .records import Marker, Record, Shape, Totals, render
+from .records import Cursor, Marker, Record, Shape, Totals, render
+
+if TYPE_CHECKING:
+    from ..state.usage import SharedUsage
 
 SAVE_INTERVAL = 60.0
 APPEND_LOCK_TIMEOUT = 10.0
@@ -90,6 +98,15 @@ def _read(path: str) -> bytes | None:
         return None
 
 
+def _head(path: str) -> bytes:
+    """The first line (and a little more) of a journal, b"" when it is gone."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096)
+    except OSError:
+        return b""
+
+
 def _file_mode(path: str) -> int:
     try:
         return os.stat(path).st_mode & 0o7777
@@ -97,52 +114,74 @@ def _file_mode(path: str) -> int:
         return FILE_MODE
 
 
-def _parse(raw: bytes, now_ns: int) -> tuple[Totals, Marker | None, Ledger]:
+def _parse(raw: bytes, now_ns: int) -> tuple[Totals, Marker | None, Ledger, Cursor | None]:
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise Shape(f"not JSON ({exc})") from None
     totals, marker = Totals.parse(doc, now_ns)
-    return totals, marker, Ledger.from_json(doc.get("ledger"))
+    return totals, marker, Ledger.from_json(doc.get("ledger")), Cursor.parse(doc.get("shared"))
 
 
-def unfolded(path: str, marker: Marker | None, log: logging.Logger) -> list[tuple[Record, int]]:
-    """The records of the sealed journals and the live one that a file with `marker` does not hold, in order."""
-    entries: list[tuple[Record, int]] = []
-    for name in [*journal.sealed(path + ".journal"), path + ".journal"]:
+Located = tuple[Record, int, str]  # a record, its time (ns) and its identity (`journal.ident`)
+
+
+def unfolded(path: str, marker: Marker | None, log: logging.Logger, cursor: Cursor | None = None,
+             sealed_only: bool = False) -> list[Located]:
+    """The records of the sealed journals and the live one that a file with `marker` (and `cursor`) does not
+    hold, in order."""
+    entries: list[Located] = []
+    names = journal.sealed(path + ".journal")
+    for name in names if sealed_only else [*names, path + ".journal"]:
         found = journal.read(name)
         if found is not None:
-            entries += found.entries(marker, log, name)
+            entries += [(rec, t_ns, journal.ident(found.generation, offset))
+                        for rec, t_ns, offset in found.located(marker, log, name)
+                        if cursor is None or not cursor.holds(found.generation, offset)]
     return entries
 
 
-def load_totals(path: str, log: logging.Logger, extra: Iterable[tuple[Record, int]] = ()) -> Totals:
-    """Read-only view of file + journals (+ `extra`), for reports and snapshots.
+def stream_cursor(path: str) -> Cursor | None:
+    """The shared-state cursor a usage file holds (None: none, or no readable file)."""
+    raw = _read(path)
+    try:
+        return _parse(raw, 0)[3] if raw is not None else None
+    except Shape:
+        return None
+
+
+def load_totals(path: str, log: logging.Logger, extra: Iterable[Located] = ()) -> Totals:
+    """Read-only view of file + journals (+ `extra`, records the stream holds beyond the file; a journal
+    record with the same identity is counted once), for reports and snapshots.
 
     Raises FileNotFoundError when neither the file nor a journal exists, UsageFileError when the file is
     corrupt. Never writes anything (the lock file is not even created)."""
     with files.locked(path + ".fold.lock", fcntl.LOCK_SH, FOLD_LOCK_TIMEOUT, create=False):
         raw = _read(path)
         now = time.time_ns()
-        totals, marker = Totals(now), None
+        totals, marker, cursor = Totals(now), None, None
         if raw is not None:
             try:
-                totals, marker, _ = _parse(raw, now)
+                totals, marker, _, cursor = _parse(raw, now)
             except Shape as exc:
                 raise UsageFileError(f"usage file {path} is corrupt: {exc}") from None
-        entries = unfolded(path, marker, log)
+        entries = unfolded(path, marker, log, cursor)
         if raw is None and not entries and not os.path.exists(path + ".journal"):
             raise FileNotFoundError(errno.ENOENT, "no usage file", path)
-    totals.add_all(entries)
-    totals.add_all(extra)
+    extra = list(extra)
+    known = {identity for _, _, identity in extra}
+    totals.add_all((rec, t_ns) for rec, t_ns, identity in entries if identity not in known)
+    totals.add_all((rec, t_ns) for rec, t_ns, _ in extra)
     return totals
 
 
 class UsageStore:
     """One `usages_path`: durable `record()`, periodic `save()` (fold), read-only `snapshot()`, and a ledger."""
 
-    def __init__(self, path: str, pricing: Pricing, log: logging.Logger, interval: float = SAVE_INTERVAL) -> None:
+    def __init__(self, path: str, pricing: Pricing, log: logging.Logger, interval: float = SAVE_INTERVAL,
+                 shared: SharedUsage | None = None) -> None:
         self.path = path
+        self.shared = shared
         self.pricing = pricing
         self.log = log
         self.interval = interval
@@ -151,7 +190,8 @@ class UsageStore:
         self.fold_lock_path = path + ".fold.lock"
         self.ledger = Ledger()
         self._follower = Follower(self.journal_path, self._apply, log)
-        self._pending: list[tuple[Record, int]] = []  # records the journal refused, folded at the next save
+        self._pending: list[Located] = []  # records the journal refused, folded at the next save
+        self._kept = 0  # how many records were kept in memory (their identities)
         self._changes = 0
         self._saved_changes = 0
         self._stop = Event()
@@ -160,6 +200,7 @@ class UsageStore:
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
         self._journal_id: tuple[int, int] | None = None
+        self._generation = ""  # of the journal `_journal_fd` appends to
         self._lock_id: tuple[int, int] | None = None
         self._lock_checked = 0.0
         self._fds_pid = 0
@@ -175,6 +216,12 @@ class UsageStore:
                 self.ledger = self._fold(start_following=True)
         except OSError as exc:
             raise UsageFileError(f"usage file {self.path}: {exc.strerror or exc}") from exc
+        if self.shared is not None:
+            cursor = stream_cursor(self.path) or Cursor()
+            self.shared.start(self.ledger, cursor.stream)
+            for rec, t_ns, identity in unfolded(self.path, None, self.log, cursor):
+                self.shared.local(rec, t_ns, identity)  # kept through an outage: counted until the stream has them
+            self.shared.state.on_recovery(self._catch_up)
 
     def record(self, rec: Record) -> None:
         """Append one record to the journal; durable when this returns. Never raises."""
@@ -189,26 +236,40 @@ class UsageStore:
             end = self._append_shared(line)
         except Exception as exc:
             self._close_fds()  # start from fresh descriptors next time
-            self._pending.append((rec, t_ns))
-            self._apply(rec, t_ns)  # this process counts it now; the others once it is folded
+            self._kept += 1
+            identity = journal.ident(f"kept-{os.getpid()}-{id(self):x}", self._kept)
+            self._pending.append((rec, t_ns, identity))
+            self._apply(rec, t_ns, identity)  # this process counts it now; the others once it is folded
+            if self.shared is not None:
+                self.shared.push_later(identity, line[1:])
             self.log.error(
                 "usage: cannot append to %s (%s); keeping the record in memory until the next save",
                 self.journal_path,
                 exc,
             )
             return
+        identity = journal.ident(self._generation, end - len(line))
         follower = self._follower
         if follower.fd is not None:
             if follower.at(self._journal_id, end - len(line)):  # nothing else was appended since
                 follower.advance(end)
-                self._apply(rec, t_ns)
+                self._apply(rec, t_ns, identity)
             else:
                 follower.catch_up()
+        if self.shared is not None:
+            self.shared.local(rec, t_ns, identity)
+            self.shared.push_later(identity, line[1:])
 
     def current_ledger(self) -> Ledger:
-        """The ledger with every record appended so far, by any process."""
+        """The ledger with every record appended so far, by any process (and with shared state, every
+        record the usage stream has shown, by any node)."""
         self._follower.catch_up()
-        return self.ledger
+        return self.ledger if self.shared is None else self.shared.view()
+
+    def sync(self) -> None:
+        """Before a budget is checked: with shared state, read what other nodes recorded (one round trip)."""
+        if self.shared is not None:
+            self.shared.sync()
 
     def save(self) -> bool:
         """Fold the journals (and any record kept in memory) into the file; False (logged) on failure."""
@@ -221,6 +282,10 @@ class UsageStore:
             return False
         self._saved_changes = changes
         return True
+
+    def _catch_up(self) -> None:
+        """Redis is back: push what was kept meanwhile and fold the stream now, not at the next interval."""
+        self.save()
 
     def start(self) -> None:
         """Save every `interval` seconds when something was recorded since the last save."""
@@ -238,6 +303,8 @@ class UsageStore:
             self._flush_pending()
         self._close_fds()
         self._follower.stop()
+        if self.shared is not None:
+            self.shared.stop()
 
     def snapshot(self) -> dict[str, Any]:
         """Current totals (file + journals + records kept in memory) as a usage document."""
@@ -249,8 +316,11 @@ class UsageStore:
 
     # internals
 
-    def _apply(self, rec: Record, t_ns: int) -> None:
-        apply(self.ledger, self.pricing, rec, t_ns)
+    def _apply(self, rec: Record, t_ns: int, identity: str) -> None:
+        if self.shared is None:
+            apply(self.ledger, self.pricing, rec, t_ns)
+        else:  # the shared ledger counts it when the stream shows it
+            self.shared.local(rec, t_ns, identity)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -260,7 +330,7 @@ class UsageStore:
     def _flush_pending(self) -> None:
         """Last resort when the final save failed: records kept in memory go to the journal, else to the log."""
         pending, self._pending = self._pending, []
-        for rec, t_ns in pending:
+        for rec, t_ns, _ in pending:
             line = journal.line(rec, t_ns)
             try:
                 self._append_shared(line)
@@ -311,9 +381,10 @@ class UsageStore:
             if fd is None:
                 if current is None:
                     files.create_if_missing(self.journal_path, journal.header(), _file_mode(self.path))
-                fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
                 st = os.fstat(fd)
                 self._journal_fd, self._journal_id = fd, (st.st_ino, st.st_dev)
+                self._generation = journal.generation_of(os.pread(fd, 4096, 0))
             written = os.write(fd, line)
             if written != len(line):  # the cut line is skipped when folding; the record is kept in memory
                 raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
@@ -354,7 +425,9 @@ class UsageStore:
         """Under the fold lock: seal the journal, then add each sealed journal (and the records kept in memory)
         to the file, writing it atomically after each; returns the ledger the file now holds."""
         sealed_all = self._seal(start_following)
-        totals, marker, ledger, mode, exists = self._load_for_fold()
+        if self.shared is not None:
+            return self._fold_stream(sealed_all)
+        totals, marker, ledger, mode, exists, _ = self._load_for_fold()
         sealed = journal.sealed(self.journal_path)
         for name in sealed:
             found = journal.read(name)
@@ -367,7 +440,7 @@ class UsageStore:
                 self._write(totals, marker, ledger, mode)
                 exists = True
             files.unlink(name)
-        pending = list(self._pending)
+        pending = [(rec, t_ns) for rec, t_ns, _ in self._pending]
         if not sealed_all:
             with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT):
                 live = journal.read(self.journal_path)
@@ -387,25 +460,61 @@ class UsageStore:
                 totals.add(rec, t_ns)
                 apply(ledger, self.pricing, rec, t_ns)
             self._write(totals, marker, ledger, mode)
-        kept = {id(entry) for entry in entries}
-        self._pending[:] = [entry for entry in self._pending if id(entry) not in kept]
+        kept = {(id(rec), t_ns) for rec, t_ns in entries}
+        self._pending[:] = [entry for entry in self._pending if (id(entry[0]), entry[1]) not in kept]
 
-    def _write(self, totals: Totals, marker: Marker | None, ledger: Ledger, mode: int) -> None:
-        doc = render(totals, self.pricing, marker, {"ledger": ledger.to_json(time.time())})
+    def _fold_stream(self, sealed_all: bool) -> Ledger:
+        """Shared state: push the sealed journals' records (and those kept in memory) to the usage stream,
+        add the stream's entries after the file's cursor, write the file, and only then remove the sealed
+        journals. With Redis unreachable nothing changes: the journals wait for the next fold."""
+        assert self.shared is not None
+        totals, marker, ledger, mode, _, cursor = self._load_for_fold()
+        cursor = cursor or Cursor()
+        sealed = journal.sealed(self.journal_path)
+        waiting = unfolded(self.path, marker, self.log, cursor, sealed_only=sealed_all)
+        pending = list(self._pending)
+        try:
+            self.shared.push([(identity, journal.line(rec, t_ns)[1:]) for rec, t_ns, identity in waiting + pending])
+            pulled = self.shared.pull(cursor.stream)
+        except Unavailable:
+            return ledger
+        live = journal.generation_of(_head(self.journal_path))
+        on_disk = {live} if sealed_all else {live, *(journal.generation_of(_head(name)) for name in sealed)}
+        for stream_id, identity, rec, t_ns in pulled:
+            totals.add(rec, t_ns)
+            apply(ledger, self.pricing, rec, t_ns)
+            generation, _, offset = identity.rpartition(":")
+            if generation in on_disk and offset.isdigit():
+                cursor.absorbed.setdefault(generation, set()).add(int(offset))
+            cursor.stream = stream_id
+        cursor.absorbed = {g: offsets for g, offsets in cursor.absorbed.items() if g in on_disk}
+        self._write(totals, None, ledger, mode, cursor)
+        for name in sealed if sealed_all else ():
+            files.unlink(name)
+        self.shared.forget(on_disk)
+        self._pending[:] = [entry for entry in self._pending if entry not in pending]
+        return ledger
+
+    def _write(self, totals: Totals, marker: Marker | None, ledger: Ledger, mode: int,
+               cursor: Cursor | None = None) -> None:
+        extra: dict[str, Any] = {"ledger": ledger.to_json(time.time())}
+        if cursor is not None:
+            extra["shared"] = cursor.to_json()
+        doc = render(totals, self.pricing, marker, extra)
         files.replace_atomically(self.path, dumps(doc).encode(), mode)
 
-    def _load_for_fold(self) -> tuple[Totals, Marker | None, Ledger, int, bool]:
+    def _load_for_fold(self) -> tuple[Totals, Marker | None, Ledger, int, bool, Cursor | None]:
         now = time.time_ns()
         raw = _read(self.path)
         mode = _file_mode(self.path)
         if raw is None:
-            return Totals(now), None, Ledger(), mode, False
+            return Totals(now), None, Ledger(), mode, False, None
         try:
-            totals, marker, ledger = _parse(raw, now)
+            totals, marker, ledger, cursor = _parse(raw, now)
         except Shape as exc:
             self._set_aside(str(exc))
-            return Totals(now), None, Ledger(), mode, False
-        return totals, marker, ledger, mode, True
+            return Totals(now), None, Ledger(), mode, False, None
+        return totals, marker, ledger, mode, True, cursor
 
     def _set_aside(self, problem: str) -> None:
         """Never overwrite a corrupt usage file: move it to `<path>.corrupt-<unix ts>`."""

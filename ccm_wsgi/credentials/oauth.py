@@ -18,6 +18,10 @@ only when the token that got the 401 is still the current one. A refresh whose a
 reply) is not sent again while the current access token still works: only when it is about to expire,
 when there is nothing left to lose.
 
+With shared state (several nodes on Redis, `state/credentials.py`), a refresh also needs the cluster's
+lock, taken first; Redis is re-read under it, a login another node refreshed is adopted (and written
+through to the file), and only nodes that hold the file ever refresh.
+
 The space for the refreshed file is reserved before the refresh token is spent (no space: no refresh).
 If the save still fails (I/O error, read-only remount), the new login stays authoritative in memory and in
 a private in-memory pending file that this host's other ccm-wsgi processes adopt; the stale file is never
@@ -26,11 +30,13 @@ allowed to replace it, and the save is retried, with an error logged each time, 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -40,6 +46,8 @@ import urllib3
 
 from .. import files
 from ..anthropic import CLIENT_ID, TOKEN_USER_AGENT
+from ..state.connection import Unavailable
+from ..state.credentials import LockBusy, SharedCredential, digest, newer
 from ..upstream.outbounds import Route
 from . import locks
 from .store import OAUTH_KEY, CredentialStore
@@ -78,8 +86,12 @@ def now_ms() -> int:
 class OAuthCredential:
     """One subscription login. `access_token()` is cheap when the token is fresh (one stat call)."""
 
-    def __init__(self, tag: str, store: CredentialStore, token_url: str, route: Route):
+    def __init__(self, tag: str, store: CredentialStore, token_url: str, route: Route,
+                 shared: SharedCredential | None = None):
         self.tag = tag
+        self.shared = shared
+        self._cluster: dict[str, Any] | None = None  # the login Redis held when last read, if newer than the file
+        self._holder = False  # this node holds the credential file (shared state: only holders refresh)
         self.store = store
         self.token_url = token_url
         self.route = route
@@ -116,6 +128,8 @@ class OAuthCredential:
             document, error = None, str(exc)
         if self._unsaved is not None:
             document, error = self._reconcile(document), None
+        if self._cluster is not None:
+            document, error = self._with_cluster(document), None
         if error is not None:
             if self._error != error:
                 log.warning("credential %s unavailable: %s", self.tag, error)
@@ -136,6 +150,14 @@ class OAuthCredential:
                         self.tag, self.store.describe())
         self._saved()
         return on_disk
+
+    def _with_cluster(self, on_disk: dict[str, Any] | None) -> dict[str, Any]:
+        """The newer of the file's login and the one Redis held (another node refreshed it)."""
+        assert self._cluster is not None
+        if on_disk is not None and not newer(self._cluster, on_disk[OAUTH_KEY]):
+            self._cluster = None
+            return on_disk
+        return {**(on_disk or {}), OAUTH_KEY: self._cluster}
 
     @property
     def oauth(self) -> dict[str, Any]:
@@ -219,10 +241,15 @@ class OAuthCredential:
     def _refresh(self, stale: str, force: bool) -> str:
         with self._lock:
             self.load(force=True)
+            if self.shared is not None:
+                self._sync_cluster(locked=False)  # another node may have refreshed already
             if self._document is None:
                 raise self._unavailable()
             if self.oauth["accessToken"] != stale and self._fresh():
-                return str(self.oauth["accessToken"])  # another greenlet or process already did it
+                return str(self.oauth["accessToken"])  # another greenlet, process or node already did it
+            if self.shared is not None and not self._holder:
+                raise self._fail(503, f"credential {self.tag}: this node does not hold the credential file; it "
+                                      "waits for a node that does to refresh the login")
             if self._unsaved is None and self._adopt_pending(self.oauth.get("refreshToken") or ""):
                 return str(self.oauth["accessToken"])
             self._check_hold()
@@ -234,7 +261,8 @@ class OAuthCredential:
                     "ccm-wsgi refuses to refresh a token it cannot save (that would log out `claude`)",
                 )
             try:
-                with files.locked(self.store.lock_path(), fcntl.LOCK_EX, LOCK_WAIT_SECONDS, mode_if_created=0o600):
+                with self._cluster_lock(), \
+                        files.locked(self.store.lock_path(), fcntl.LOCK_EX, LOCK_WAIT_SECONDS, mode_if_created=0o600):
                     return self._under_claude_lock(stale, force)
             except files.LockTimeout as exc:
                 raise self._fail(503, f"credential {self.tag}: {exc}") from None
@@ -266,6 +294,8 @@ class OAuthCredential:
 
     def _refresh_locked(self, stale: str, force: bool) -> str:
         self.load(force=True)  # under the locks: the other side may have written a new token
+        if self.shared is not None:
+            self._sync_cluster(locked=True)  # under the cluster's lock: Redis has the last word
         if self._document is None:
             raise self._unavailable()
         oauth = self.oauth
@@ -281,6 +311,13 @@ class OAuthCredential:
         except OSError as exc:
             raise self._fail(503, f"credential {self.tag}: not refreshing: there is no room to save the new "
                                   f"login beside {self.store.path} ({exc.strerror})") from None
+        if self.shared is not None:
+            try:
+                self._declare_intent(refresh_token)
+            except CredentialError:
+                if reservation is not None:
+                    reservation.abandon()
+                raise
         try:
             answer = self._post_refresh(refresh_token, oauth.get("scopes"))
         except RefreshRejected as rejected:
@@ -304,8 +341,11 @@ class OAuthCredential:
             self._saved()
         self._document, self._error = document, None
         self._signature = self.store.signature()
+        self._cluster = None
         self._hold, self._backoff = None, BACKOFF_MIN
         log.info("credential %s: access token refreshed (valid for %ss)", self.tag, answer.get("expires_in"))
+        if self.shared is not None:
+            self._publish()
         return str(document[OAUTH_KEY]["accessToken"])
 
     def _refreshed(self, answer: dict[str, Any]) -> dict[str, Any]:
@@ -320,6 +360,114 @@ class OAuthCredential:
         if isinstance(scope, str) and scope.strip():
             new["scopes"] = scope.split()
         return document
+
+    # -- several nodes (shared state) -------------------------------------------------------------
+
+    def join_cluster(self) -> None:
+        """At start and whenever Redis is back: count this node among the holders of the file if it has it,
+        then make this node and Redis agree on the newest login (adopt Redis's, or publish the file's)."""
+        assert self.shared is not None
+        with self._lock:
+            self.load(force=True)
+            self._holder = self.store.keychain is None and self.store.signature() is not None and \
+                self._document is not None
+            try:
+                if self._holder:
+                    self.shared.register()
+                self._sync_cluster(locked=False)
+            except Unavailable:
+                log.warning("credential %s: shared state unreachable; using this node's own login until it is back",
+                            self.tag)
+
+    def _sync_cluster(self, locked: bool) -> None:
+        """Take Redis's login when it is newer than ours (and write it through to our file, under the host's
+        locks: `locked` when the caller holds them already); publish ours when it is newer than Redis's (a new `ccm-wsgi login`, a refresh made while Redis was
+        unreachable, a local `claude` that refreshed). Redis being unreachable changes nothing here."""
+        assert self.shared is not None
+        try:
+            remote = self.shared.read()
+        except Unavailable:
+            return
+        mine = self.oauth if self._document is not None else None
+        if newer(remote, mine):
+            assert remote is not None
+            self._cluster = remote
+            self._document, self._error = {**(self._document or {}), OAUTH_KEY: remote}, None
+            self._hold = None
+            log.info("credential %s: adopted the login another node refreshed", self.tag)
+            if self._holder:
+                self._write_through(locked)
+        elif mine is not None and self._holder and newer(mine, remote):
+            self._publish()
+
+    def _write_through(self, locked: bool) -> None:
+        """Save the login adopted from Redis to this node's file, so that a restart and a local `claude` find
+        it there; without the host's locks at hand, only if they are free right now (else the next refresh
+        does it)."""
+        if self._unsaved is not None or self._document is None:
+            return
+        try:
+            if locked:
+                self.store.write(self._document)
+            else:
+                with files.locked(self.store.lock_path(), fcntl.LOCK_EX, 1.0, mode_if_created=0o600):
+                    lock = locks.ClaudeLock(locks.lock_path(self.store.path))
+                    if not lock.try_acquire():
+                        return
+                    with lock:
+                        try:
+                            on_disk: dict[str, Any] | None = self.store.read()
+                        except ValueError:
+                            on_disk = None
+                        if on_disk is not None and not newer(self.oauth, on_disk[OAUTH_KEY]):
+                            return  # a local `claude` wrote a newer one meanwhile: the next look adopts it
+                        self.store.write(self._document)
+            self._signature = self.store.signature()
+            self._cluster = None
+        except (OSError, files.LockTimeout) as exc:
+            log.error("credential %s: cannot write the login another node refreshed to %s (%s); using it from "
+                      "memory", self.tag, self.store.describe(), exc)
+
+    def _publish(self) -> None:
+        assert self.shared is not None
+        try:
+            self.shared.publish(self.oauth)
+        except Unavailable:
+            log.error("credential %s: the refreshed login could not be published to the other nodes; it is "
+                      "published as soon as Redis is back", self.tag)
+
+    @contextlib.contextmanager
+    def _cluster_lock(self) -> Iterator[None]:
+        """The cluster's refresh lock; without Redis, nothing for a sole holder and a refusal for the others."""
+        if self.shared is None:
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.shared.locked())
+            except LockBusy as exc:
+                raise self._fail(503, f"credential {self.tag}: not refreshing: {exc}") from None
+            except Unavailable:
+                if not self.shared.sole:
+                    raise self._fail(503, f"credential {self.tag}: not refreshing while the shared state is "
+                                          "unreachable (other nodes may refresh the same login)") from None
+                log.warning("credential %s: refreshing without the cluster's lock: Redis is unreachable and this "
+                            "node is the only one that holds the credential file", self.tag)
+            yield
+
+    def _declare_intent(self, refresh_token: str) -> None:
+        """Refuse to send a refresh token another node may have spent already (its answer lost) while the
+        current access token still works; otherwise say we are about to send it."""
+        assert self.shared is not None
+        try:
+            found = self.shared.intent()
+            if found is not None and found.get("sha256") == digest(refresh_token) and \
+                    found.get("node") != self.shared.state.node and self._remaining_ms() > 60_000:
+                raise self._fail(502, f"credential {self.tag}: another node sent this refresh token and its answer "
+                                      "was lost; it is not sent again while the current access token still works")
+            self.shared.intend(refresh_token)
+        except Unavailable:
+            pass  # a sole holder refreshing without Redis
 
     # -- a refreshed login that could not be saved ---------------------------------------------
 

@@ -8,9 +8,11 @@ a graceful stop); it reaches into nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -138,6 +140,7 @@ class Proxy:
         settings: ProxySettings,
         drain: Drain,
         limits: Limits,
+        finishing: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ):
         self.auth = auth
         self.provider_for = provider_for
@@ -145,6 +148,7 @@ class Proxy:
         self.settings = settings
         self.drain = drain
         self.limits = limits
+        self.finishing = finishing  # what the end of a request does for shared state, in one round trip
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         ex = Exchange(time.monotonic(), environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
@@ -343,16 +347,17 @@ class Proxy:
     def _finish(self, ex: Exchange) -> None:
         """Record usage and write the access line; runs exactly once per request."""
         self.drain.active -= 1
-        if ex.admission is not None:
-            ex.admission.release()
         cost = None
-        if ex.usage is not None and ex.account is not None and ex.account.usage is not None:
-            record = make_record(ex.user, ex.usage, ex.facts.model, ex.facts.messages_count, ex.beta,
-                                 ex.week_reset)
-            if record is not None:
-                cost = record.cost = self.pricing.cost(record.model, record.context_window, record.tokens)
-                record.readings = ex.readings
-                ex.account.usage.record(record)
+        with self.finishing():
+            if ex.admission is not None:
+                ex.admission.release()
+            if ex.usage is not None and ex.account is not None and ex.account.usage is not None:
+                record = make_record(ex.user, ex.usage, ex.facts.model, ex.facts.messages_count, ex.beta,
+                                     ex.week_reset)
+                if record is not None:
+                    cost = record.cost = self.pricing.cost(record.model, record.context_window, record.tokens)
+                    record.readings = ex.readings
+                    ex.account.usage.record(record)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(access_line(ex, cost))
 

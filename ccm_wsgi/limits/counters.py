@@ -38,6 +38,19 @@ class Lease:
 
 
 class Counters(Protocol):
+    def admit(self, user: str, most: int | None, per_minute: int | None, wait: float,
+              now: float) -> tuple[Lease | None, float]:
+        """A lease among `most` (when given), then one request counted in the sliding minute (when
+        `per_minute` is given): (the lease, 0) when admitted; (None, 0) when no lease freed within `wait`;
+        (None, seconds until the rate allows one) when the rate refuses (no lease is then kept)."""
+        ...
+
+    def release(self, lease: Lease) -> None: ...
+
+    def in_flight(self, user: str) -> int: ...
+
+
+class Steps(Protocol):
     def acquire(self, user: str, most: int, wait: float) -> Lease | None:
         """A lease among `most` for `user`, waiting up to `wait` seconds; None when none freed."""
         ...
@@ -48,10 +61,27 @@ class Counters(Protocol):
         """Count one request in the sliding minute: 0 when allowed, else seconds until one would be."""
         ...
 
-    def in_flight(self, user: str) -> int: ...
+
+class OneAtATime:
+    """`admit` as a lease then a hit, for stores where each is its own short step."""
+
+    def admit(self: Steps, user: str, most: int | None, per_minute: int | None, wait: float,
+              now: float) -> tuple[Lease | None, float]:
+        lease, started = None, time.monotonic()
+        if most is not None:
+            lease = self.acquire(user, most, wait)
+            if lease is None:
+                return None, 0.0
+        if per_minute is not None:
+            delay = self.hit(user, per_minute, now + time.monotonic() - started)  # after any wait
+            if delay > 0:
+                if lease is not None:
+                    self.release(lease)
+                return None, delay
+        return lease, 0.0
 
 
-class MemoryCounters:
+class MemoryCounters(OneAtATime):
     def __init__(self) -> None:
         self._slots: dict[tuple[str, int], gevent.lock.BoundedSemaphore] = {}
         self._held: collections.Counter[str] = collections.Counter()
@@ -83,7 +113,7 @@ class MemoryCounters:
         return self._held[user]
 
 
-class HostCounters:
+class HostCounters(OneAtATime):
     """The same counts in a SQLite file that every process of the host opens (gunicorn's workers).
 
     Each lease records the process that holds it; the leases of a process that died are dropped (by the

@@ -86,19 +86,21 @@ class Limits:
             return None
         if limits.models and not any(fnmatch.fnmatchcase(model, pattern) for pattern in limits.models):
             raise refusals.model(model, limits.models)
+        if limits.needs_ledger:  # with shared state: what other nodes recorded up to now counts too
+            for _, store in self._ledgered():
+                store.sync()
         for budget in limits.budget:
             if self.spent(user.name, budget.per, now) >= budget.usd:
                 raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
         admission = Admission(user.name, limits, self.counters)
-        if limits.max_concurrent is not None:
-            admission.lease = self.counters.acquire(user.name, limits.max_concurrent, QUEUE_WAIT)
-            if admission.lease is None:
-                raise refusals.concurrency(limits.max_concurrent, BUSY_RETRY)
-        if limits.requests_per_minute is not None:
-            wait = self.counters.hit(user.name, limits.requests_per_minute, self.clock())
+        if limits.max_concurrent is not None or limits.requests_per_minute is not None:
+            admission.lease, wait = self.counters.admit(user.name, limits.max_concurrent,
+                                                        limits.requests_per_minute, QUEUE_WAIT, self.clock())
             if wait > 0:
-                admission.release()
+                assert limits.requests_per_minute is not None
                 raise refusals.rate(limits.requests_per_minute, wait)
+            if admission.lease is None and limits.max_concurrent is not None:
+                raise refusals.concurrency(limits.max_concurrent, BUSY_RETRY)
         return admission
 
     def screen(self, user: User | None, accounts: Sequence[Account]) -> tuple[frozenset[str], Refusal | None]:
