@@ -27,7 +27,7 @@ from .pool.quota import caps
 from .state.connection import SharedState
 from .state.counters import RedisCounters
 from .state.credentials import SharedCredential
-from .state.usage import SharedUsage
+from .state.usage import SharedUsage, stream_name
 from .upstream.outbounds import Outbounds
 
 log = logging.getLogger("ccm_wsgi.service")
@@ -112,11 +112,8 @@ class Service:
         if not path:
             return None
         shared = None
-        if self.state is not None:  # one stream per usage file, named after the credentials that record into it
-            tags = sorted(c.tag for c in self.cfg.effective_credentials
-                          if isinstance(c, config.DefaultCredential | config.ExternalCredential)
-                          and c.usages_path == path)
-            shared = SharedUsage(self.state, "+".join(tags),
+        if self.state is not None:
+            shared = SharedUsage(self.state, stream_name(self.cfg, path),
                                  lambda ledger, rec, t_ns: apply(ledger, self.pricing, rec, t_ns))
         return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval, shared)
 

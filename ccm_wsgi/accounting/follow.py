@@ -4,8 +4,8 @@ gunicorn workers (and any other process on the same usage file) each append thei
 ledger that budgets and window shares are checked against must count all of them, and in the same order
 everywhere. A `Follower` keeps a descriptor on the live journal and reads what was appended since its last
 look, with each record's identity (`journal.ident`). When the journal is sealed (renamed for a fold, a
-fresh one created), the follower finishes the old
-file to its end - appenders never write to a journal once it is sealed - and moves on to the new one.
+fresh one created), the follower finishes the old file to its end - appenders never write to a journal
+once it is sealed - and moves on to the new one.
 """
 
 from __future__ import annotations

@@ -13,11 +13,14 @@ import logging
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .pricing import LONG_CONTEXT, Pricing, sum_cents
 from .records import Bucket, Stats, Totals, format_time, render, week_key
-from .store import UsageFileError, dumps, load_totals
+from .store import Located, UsageFileError, dumps, load_totals, stream_cursor
+
+if TYPE_CHECKING:
+    from ..config import Service
 
 log = logging.getLogger("ccm_wsgi.report")
 
@@ -30,6 +33,7 @@ class Target:
     label: str
     path: str
     pricing: Pricing
+    service: Service | None = None  # with shared state: what the cluster's stream holds beyond the file counts too
 
 
 @dataclass(slots=True)
@@ -55,7 +59,7 @@ def run(config_path: str | None = None, usages_file: str | None = None, as_json:
     loaded: list[tuple[Target, Totals]] = []
     for target in targets:
         try:
-            loaded.append((target, load_totals(target.path, log)))
+            loaded.append((target, load_totals(target.path, log, _stream_tail(target))))
         except FileNotFoundError:
             print(f"{target.label}: no usage file at {target.path} (nothing recorded yet?)", file=sys.stderr)
             status = 1
@@ -82,6 +86,24 @@ def _print_json(loaded: list[tuple[Target, Totals]], several: bool) -> None:
         sys.stdout.write(dumps(render(totals, target.pricing)))
 
 
+def _stream_tail(target: Target) -> list[Located]:
+    """With shared state, the other nodes' records the file does not hold yet (none when Redis is unreachable:
+    the report then says what this node's file and journals hold, and warns)."""
+    if target.service is None or target.service.state is None:
+        return []
+    from redis.exceptions import RedisError
+
+    from ..state.usage import tail
+
+    cursor = stream_cursor(target.path)
+    try:
+        return tail(target.service, target.path, cursor.stream if cursor is not None else "0-0")
+    except RedisError as exc:
+        print(f"{target.label}: the shared state is unreachable ({type(exc).__name__}); showing this node's "
+              "records and those folded before", file=sys.stderr)
+        return []
+
+
 def _file_target(path: str) -> Target:
     return Target(path, path, Pricing(log=log))
 
@@ -105,7 +127,7 @@ def _config_targets(config_path: str) -> list[Target]:
         for label, path in places:
             if path and path not in seen:
                 seen.add(path)
-                targets.append(Target(f"{label} ({path})", path, pricing))
+                targets.append(Target(f"{label} ({path})", path, pricing, service))
     if not targets:
         raise ReportError(f"{config_path}: no ccm service has a usages_path, so no usage is recorded")
     return targets

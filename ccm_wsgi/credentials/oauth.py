@@ -381,8 +381,9 @@ class OAuthCredential:
 
     def _sync_cluster(self, locked: bool) -> None:
         """Take Redis's login when it is newer than ours (and write it through to our file, under the host's
-        locks: `locked` when the caller holds them already); publish ours when it is newer than Redis's (a new `ccm-wsgi login`, a refresh made while Redis was
-        unreachable, a local `claude` that refreshed). Redis being unreachable changes nothing here."""
+        locks: `locked` when the caller holds them already); publish ours when it is newer than Redis's (a
+        new `ccm-wsgi login`, a refresh made while Redis was unreachable, a local `claude` that refreshed).
+        Redis being unreachable changes nothing here."""
         assert self.shared is not None
         try:
             remote = self.shared.read()

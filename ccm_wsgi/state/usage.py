@@ -36,6 +36,8 @@ import gevent
 from ..accounting import journal
 from ..accounting.ledger import Ledger
 from ..accounting.records import Record
+from ..config import DefaultCredential, ExternalCredential
+from ..config import Service as ServiceConfig
 from .connection import TIMEOUT, SharedState, Unavailable, client
 
 log = logging.getLogger("ccm_wsgi.state")
@@ -64,6 +66,38 @@ Entry = tuple[str, bytes]  # identity, journal line (without its leading newline
 Pulled = tuple[str, str, Record, int]  # stream id, identity, record, time (ns)
 
 
+def stream_name(service: ServiceConfig, path: str) -> str:
+    """One stream per usage file, named after the credentials that record into it (the same on every node)."""
+    tags = sorted(c.tag for c in service.effective_credentials
+                  if isinstance(c, DefaultCredential | ExternalCredential) and c.usages_path == path)
+    return "+".join(tags)
+
+
+def stream_key(prefix: str, name: str) -> str:
+    return prefix + ":".join(("usage", name, "stream"))
+
+
+def tail(service: ServiceConfig, path: str, after: str) -> list[tuple[Record, int, str]]:
+    """What the stream of `path` holds after `after`, read with a plain client (for `ccm-wsgi usage`);
+    raises redis' errors."""
+    assert service.state is not None
+    r = client(service.state.url)
+    key = stream_key(service.state.key_prefix + service.tag + ":", stream_name(service, path))
+    found: list[tuple[Record, int, str]] = []
+    try:
+        while True:
+            page: Any = r.xrange(key, f"({after}", "+", count=PAGE)
+            for stream_id, fields in page:
+                entry = decoded(stream_id, fields)
+                if entry is not None:
+                    found.append((entry[2], entry[3], entry[1]))
+                    after = entry[0]
+            if len(page) < PAGE:
+                return found
+    finally:
+        r.close()
+
+
 def stream_order(stream_id: str) -> tuple[int, int]:
     ms, _, seq = stream_id.partition("-")
     return int(ms or 0), int(seq or 0)
@@ -76,7 +110,7 @@ class SharedUsage:
         self.state = state
         self.name = name
         self.apply = apply  # prices a record into a ledger (the usage file's own rule)
-        self.stream = state.key("usage", name, "stream")
+        self.stream = stream_key(state.prefix, name)
         self._push = state.redis.register_script(PUSH)
         self._reader = client(state.url, timeout=BLOCK_MS / 1000 + TIMEOUT)
         self.ledger = Ledger()

@@ -28,13 +28,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, tls: tuple[Path, Path, Path] | None = None):
+    def __init__(self, directory: Path, tls: tuple[Path, Path, Path] | None = None, persist: bool = False):
         if shutil.which("redis-server") is None:
             unavailable("redis-server is needed (make test installs Debian's package)")
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tls = tls
+        self.persist = persist  # an append-only file synced at every write: a restart loses nothing
         self.tls_port = free_port() if tls is not None else 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -44,7 +45,8 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
-                "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--logfile",
+                "--save", "", "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+                "--protected-mode", "yes", "--logfile",
                 str(self.directory / "redis.log")]
         if self.tls is not None:
             cert, key, ca = self.tls
@@ -67,6 +69,7 @@ class RedisServer:
         raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:
+        """Gone at once, as in a crash (with `persist`, `start()` brings it back with all it held)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
