@@ -27,6 +27,7 @@ from .pool.quota import caps
 from .state.connection import SharedState
 from .state.counters import RedisCounters
 from .state.credentials import SharedCredential
+from .state.pool import SharedQuota
 from .state.usage import SharedUsage, stream_name
 from .upstream.outbounds import Outbounds
 
@@ -64,6 +65,7 @@ class Service:
         self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain, self.limits,
                            self.state.batch if self.state is not None else contextlib.nullcontext)
         self._greenlets: list[Any] = []
+        self.quota = SharedQuota(self.state, self.accounts) if self.state is not None else None
 
     def _accounts(self, credentials: tuple[config.Credential, ...]) -> dict[str, Account]:
         """An account per default or external credential, by tag."""
@@ -158,6 +160,8 @@ class Service:
             store.open()
             store.start()
         self._greenlets = poller.start(self.accounts)
+        if self.quota is not None:
+            self.quota.start()
         if self.auth.open and not is_loopback(self.cfg.listen):
             log.warning(
                 "service %s listens on %s with no users: anyone who can reach it uses the subscription",
@@ -172,6 +176,8 @@ class Service:
                 store.close()
             except Exception:
                 log.exception("saving usage of service %s failed", self.tag)
+        if self.quota is not None:
+            self.quota.stop()
         if self.state is not None:
             if isinstance(self.limits.counters, RedisCounters):
                 self.limits.counters.close()

@@ -11,6 +11,7 @@ import pytest
 from tests.support.constants import ACCESS, ALICE, BOB, REFRESH
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.procs import Proxy, service_config, write_credentials
+from tests.support.redis_server import RedisServer
 
 pytest_plugins = ["tests.support.secrets_guard"]  # remembers the suite's tokens and logs for tests/test_secrets.py
 
@@ -51,3 +52,11 @@ def proxy(fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy]) ->
     """One service with two users (alice, bob), no usage file."""
     users = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
     return start_proxy({"log": {"level": "info"}, "services": [service_config(fake.url, creds, users=users)]})
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free 127.0.0.1 port, in the test's directory, stopped at the end."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

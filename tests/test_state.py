@@ -23,7 +23,7 @@ import trustme
 from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH, USERS
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.procs import Gunicorn, Proxy, request, service_config, wait_for, write_credentials
-from tests.support.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(180)
 TOKEN_PATH = "/v1/oauth/token"
@@ -171,7 +171,7 @@ def test_redis_outage_during_traffic_fails_nothing_and_counts_each_record_once(
                 try:
                     ask(node, token, stream=bool(n % 2))
                     sent[user] += 1
-                except Exception as exc:  # noqa: BLE001 (any failure fails the test)
+                except Exception as exc:  # any failure fails the test
                     failures.append(exc)
 
         threads = [threading.Thread(target=traffic, args=args) for args in
@@ -278,3 +278,16 @@ def test_a_redis_wait_does_not_stall_other_greenlets(redis_server: RedisServer) 
     out = subprocess.run([sys.executable, "-c", COOPERATION, redis_server.url], capture_output=True, text=True,
                          timeout=30, check=True)
     assert int(out.stdout) > 10  # the other greenlet kept running while redis-py waited for its answer
+
+
+def test_quota_learned_by_one_node_is_seen_by_the_others(fake: FakeUpstream, cluster: Callable[..., list[Proxy]]) -> None:
+    first, second = cluster(2)
+    fake.set_state(ACCESS, five_hour_utilization=0.63)
+    ask(first, ALICE)  # only this node sees the new utilisation, in the response's headers
+
+    def seen(node: Proxy) -> Any:
+        r = request("GET", node.url + "/ccm/v1/status", headers={"Authorization": "Bearer " + ADMIN})
+        return json.loads(r.data)["credentials"][0]["five_hour_utilization"]
+
+    assert seen(first) == 63
+    wait_for(lambda: seen(second) == 63, timeout=15, interval=0.2, what="the other node's view of the quota")

@@ -1,7 +1,7 @@
 """A real `redis-server` for the shared-state tests: 127.0.0.1, a free port, its own directory, no persistence.
 
-It can be stopped and started again on the same port (an outage), paused with SIGSTOP (a Redis that hangs),
-and serve TLS (`tls=(cert, key, ca)` files, e.g. from trustme) on a second port.
+It can be stopped and started again on the same port (an outage, with nothing lost when `persist`), and
+serve TLS (`tls=(cert, key, ca)` files, e.g. from trustme) on a second port.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.support.system import unavailable
 
@@ -74,20 +71,3 @@ class RedisServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
         self.proc = None
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    if server.proc is not None:
-        server.resume()  # a test that paused it
-    server.stop()
