@@ -280,7 +280,8 @@ def test_a_redis_wait_does_not_stall_other_greenlets(redis_server: RedisServer) 
     assert int(out.stdout) > 10  # the other greenlet kept running while redis-py waited for its answer
 
 
-def test_quota_learned_by_one_node_is_seen_by_the_others(fake: FakeUpstream, cluster: Callable[..., list[Proxy]]) -> None:
+def test_quota_learned_by_one_node_is_seen_by_the_others(fake: FakeUpstream,
+                                                         cluster: Callable[..., list[Proxy]]) -> None:
     first, second = cluster(2)
     fake.set_state(ACCESS, five_hour_utilization=0.63)
     ask(first, ALICE)  # only this node sees the new utilisation, in the response's headers
