@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import os
 import time
 from typing import Any
 
-from . import config
+from . import config, files
 from .accounting.pricing import Pricing
 from .accounting.store import SAVE_INTERVAL, UsageStore, apply
 from .credentials.oauth import OAuthCredential
@@ -111,12 +112,13 @@ class Service:
                        external=True, poll_interval=c.poll_interval)
 
     def _usage(self, path: str) -> UsageStore | None:
-        if not path:
-            return None
-        shared = None
-        if self.state is not None:
-            shared = SharedUsage(self.state, stream_name(self.cfg, path),
-                                 lambda ledger, rec, t_ns: apply(ledger, self.pricing, rec, t_ns))
+        if self.state is None:
+            return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval) if path else None
+        name = stream_name(self.cfg, path)
+        shared = SharedUsage(self.state, name, lambda ledger, rec, t_ns: apply(ledger, self.pricing, rec, t_ns))
+        if not path:  # budgets and shares still need the records: journaled in this host's private runtime dir
+            digest = hashlib.sha256(f"{self.state.url}\0{self.state.prefix}\0{name}".encode()).hexdigest()[:16]
+            path = os.path.join(files.runtime_dir(), f"usage-{digest}.json")
         return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval, shared)
 
     def provider_for(self, user: config.User | None) -> SingleProvider | PoolProvider:

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Write a ccm-wsgi config for the benchmark: every feature on, pointed at the harness's fake upstream.
 
-    genconfig.py --dir DIR --name NAME --port PORT --upstream URL [--no-usage]
+    genconfig.py --dir DIR --name NAME --port PORT --upstream URL [--no-usage] [--redis URL]
 
 Writes DIR/NAME.json (the config) and DIR/NAME.credentials.json (a Claude Code OAuth file whose
 access token is already expired, so the first request refreshes it at `$UPSTREAM_URL/v1/oauth/token`
 — the fake upstream started with `--strict-tokens` only accepts the tokens it issued). The service has
 two users (their tokens are USER_TOKENS below), an access log (level info, one line per request, to
-DIR/NAME.access.log) and, unless --no-usage, usage tracking (DIR/NAME.usages.json + its journal).
+DIR/NAME.access.log) and, unless --no-usage, usage tracking (DIR/NAME.usages.json + its journal); with
+--redis, shared state on that Redis (credentials, usage stream, limits, quota).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True, help="the fake upstream's base URL, e.g. http://127.0.0.1:18080")
     p.add_argument("--no-usage", action="store_true", help="leave usages_path out (usage tracking off)")
+    p.add_argument("--redis", default="", help="shared state on this Redis URL (the several-nodes mode)")
     a = p.parse_args()
     base = os.path.join(os.path.abspath(a.dir), a.name)
     credentials = base + ".credentials.json"
@@ -53,6 +55,8 @@ def main() -> None:
     }
     if not a.no_usage:
         service["usages_path"] = base + ".usages.json"
+    if a.redis:
+        service["state"] = {"type": "redis", "url": a.redis, "key_prefix": a.name + ":"}
     config = {"log": {"level": "info", "output": base + ".access.log"}, "services": [service]}
     write(base + ".json", config)
     print(base + ".json")

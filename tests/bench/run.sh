@@ -19,6 +19,9 @@
 #   ccm-nousage   the same ccm-wsgi config without usages_path (usage tracking on/off ratio)
 #   gunicorn-w1   gunicorn -c conf/gunicorn.conf.py ccm_wsgi.wsgi:app, 1 gevent worker, usage on
 #   gunicorn-w2   the same with 2 workers (non-streaming scaling)
+#   ccm-redis     the ccm-wsgi config with shared state on a redis-server started here (when installed;
+#                 not in the default EXTRA: `EXTRA=ccm-redis` or `EXTRA=...,ccm-redis`), to compare its CPU
+#                 per request with the ccm-wsgi column of the same run
 #
 # The clients authenticate with `x-api-key: <user token>`: ccm-wsgi takes it as the user token and
 # sends its own refreshed OAuth token upstream, while direct, nginx and the bare proxy pass it through
@@ -79,6 +82,8 @@ NOUSAGE_PORT="${NOUSAGE_PORT:-18084}"
 GUNI1_PORT="${GUNI1_PORT:-18085}"
 GUNI2_PORT="${GUNI2_PORT:-18086}"
 BASE_PORT="${BASE_PORT:-18087}"
+REDIS_TARGET_PORT="${REDIS_TARGET_PORT:-18088}"
+REDIS_PORT="${REDIS_PORT:-18089}"
 UPSTREAM_URL="http://127.0.0.1:$UPSTREAM_PORT"
 export UPSTREAM_PORT NGINX_PORT TARGET_PORT
 
@@ -113,6 +118,7 @@ gen ccm-nousage "$NOUSAGE_PORT" --no-usage
 gen gunicorn-w1 "$GUNI1_PORT"
 gen gunicorn-w2 "$GUNI2_PORT"
 [ -n "${CCM_BASE:-}" ] && gen ccm-base "$BASE_PORT"
+gen ccm-redis "$REDIS_TARGET_PORT" --redis "redis://127.0.0.1:$REDIS_PORT/0"
 
 pids=()
 cleanup() {
@@ -156,6 +162,17 @@ if [ -n "${CCM_BASE:-}" ]; then
     EXTRA="$EXTRA,ccm-base" START_CWD="$(cd "$CCM_BASE" && pwd)" PYTHONPATH="$(cd "$CCM_BASE" && pwd)" \
         start ccm-base "$BASE_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-base.json"
 fi
+case ",${EXTRA:-}," in *",ccm-redis,"*)
+    if have redis-server; then
+        mkdir -p "$OUT_DIR/redis"
+        redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$OUT_DIR/redis" --save "" --appendonly yes \
+            --appendfsync everysec --logfile "$OUT_DIR/redis/redis.log" &
+        pids+=("$!")
+        start ccm-redis "$REDIS_TARGET_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-redis.json"
+    else
+        echo "redis-server not installed: skipping the ccm-redis column" >&2
+    fi ;;
+esac
 if [ -x "${gunicorn_cmd[0]}" ]; then
     CCM_CONFIG="$OUT_DIR/gunicorn-w1.json" CCM_WORKERS=1 start gunicorn-w1 "$GUNI1_PORT" "${gunicorn_cmd[@]}"
     CCM_CONFIG="$OUT_DIR/gunicorn-w2.json" CCM_WORKERS=2 start gunicorn-w2 "$GUNI2_PORT" "${gunicorn_cmd[@]}"
