@@ -116,26 +116,40 @@ def unfolded(path: str, marker: Marker | None, log: logging.Logger) -> list[tupl
     return entries
 
 
-def load_totals(path: str, log: logging.Logger, extra: Iterable[tuple[Record, int]] = ()) -> Totals:
-    """Read-only view of file + journals (+ `extra`), for reports and snapshots.
+def _load(path: str, log: logging.Logger) -> tuple[Totals, Ledger, list[tuple[Record, int]]]:
+    """The file's totals and ledger, and the journal records it does not hold yet (read-only, shared lock).
 
     Raises FileNotFoundError when neither the file nor a journal exists, UsageFileError when the file is
     corrupt. Never writes anything (the lock file is not even created)."""
     with files.locked(path + ".fold.lock", fcntl.LOCK_SH, FOLD_LOCK_TIMEOUT, create=False):
         raw = _read(path)
         now = time.time_ns()
-        totals, marker = Totals(now), None
+        totals, marker, ledger = Totals(now), None, Ledger()
         if raw is not None:
             try:
-                totals, marker, _ = _parse(raw, now)
+                totals, marker, ledger = _parse(raw, now)
             except Shape as exc:
                 raise UsageFileError(f"usage file {path} is corrupt: {exc}") from None
         entries = unfolded(path, marker, log)
         if raw is None and not entries and not os.path.exists(path + ".journal"):
             raise FileNotFoundError(errno.ENOENT, "no usage file", path)
+    return totals, ledger, entries
+
+
+def load_totals(path: str, log: logging.Logger, extra: Iterable[tuple[Record, int]] = ()) -> Totals:
+    """Read-only view of file + journals (+ `extra`), for reports and snapshots (see `_load`)."""
+    totals, _, entries = _load(path, log)
     totals.add_all(entries)
     totals.add_all(extra)
     return totals
+
+
+def load_ledger(path: str, log: logging.Logger, pricing: Pricing) -> Ledger:
+    """Read-only: the ledger of file + journals, as a running store would hold it (see `_load`)."""
+    _, ledger, entries = _load(path, log)
+    for rec, t_ns in entries:
+        apply(ledger, pricing, rec, t_ns)
+    return ledger
 
 
 class UsageStore:
