@@ -21,7 +21,13 @@ shutdown: streams are cut, usage is still saved.
 
 Each worker builds its own service after the fork (`preload_app = False`): its own pools, its own
 usage saver greenlet, its own certificate watcher. They share the credential file (one refresh for
-all, under a file lock) and the usage file (journal + locked fold: totals stay exact).
+all, under a file lock), the usage file (journal + locked fold: totals stay exact) and the limits'
+counts, in a private directory of the master (so "2 at a time" means 2 on the host).
+
+Reload: `kill -HUP <master>` runs this file again. A config that passes `ccm-wsgi check` is copied for
+the new workers, which gunicorn starts at once; the old ones finish their requests (as on SIGTERM:
+up to `shutdown_grace`) and exit. Everything in the config applies, listener and credentials included.
+A config that fails is refused (the problems on standard error) and the new workers run the old one.
 """
 
 import contextlib
@@ -32,7 +38,7 @@ import sys
 from ccm_wsgi import wsgi as _ccm  # reads the config only; nothing is patched or built in the master
 
 try:
-    _config, _service = _ccm.load_config()
+    _config, _service = _ccm.master_config()  # on HUP: a bad config is refused and the running one stays
 except _ccm.ConfigProblem as _problem:
     sys.stderr.write("ccm-wsgi: invalid config:\n" + "\n".join(_problem.lines) + "\n")
     raise SystemExit(1) from None
@@ -88,6 +94,15 @@ def post_worker_init(worker):
     import gevent
 
     gevent.spawn(sys.modules["ccm_wsgi.wsgi"].drain_when_stopping, lambda: worker.alive)
+
+
+def child_exit(server, worker):
+    """In the master, when a worker ended (even killed): the requests it held in flight no longer count."""
+    _ccm.worker_gone(worker.pid)
+
+
+def on_exit(server):
+    _ccm.master_exit()
 
 
 def worker_exit(server, worker):

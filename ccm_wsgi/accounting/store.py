@@ -150,19 +150,20 @@ def stream_cursor(path: str) -> Cursor | None:
         return None
 
 
-def load_totals(path: str, log: logging.Logger, extra: Iterable[Located] = ()) -> Totals:
-    """Read-only view of file + journals (+ `extra`, records the stream holds beyond the file; a journal
-    record with the same identity is counted once), for reports and snapshots.
+def _load(path: str, log: logging.Logger, extra: Iterable[Located]) -> tuple[Totals, Ledger, list[Located]]:
+    """The file's totals and ledger, and the records it does not hold yet: the journals' and `extra` (records
+    the stream holds beyond the file; a journal record with the same identity is counted once). Read-only,
+    under the shared fold lock.
 
     Raises FileNotFoundError when neither the file nor a journal exists, UsageFileError when the file is
     corrupt. Never writes anything (the lock file is not even created)."""
     with files.locked(path + ".fold.lock", fcntl.LOCK_SH, FOLD_LOCK_TIMEOUT, create=False):
         raw = _read(path)
         now = time.time_ns()
-        totals, marker, cursor = Totals(now), None, None
+        totals, marker, ledger, cursor = Totals(now), None, Ledger(), None
         if raw is not None:
             try:
-                totals, marker, _, cursor = _parse(raw, now)
+                totals, marker, ledger, cursor = _parse(raw, now)
             except Shape as exc:
                 raise UsageFileError(f"usage file {path} is corrupt: {exc}") from None
         entries = unfolded(path, marker, log, cursor)
@@ -170,9 +171,22 @@ def load_totals(path: str, log: logging.Logger, extra: Iterable[Located] = ()) -
             raise FileNotFoundError(errno.ENOENT, "no usage file", path)
     extra = list(extra)
     known = {identity for _, _, identity in extra}
-    totals.add_all((rec, t_ns) for rec, t_ns, identity in entries if identity not in known)
-    totals.add_all((rec, t_ns) for rec, t_ns, _ in extra)
+    return totals, ledger, [entry for entry in entries if entry[2] not in known] + extra
+
+
+def load_totals(path: str, log: logging.Logger, extra: Iterable[Located] = ()) -> Totals:
+    """Read-only view of file + journals (+ `extra`), for reports and snapshots (see `_load`)."""
+    totals, _, entries = _load(path, log, extra)
+    totals.add_all((rec, t_ns) for rec, t_ns, _ in entries)
     return totals
+
+
+def load_ledger(path: str, log: logging.Logger, pricing: Pricing, extra: Iterable[Located] = ()) -> Ledger:
+    """Read-only: the ledger of file + journals (+ `extra`), as a running store would hold it (see `_load`)."""
+    _, ledger, entries = _load(path, log, extra)
+    for rec, t_ns, _ in entries:
+        apply(ledger, pricing, rec, t_ns)
+    return ledger
 
 
 class UsageStore:

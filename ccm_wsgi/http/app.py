@@ -73,7 +73,10 @@ def create_app(service: Service) -> Flask:
             user = auth.authenticate(request.environ)
         except ProxyError as err:
             return json_response(err.body(), err.status)
-        return json_response(json.dumps(service.status(user), sort_keys=True).encode())
+        view: dict[str, Any] = {**service.status(user)}
+        if user is not None and (user.disabled or user.expires or service.cfg.limits_for(user) is not None):
+            view["limits"] = service.limits.view(user)  # beside the pool's view, which stays as sing-box's
+        return json_response(json.dumps(view, sort_keys=True).encode())
 
     @app.route("/", defaults={"path": ""}, methods=METHODS)
     @app.route("/<path:path>", methods=METHODS)
@@ -87,11 +90,11 @@ def create_app(service: Service) -> Flask:
 
     flask_wsgi = app.wsgi_app
     proxy = service.proxy
-    guard = OpenGuard([service.cfg.tls.server_name if service.cfg.tls else ""]) if service.auth.open else None
+    guard = OpenGuard([service.cfg.tls.server_name if service.cfg.tls else ""])
 
     def dispatch(environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
-        if guard is not None and path != "/healthz":
+        if service.auth.open and path != "/healthz":  # users may come and go with a reload
             try:
                 guard.check(environ)
             except ProxyError as err:

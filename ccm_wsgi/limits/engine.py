@@ -17,6 +17,7 @@ pool moves on to another credential, a single credential refuses. Open services 
 from __future__ import annotations
 
 import fnmatch
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from ..pool.providers import Account
 
 QUEUE_WAIT = 10.0  # seconds a request over max_concurrent waits for a slot before it is refused
+QUEUE_WAIT_ENV = "CCM_QUEUE_WAIT"  # the same in seconds, from the environment (tests, unusual clients)
 BUSY_RETRY = 2.0  # the retry-after then
 WINDOWS = ("five_hour", "weekly")
 
@@ -65,6 +67,7 @@ class Limits:
         self.counters = counters
         self.accounts = accounts
         self.clock = clock
+        self.queue_wait = float(os.environ.get(QUEUE_WAIT_ENV) or QUEUE_WAIT)
 
     def reload(self, cfg: ServiceConfig) -> None:
         """New limits for new requests; requests already admitted keep what they hold."""
@@ -95,7 +98,7 @@ class Limits:
         admission = Admission(user.name, limits, self.counters)
         if limits.max_concurrent is not None or limits.requests_per_minute is not None:
             admission.lease, wait = self.counters.admit(user.name, limits.max_concurrent,
-                                                        limits.requests_per_minute, QUEUE_WAIT, self.clock())
+                                                        limits.requests_per_minute, self.queue_wait, self.clock())
             if wait > 0:
                 assert limits.requests_per_minute is not None
                 raise refusals.rate(limits.requests_per_minute, wait)

@@ -5,7 +5,7 @@
 
 Prints Markdown: the run's metadata, then one row per target with the measured values, the ratio
 and whether it is met. Target names are the ones tests/bench/run.sh gives: ccm-wsgi, gevent (the bare
-gevent + Flask + urllib3 proxy), ccm-nousage, gunicorn-w1, gunicorn-w2.
+gevent + Flask + urllib3 proxy), ccm-nousage, ccm-limits, gunicorn-w1, gunicorn-w2.
 """
 
 from __future__ import annotations
@@ -104,6 +104,20 @@ def main() -> None:
             row(f"usage tracking on/off, CPU µs/event n={n}",
                 f"{fmt(x, 1)} vs {fmt(y, 1)}" + paired("stream", n, m, "ccm-nousage", "proxy_cpu_us_per_event"), q,
                 "≤ 1.10", None if q is None else q <= 1.10)
+    if c is not None and ("nonstream", c, "ccm-limits") in summary:
+        x = get("nonstream", c, "ccm-limits", "proxy_cpu_ms_per_req")
+        y = get("nonstream", c, m, "proxy_cpu_ms_per_req")
+        q = div(x, y)
+        row(f"limits on every user / none, CPU ms/request c={c}",
+            f"{fmt(x, 3)} vs {fmt(y, 3)}" + paired("nonstream", c, "ccm-limits", m, "proxy_cpu_ms_per_req"), q,
+            "≤ 1.05", None if q is None else q <= 1.05)
+        if n is not None:
+            x = get("stream", n, "ccm-limits", "proxy_cpu_us_per_event")
+            y = get("stream", n, m, "proxy_cpu_us_per_event")
+            q = div(x, y)
+            row(f"limits on every user / none, CPU µs/event n={n}",
+                f"{fmt(x, 1)} vs {fmt(y, 1)}" + paired("stream", n, "ccm-limits", m, "proxy_cpu_us_per_event"), q,
+                "≤ 1.05", None if q is None else q <= 1.05)
     for lv in sorted(levels_ns):
         x, y = get("nonstream", lv, "gunicorn-w2", "rps"), get("nonstream", lv, "gunicorn-w1", "rps")
         if x is None or y is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +230,19 @@ class Gunicorn(Proxy):
         except FileNotFoundError:
             return []
         return [int(m.group(1)) for m in re.finditer(r"^<(\d+)> ", text, re.M)]
+
+
+@contextlib.contextmanager
+def only(server: Gunicorn, pid: int) -> Iterator[None]:
+    """Every other worker is paused (SIGSTOP), so new connections go to worker `pid` (workers that ended
+    are passed over)."""
+    others = [p for p in server.worker_pids() if p != pid]
+    for other in others:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(other, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for other in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(other, signal.SIGCONT)
