@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import config, files
@@ -26,10 +25,12 @@ from .pool import poller
 from .pool.balancer import Balancer, aggregate_status
 from .pool.providers import Account, PoolProvider, SingleProvider
 from .pool.quota import caps
+from .pool.sessions import Pins, SessionPins
 from .state.connection import SharedState
 from .state.counters import RedisCounters
 from .state.credentials import SharedCredential
 from .state.pool import SharedQuota
+from .state.sessions import SharedPins
 from .state.usage import SharedUsage, stream_name
 from .upstream.outbounds import Outbounds
 
@@ -81,7 +82,7 @@ class Service:
             self.own.setdefault(account.tag, Balancer(account.tag, [account], "fallback"))
         self.limits = Limits(cfg, counters or MemoryCounters(), lambda: self.accounts)
         self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain, self.limits,
-                           self.state.batch if self.state is not None else contextlib.nullcontext)
+                           *((self.state.batch, self.state.finishing) if self.state is not None else ()))
         self._greenlets: list[Any] = []
         self.quota = SharedQuota(self.state, self.accounts) if self.state is not None else None
 
@@ -108,11 +109,16 @@ class Service:
                     members = [accounts[t] for t in c.credentials]
                     for member in members:
                         member.poll_interval = min(member.poll_interval, c.poll_interval)
-                    balancer = Balancer(c.tag, members, c.strategy, c.rebalance_threshold)
+                    balancer = Balancer(c.tag, members, c.strategy, c.rebalance_threshold, pins=self._pins(c.tag))
                 case config.DefaultCredential() | config.ExternalCredential():
                     balancer = Balancer(c.tag, [accounts[c.tag]], "fallback")
             providers[c.tag] = PoolProvider(balancer)
         return providers
+
+    def _pins(self, pool: str) -> Callable[[SessionPins], Pins] | None:
+        """With shared state, a pool's session pins are the cluster's."""
+        state = self.state
+        return None if state is None else lambda own: SharedPins(state, pool, own)
 
     def _default_account(self, c: config.DefaultCredential) -> Account:
         route = self.outbounds.route(c.detour, self.cfg.connect_timeout)

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,14 +87,16 @@ class Journal:
         """The records a file with `marker` has not absorbed yet."""
         return [(rec, t_ns) for rec, t_ns, _ in self.located(marker, log, path)]
 
-    def located(self, marker: Marker | None, log: logging.Logger, path: str) -> list[tuple[Record, int, int]]:
-        """The same records, each with the offset where its line starts (its identity within the journal)."""
+    def located(self, marker: Marker | None, log: logging.Logger, path: str,
+                keep: Callable[[int], bool] | None = None) -> list[tuple[Record, int, int]]:
+        """The same records, each with the offset where its line starts (its identity within the journal);
+        with `keep`, only those at the offsets it accepts."""
         start = self.body
         if marker is not None and marker.generation == self.generation:
             if marker.offset > len(self.data):
                 log.warning("usage journal %s is shorter than the usage file says; nothing new in it", path)
             start = max(start, min(marker.offset, len(self.data)))
-        return parse_lines(self.data, start, log, path)
+        return parse_lines(self.data, start, log, path, keep)
 
 
 def ident(generation: str, offset: int) -> str:
@@ -101,12 +104,14 @@ def ident(generation: str, offset: int) -> str:
     return f"{generation}:{offset}"
 
 
-def parse_lines(data: bytes, start: int, log: logging.Logger, path: str) -> list[tuple[Record, int, int]]:
-    """The records of `data` from `start` (a line boundary), with their offsets."""
+def parse_lines(data: bytes, start: int, log: logging.Logger, path: str,
+                keep: Callable[[int], bool] | None = None) -> list[tuple[Record, int, int]]:
+    """The records of `data` from `start` (a line boundary), with their offsets (with `keep`, only those at
+    the offsets it accepts; the others are not decoded)."""
     entries, damaged = [], 0
     offset = start
     for raw in data[start:].split(b"\n"):
-        if raw.strip():
+        if raw.strip() and (keep is None or keep(offset - 1)):
             entry = decode(raw)
             if entry is None:
                 damaged += 1

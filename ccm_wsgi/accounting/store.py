@@ -42,7 +42,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -50,6 +50,7 @@ from gevent.event import Event
 
 from .. import files
 from ..state.connection import Unavailable
+from ..state.usage import decoded
 from . import journal
 from .follow import Follower
 from .ledger import Ledger, Reading
@@ -127,17 +128,21 @@ Located = tuple[Record, int, str]  # a record, its time (ns) and its identity (`
 
 
 def unfolded(path: str, marker: Marker | None, log: logging.Logger, cursor: Cursor | None = None,
-             sealed_only: bool = False) -> list[Located]:
+             sealed_only: bool = False, wanted: Callable[[str], bool] | None = None) -> list[Located]:
     """The records of the sealed journals and the live one that a file with `marker` (and `cursor`) does not
-    hold, in order."""
+    hold, in order; with `wanted`, only those whose identity it accepts (the others are not even decoded)."""
     entries: list[Located] = []
     names = journal.sealed(path + ".journal")
     for name in names if sealed_only else [*names, path + ".journal"]:
         found = journal.read(name)
-        if found is not None:
-            entries += [(rec, t_ns, journal.ident(found.generation, offset))
-                        for rec, t_ns, offset in found.located(marker, log, name)
-                        if cursor is None or not cursor.holds(found.generation, offset)]
+        if found is None:
+            continue
+
+        def keep(offset: int, generation: str = found.generation) -> bool:
+            return (cursor is None or not cursor.holds(generation, offset)) and \
+                (wanted is None or wanted(journal.ident(generation, offset)))
+        entries += [(rec, t_ns, journal.ident(found.generation, offset))
+                    for rec, t_ns, offset in found.located(marker, log, name, keep)]
     return entries
 
 
@@ -485,16 +490,18 @@ class UsageStore:
         totals, marker, ledger, mode, _, cursor = self._load_for_fold()
         cursor = cursor or Cursor()
         sealed = journal.sealed(self.journal_path)
-        waiting = unfolded(self.path, marker, self.log, cursor, sealed_only=sealed_all)
+        waiting = unfolded(self.path, marker, self.log, cursor, sealed_only=sealed_all, wanted=self.shared.unconfirmed)
         pending = list(self._pending)
         try:
-            self.shared.push([(identity, journal.line(rec, t_ns)[1:]) for rec, t_ns, identity in waiting + pending])
+            self.shared.push([(identity, journal.line(rec, t_ns)[1:]) for rec, t_ns, identity in waiting + pending
+                              if self.shared.unconfirmed(identity)])
             pulled = self.shared.pull(cursor.stream)
         except Unavailable:
             return ledger
+        self.shared.absorb(pulled)  # the live ledger moves on with what the fold read anyway
         live = journal.generation_of(_head(self.journal_path))
         on_disk = {live} if sealed_all else {live, *(journal.generation_of(_head(name)) for name in sealed)}
-        for stream_id, identity, rec, t_ns in pulled:
+        for stream_id, identity, rec, t_ns in decoded(pulled):
             totals.add(rec, t_ns)
             apply(ledger, self.pricing, rec, t_ns)
             generation, _, offset = identity.rpartition(":")

@@ -140,6 +140,7 @@ class Proxy:
         settings: ProxySettings,
         drain: Drain,
         limits: Limits,
+        starting: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
         finishing: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ):
         self.auth = auth
@@ -148,7 +149,8 @@ class Proxy:
         self.settings = settings
         self.drain = drain
         self.limits = limits
-        self.finishing = finishing  # what the end of a request does for shared state, in one round trip
+        self.starting = starting  # shared state: what a request reads before it is forwarded, in one round trip
+        self.finishing = finishing  # and what its end writes, in one round trip
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         ex = Exchange(time.monotonic(), environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
@@ -180,13 +182,15 @@ class Proxy:
         body = self._read_body(environ)
         ex.body_read = True
         ex.facts = facts(body, session_header(environ))
-        ex.admission = self.limits.admit(user, ex.facts.model)
         provider = self.provider_for(user)
-        excluded, refusal = self.limits.screen(user, provider.accounts)
-        if refusal is not None and len(excluded) >= len(provider.accounts):
-            raise refusal
         allow_external = user.allow_external_usage if user is not None else True
-        account = provider.select(ex.facts.session, excluded, allow_external, ex.user)
+        with self.starting():
+            provider.recall(ex.facts.session, ex.user)
+            ex.admission = self.limits.admit(user, ex.facts.model)
+            excluded, refusal = self.limits.screen(user, provider.accounts)
+            if refusal is not None and len(excluded) >= len(provider.accounts):
+                raise refusal
+            account = provider.select(ex.facts.session, excluded, allow_external, ex.user)
         upstream, account = self._send(provider, account, ex, excluded, allow_external, environ, body)
         del body  # not held while the response is relayed
         ex.account, ex.status = account, upstream.status

@@ -19,7 +19,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,11 +38,15 @@ class Lease:
 
 
 class Counters(Protocol):
-    def admit(self, user: str, most: int | None, per_minute: int | None, wait: float,
-              now: float) -> tuple[Lease | None, float]:
+    def admit(self, user: str, most: int | None, per_minute: int | None, wait: float, now: float,
+              check: Callable[[], None]) -> tuple[Lease | None, float]:
         """A lease among `most` (when given), then one request counted in the sliding minute (when
         `per_minute` is given): (the lease, 0) when admitted; (None, 0) when no lease freed within `wait`;
-        (None, seconds until the rate allows one) when the rate refuses (no lease is then kept)."""
+        (None, seconds until the rate allows one) when the rate refuses (no lease is then kept).
+
+        `check` (the limits that need no count: budgets) runs before anything is waited for; when it raises,
+        nothing stays taken or counted. (A store that counts elsewhere may already have asked for the lease
+        in the same round trip that brought what `check` reads.)"""
         ...
 
     def release(self, lease: Lease) -> None: ...
@@ -65,8 +69,9 @@ class Steps(Protocol):
 class OneAtATime:
     """`admit` as a lease then a hit, for stores where each is its own short step."""
 
-    def admit(self: Steps, user: str, most: int | None, per_minute: int | None, wait: float,
-              now: float) -> tuple[Lease | None, float]:
+    def admit(self: Steps, user: str, most: int | None, per_minute: int | None, wait: float, now: float,
+              check: Callable[[], None]) -> tuple[Lease | None, float]:
+        check()
         lease, started = None, time.monotonic()
         if most is not None:
             lease = self.acquire(user, most, wait)

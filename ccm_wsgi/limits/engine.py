@@ -89,16 +89,20 @@ class Limits:
             return None
         if limits.models and not any(fnmatch.fnmatchcase(model, pattern) for pattern in limits.models):
             raise refusals.model(model, limits.models)
-        if limits.needs_ledger:  # with shared state: what other nodes recorded up to now counts too
-            for _, store in self._ledgered():
-                store.sync()
-        for budget in limits.budget:
-            if self.spent(user.name, budget.per, now) >= budget.usd:
-                raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
+        if limits.needs_ledger:  # with shared state: what other nodes recorded up to now, in the one trip
+            self.sync()
+
+        def check_budgets() -> None:
+            for budget in limits.budget:
+                if self.spent(user.name, budget.per, now) >= budget.usd:
+                    raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
+
         admission = Admission(user.name, limits, self.counters)
-        if limits.max_concurrent is not None or limits.requests_per_minute is not None:
-            admission.lease, wait = self.counters.admit(user.name, limits.max_concurrent,
-                                                        limits.requests_per_minute, self.queue_wait, self.clock())
+        if limits.max_concurrent is None and limits.requests_per_minute is None:
+            check_budgets()
+        else:
+            admission.lease, wait = self.counters.admit(user.name, limits.max_concurrent, limits.requests_per_minute,
+                                                        self.queue_wait, self.clock(), check_budgets)
             if wait > 0:
                 assert limits.requests_per_minute is not None
                 raise refusals.rate(limits.requests_per_minute, wait)
@@ -170,6 +174,12 @@ class Limits:
 
     # -- what users and admins see --------------------------------------------------------------
 
+    def sync(self) -> None:
+        """With shared state, let every usage ledger read what other nodes recorded: inside a request's batch,
+        with its one round trip before forwarding; else at once (status views)."""
+        for _, store in self._ledgered():
+            store.sync()
+
     def spent(self, user: str, per: str, now: float) -> float:
         """USD `user` spent in the current UTC `per` (day, week or month), over every usage ledger."""
         first, _ = bounds(per, now)
@@ -185,6 +195,7 @@ class Limits:
 
     def view(self, user: User) -> dict[str, Any]:
         """A user's limits and what is left of each, for the status endpoint and page."""
+        self.sync()  # with shared state every node shows the same figures
         now = self.clock()
         limits = self.cfg.limits_for(user)
         view: dict[str, Any] = {"disabled": user.disabled,

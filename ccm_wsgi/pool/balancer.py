@@ -20,7 +20,7 @@ from typing import Protocol
 from ..errors import ProxyError
 from ..names import STRATEGIES
 from .quota import Quota, format_duration
-from .sessions import MAX_PER_USER, MAX_SESSIONS, SESSION_TTL, Key, SessionPins
+from .sessions import MAX_PER_USER, MAX_SESSIONS, SESSION_TTL, Key, Pins, SessionPins
 
 WEEK_HOURS = 168.0
 
@@ -75,6 +75,7 @@ class Balancer:
         clock: Callable[[], float] = time.time,
         max_sessions: int = MAX_SESSIONS,
         max_per_user: int = MAX_PER_USER,
+        pins: Callable[[SessionPins], Pins] | None = None,
     ):
         if strategy not in STRATEGIES:  # the config spells them out (least-used -> least_used)
             raise ValueError(f"unknown balancer strategy: {strategy}")
@@ -87,7 +88,8 @@ class Balancer:
         self._rng = rng or random.Random()
         self._clock = clock
         self._counter = 0
-        self._pins = SessionPins(session_ttl, max_sessions, max_per_user)
+        own = SessionPins(session_ttl, max_sessions, max_per_user)
+        self._pins: Pins = pins(own) if pins is not None else own  # shared by several nodes, or this one's
 
     # --- selection ----------------------------------------------------------------------------
 
@@ -118,6 +120,11 @@ class Balancer:
         if session:
             self._pins.pin(key, choice.tag, now)
         return choice
+
+    def recall(self, session: str, user: str = "") -> None:
+        """A request of `session` is about to `select`: the pin table may fetch its pin meanwhile."""
+        if session and self.strategy != "fallback":
+            self._pins.recall((user, session))
 
     def _keep_pin(self, key: Key, usable: list[Member], now: float) -> Member | None:
         """The session's pinned member if it may stay there; otherwise drop the pin."""

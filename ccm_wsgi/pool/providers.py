@@ -56,6 +56,9 @@ class SingleProvider:
         self.account = account
         self.accounts = [account]
 
+    def recall(self, session: str, user: str = "") -> None:
+        """No session pins: one credential."""
+
     def select(self, session: str, exclude: frozenset[str] = frozenset(), allow_external: bool = True,
                user: str = "") -> Account:
         return self.account
@@ -72,6 +75,9 @@ class PoolProvider:
     def __init__(self, balancer: Balancer):
         self.balancer = balancer
         self.accounts: list[Account] = balancer.members  # type: ignore[assignment]
+
+    def recall(self, session: str, user: str = "") -> None:
+        self.balancer.recall(session, user)
 
     def select(self, session: str, exclude: frozenset[str] = frozenset(), allow_external: bool = True,
                user: str = "") -> Account:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 MAX_SESSIONS = 10_000
 MAX_PER_USER = 1_000
@@ -24,6 +25,22 @@ class Pin:
     last_used: float
 
 
+class Pins(Protocol):
+    """The pin table a balancer keeps (this process's own, or one shared by several nodes)."""
+
+    def __len__(self) -> int: ...
+    def recall(self, key: Key) -> None:
+        """`key`'s request is about to choose a credential: a shared table fetches the pin (in the request's
+        one round trip before forwarding); `get` then sees it."""
+        ...
+    def get(self, key: Key, now: float) -> Pin | None: ...
+    def touch(self, key: Key, now: float) -> None: ...
+    def pin(self, key: Key, tag: str, now: float) -> None: ...
+    def drop(self, key: Key) -> None: ...
+    def purge(self, now: float) -> None: ...
+    def items(self) -> list[tuple[Key, Pin]]: ...
+
+
 class SessionPins:
     def __init__(self, ttl: float = SESSION_TTL, max_total: int = MAX_SESSIONS, max_per_user: int = MAX_PER_USER):
         self.ttl = ttl
@@ -34,6 +51,9 @@ class SessionPins:
 
     def __len__(self) -> int:
         return len(self._pins)
+
+    def recall(self, key: Key) -> None:
+        """Every pin is here already."""
 
     def get(self, key: Key, now: float) -> Pin | None:
         pin = self._pins.get(key)

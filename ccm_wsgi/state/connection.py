@@ -1,4 +1,5 @@
-"""The connection to Redis: short timeouts, one health flag, and one round trip per request end.
+"""The connection to Redis: short timeouts, one health flag, one round trip before a request is forwarded and
+one after it ends.
 
 Every call goes through `SharedState.run()`. A connection error or timeout marks the state unhealthy and
 raises `Unavailable`, which each caller answers with its local fallback; while unhealthy, calls fail at
@@ -9,28 +10,43 @@ refreshed meanwhile is published). The transitions are logged as errors and coun
 
 redis-py is pure Python over the standard `socket`, `ssl`, `threading` and `time` modules, which gevent's
 monkey-patching makes cooperative: a command waiting for Redis yields to the other greenlets (checked by
-tests/test_state_redis.py, which keeps Redis paused in one greenlet while another one runs).
+tests/test_state.py, which keeps an answer back for a second in one greenlet while another one runs).
 
-`batch()` lets the end of a request send everything it has for Redis (a lease given back, a usage record)
-in one pipeline: inside it, `defer()` queues commands instead of sending each at once.
+A request talks to Redis at most twice, and never waits for Redis in between:
+
+* before it is forwarded, inside `batch()`: reads whose answers can wait (`defer`: the usage stream's tail
+  for a budget, a session's pin) are queued, and go out in one pipeline with the first command whose answer
+  is needed at once (`now`: the admission script), or when one of their answers is needed (`flush`), or
+  when the block ends;
+* after it ends, `later()` hands its commands (a lease given back, its usage record) to this process's one
+  sender greenlet, which puts everything handed to it since its last pipeline into the next one: under load,
+  many requests share one round trip (group commit). Inside `finishing()` the request waits, at the end of
+  the block, for the pipeline that carried its commands: a response ends once its usage record is in Redis.
+
+Scripts are sent by their SHA-1 alone (EVALSHA); a Redis that does not know them (it restarted) answers
+NOSCRIPT, and they are loaded and those commands sent again. (redis-py's own pipelined scripts ask Redis
+with SCRIPT EXISTS before every pipeline: one more round trip each time.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import gevent
+import gevent.event
 import gevent.local
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from ..config import RedisState
@@ -39,9 +55,11 @@ log = logging.getLogger("ccm_wsgi.state")
 
 TIMEOUT = 1.0  # seconds for a connection or an answer: a slow Redis must not hold requests
 PROBE_INTERVAL = 1.0  # seconds between pings while Redis is unreachable
+SETTLE_TIMEOUT = 2 * TIMEOUT + 1  # the longest a request waits for its commands to be answered
 FAILURES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 T = TypeVar("T")
+Pipeline = Any  # redis-py's pipeline (its type is generic over a response type it does not export)
 
 
 class Unavailable(Exception):
@@ -50,10 +68,21 @@ class Unavailable(Exception):
 
 @dataclass(slots=True)
 class Deferred:
-    """A command queued in a batch: `add` puts it on the pipeline, `done` gets its answer (or the exception)."""
+    """A command queued for a pipeline: `add` puts it on the pipeline, `done` gets its answer (or the exception)."""
 
-    add: Callable[[Any], Any]
+    add: Callable[[Pipeline], Any]
     done: Callable[[Any], None]
+
+
+class Script:
+    """A Lua script, run by its SHA-1 (see the module's docstring)."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def add(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
+        return pipe.evalsha(self.sha, len(keys), *keys, *args)
 
 
 def node_id() -> str:
@@ -66,6 +95,10 @@ def client(url: str, timeout: float | None = TIMEOUT) -> redis.Redis:
     restarted Redis costs a request nothing."""
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=TIMEOUT,
                                 retry=Retry(NoBackoff(), 1), health_check_interval=30)
+
+
+def ignore(_: Any) -> None:
+    """For commands whose answer changes nothing (what they do expires by itself when they fail)."""
 
 
 class SharedState:
@@ -81,12 +114,22 @@ class SharedState:
         self.outages = 0  # times Redis became unreachable
         self.down_since = 0.0
         self.last_error = ""
+        self._scripts: list[Script] = []
         self._recovery: list[Callable[[], None]] = []
         self._probe: gevent.Greenlet | None = None
         self._local = gevent.local.local()
+        self._outbox: list[Deferred] = []
+        self._sent = gevent.event.Event()  # set once the pipeline carrying the outbox's commands is answered
+        self._wake = gevent.event.Event()
+        self._sender: gevent.Greenlet | None = None
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
+
+    def script(self, source: str) -> Script:
+        found = Script(source)
+        self._scripts.append(found)
+        return found
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -138,43 +181,90 @@ class SharedState:
                 except Exception:
                     log.exception("shared state: catching up after an outage failed")
 
-    # -- one round trip at the end of a request ----------------------------------------------------
+    # -- before forwarding: one pipeline -----------------------------------------------------------
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Commands deferred inside are sent together, in one pipeline, when the block ends."""
-        outer = getattr(self._local, "queue", None)
-        if outer is not None:
+        """Commands deferred inside go out together: with the first `now()` or `flush()`, else at the end."""
+        if getattr(self._local, "queue", None) is not None:
             yield
             return
-        queue: list[Deferred] = []
-        self._local.queue = queue
+        self._local.queue = []
         try:
             yield
         finally:
-            self._local.queue = None
-            self._send(queue)
+            queue, self._local.queue = self._local.queue, None
+            self._send(queue, "reading before a request")
 
-    def defer(self, add: Callable[[Any], Any], done: Callable[[Any], None]) -> None:
-        """Send one command (`add(pipeline)`) now, or with the batch open in this greenlet."""
+    def defer(self, add: Callable[[Pipeline], Any], done: Callable[[Any], None]) -> None:
+        """Send one command (`add(pipeline)`) with the batch open in this greenlet, or now when there is none."""
         queue = getattr(self._local, "queue", None)
         if queue is None:
-            self._send([Deferred(add, done)])
+            self._send([Deferred(add, done)], "reading")
         else:
             queue.append(Deferred(add, done))
 
-    def _send(self, queue: list[Deferred]) -> None:
+    def flush(self) -> None:
+        """Send what this greenlet's batch holds now (an answer it holds is needed)."""
+        queue = getattr(self._local, "queue", None)
+        if queue:
+            self._local.queue = []
+            self._send(queue, "reading before a request")
+
+    def now(self, what: str, add: Callable[[Pipeline], Any]) -> Any:
+        """The answer to one command, sent at once with whatever this greenlet's batch holds; raises
+        Unavailable (a script's own error is raised as it is)."""
+        queue = getattr(self._local, "queue", None) or []
+        if queue:
+            self._local.queue = []
+        answer: list[Any] = []
+        self._send([*queue, Deferred(add, answer.append)], what)
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
+
+    # -- after a request: group commit ---------------------------------------------------------------
+
+    def later(self, add: Callable[[Pipeline], Any], done: Callable[[Any], None] = ignore) -> None:
+        """Hand one command to the sender greenlet (see the module's docstring); never waits."""
+        self._outbox.append(Deferred(add, done))
+        self._local.waits = self._sent
+        if self._sender is None:
+            self._sender = gevent.spawn(self._send_outbox)
+        else:
+            self._wake.set()
+
+    @contextlib.contextmanager
+    def finishing(self) -> Iterator[None]:
+        """At the end of the block, wait until the commands handed over inside it were answered."""
+        self._local.waits = None
+        try:
+            yield
+        finally:
+            sent, self._local.waits = self._local.waits, None
+            if sent is not None:
+                sent.wait(SETTLE_TIMEOUT)
+
+    def _send_outbox(self) -> None:
+        while True:
+            while not self._outbox:
+                self._wake.clear()
+                self._wake.wait()
+            queue, self._outbox = self._outbox, []
+            sent, self._sent = self._sent, gevent.event.Event()
+            try:
+                self._send(queue, "sending what requests left")
+            finally:
+                sent.set()
+
+    # -- pipelines -----------------------------------------------------------------------------------
+
+    def _send(self, queue: list[Deferred], what: str) -> None:
+        """One pipeline (two when Redis had to learn a script first); every `done` gets its answer."""
         if not queue:
             return
-
-        def execute(r: redis.Redis) -> list[Any]:
-            pipe = r.pipeline(transaction=False)
-            for item in queue:
-                item.add(pipe)
-            return list(pipe.execute(raise_on_error=False))
-
         try:
-            answers = self.run("sending " + ("a batch" if len(queue) > 1 else "a command"), execute)
+            answers = self.run(what, lambda r: self._execute(r, queue))
         except Unavailable as exc:
             answers = [exc] * len(queue)
         for item, answer in zip(queue, answers, strict=True):
@@ -182,6 +272,18 @@ class SharedState:
                 item.done(answer)
             except Exception:
                 log.exception("shared state: handling an answer failed")
+
+    def _execute(self, r: redis.Redis, queue: list[Deferred]) -> list[Any]:
+        answers = _pipeline(r, queue)
+        missing = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+        if missing:
+            pipe = r.pipeline(transaction=False)
+            for found in self._scripts:
+                pipe.script_load(found.source)
+            pipe.execute()
+            for i, answer in zip(missing, _pipeline(r, [queue[i] for i in missing]), strict=True):
+                answers[i] = answer
+        return answers
 
     # -- status and shutdown ---------------------------------------------------------------------
 
@@ -192,8 +294,21 @@ class SharedState:
                 "error": self.last_error if not self.healthy else None}
 
     def close(self) -> None:
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            probe.kill(block=False)
+        """Send what requests left (if Redis answers), then stop."""
+        queue, self._outbox = self._outbox, []
+        self._send(queue, "sending what requests left")
+        self._sent.set()
+        for attr in ("_probe", "_sender"):
+            greenlet = getattr(self, attr)
+            setattr(self, attr, None)
+            if greenlet is not None:
+                greenlet.kill(block=False)
         with contextlib.suppress(Exception):
             self.redis.close()
+
+
+def _pipeline(r: redis.Redis, queue: list[Deferred]) -> list[Any]:
+    pipe = r.pipeline(transaction=False)
+    for item in queue:
+        item.add(pipe)
+    return list(pipe.execute(raise_on_error=False))

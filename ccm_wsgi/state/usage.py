@@ -6,16 +6,20 @@ journal file, so no two nodes or processes share one). Records reach the stream 
 `PUSH`, which adds an entry only when its offset is new in the set `pushed:<generation>`: a record pushed
 twice (a node that retries after a lost answer, a fold after a crash, two gunicorn workers) is added once.
 
-* At the end of each request, the node pushes its record (one round trip, together with the lease it gives
-  back). Should that fail, the record is still in the journal, and the next fold pushes it.
+* At the end of each request the node hands its record to the sender of the request's after-trip (see
+  `connection.py`): it is in the stream when the response ends. Should that fail, the record is still in
+  the journal, and the next fold pushes it.
 * Each fold (every minute, at shutdown, at start, and as soon as Redis is back after an outage) seals the
-  journal, pushes every record of the sealed journals, then reads the stream from the cursor saved in the
-  usage file and adds what it finds: so the usage file holds the totals of all nodes, each record once,
-  and a sealed journal is only removed once its records are in the stream.
-* Every process follows the stream (a blocking XREAD on a connection of its own) into a `Ledger`, in stream
-  order, so every node counts budgets and window shares from the same records in the same order. Records
-  of this host that the stream does not show yet (just written, or kept through an outage) are added on top
-  (the *overlay*), so a node always counts at least its own records, with Redis or without.
+  journal, pushes the records of the sealed journals that Redis has not confirmed yet, then reads the
+  stream from the cursor saved in the usage file and adds what it finds: so the usage file holds the totals
+  of all nodes, each record once, and a sealed journal is only removed once its records are in the stream.
+* Every process keeps a `Ledger` of the stream, in stream order, so every node counts budgets and window
+  shares from the same records in the same order. It reads the stream's new entries when a ledger must be
+  exact (a user with a budget or a window share is admitted: in that request's one trip before
+  forwarding; a status view; a fold) and otherwise once a second, off the request path. Entries of this
+  host's own records are not decoded: the record is at hand (the *overlay*: this host's records the stream
+  has not shown yet, counted on top of the stream's ledger, so a node always counts at least its own
+  records, with Redis or without).
 
 The stream keeps five weeks of entries (the longest budget period and a margin): a node that was off longer
 than that misses the records of the other nodes from before, in its usage file only.
@@ -24,7 +28,6 @@ than that misses the records of the other nodes from before, in its usage file o
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import logging
 import time
@@ -38,14 +41,14 @@ from ..accounting.ledger import Ledger
 from ..accounting.records import Record
 from ..config import DefaultCredential, ExternalCredential
 from ..config import Service as ServiceConfig
-from .connection import TIMEOUT, SharedState, Unavailable, client
+from .connection import Pipeline, SharedState, Unavailable, client
 
 log = logging.getLogger("ccm_wsgi.state")
 
 KEEP_MS = 35 * 86_400_000  # stream entries older than this are trimmed
 PUSHED_TTL = 7 * 86_400  # seconds an identity is remembered after its journal's last push
-BLOCK_MS = 2000  # a follower's blocking read; its connection waits a little longer
-PAGE = 1000  # stream entries read per call
+PAGE = 1000  # stream entries read or records pushed per call
+SYNC_SECONDS = 1.0  # the ledger reads the stream at least this often, off the request path
 
 # KEYS: the stream, then a `pushed` set per generation. ARGV: oldest id to keep, ttl, then per record:
 # index of its set in KEYS, its offset, its identity, its journal line. Returns how many were new.
@@ -64,6 +67,7 @@ return added
 
 Entry = tuple[str, bytes]  # identity, journal line (without its leading newline)
 Pulled = tuple[str, str, Record, int]  # stream id, identity, record, time (ns)
+Raw = tuple[Any, dict[Any, Any]]  # a stream entry as Redis gives it: id, fields
 
 
 def stream_name(service: ServiceConfig, path: str) -> str:
@@ -83,19 +87,20 @@ def tail(service: ServiceConfig, path: str, after: str) -> list[tuple[Record, in
     assert service.state is not None
     r = client(service.state.url)
     key = stream_key(service.state.key_prefix + service.tag + ":", stream_name(service, path))
-    found: list[tuple[Record, int, str]] = []
     try:
-        while True:
-            page: Any = r.xrange(key, f"({after}", "+", count=PAGE)
-            for stream_id, fields in page:
-                entry = decoded(stream_id, fields)
-                if entry is not None:
-                    found.append((entry[2], entry[3], entry[1]))
-                    after = entry[0]
-            if len(page) < PAGE:
-                return found
+        return [(rec, t_ns, identity) for _, identity, rec, t_ns in decoded(_read_all(r, key, after))]
     finally:
         r.close()
+
+
+def _read_all(r: Any, key: str, after: str) -> list[Raw]:
+    found: list[Raw] = []
+    while True:
+        page: list[Raw] = r.xrange(key, f"({after}", "+", count=PAGE)
+        found += page
+        if len(page) < PAGE:
+            return found
+        after = _text(page[-1][0])
 
 
 def stream_order(stream_id: str) -> tuple[int, int]:
@@ -111,15 +116,16 @@ class SharedUsage:
         self.name = name
         self.apply = apply  # prices a record into a ledger (the usage file's own rule)
         self.stream = stream_key(state.prefix, name)
-        self._push = state.redis.register_script(PUSH)
-        self._reader = client(state.url, timeout=BLOCK_MS / 1000 + TIMEOUT)
+        self._push = state.script(PUSH)
         self.ledger = Ledger()
         self.last_id = "0-0"
         self.local_generations: set[str] = set()  # of this host's journals still on disk
         self._overlay: dict[str, tuple[Record, int]] = {}  # this host's records the stream has not shown yet
         self._seen: set[str] = set()  # identities of this host's records the stream showed
+        self._confirmed: set[str] = set()  # identities of records whose push Redis answered
         self._merged: Ledger | None = None
-        self._follower: gevent.Greenlet | None = None
+        self._synced = 0.0  # when the ledger last read the stream (monotonic)
+        self._syncer: gevent.Greenlet | None = None
 
     # -- pushing ---------------------------------------------------------------------------------
 
@@ -138,76 +144,87 @@ class SharedUsage:
     def push(self, entries: list[Entry]) -> None:
         """Add `entries` to the stream, each at most once ever; raises Unavailable."""
         for start in range(0, len(entries), PAGE):
-            keys, args = self._arguments(entries[start:start + PAGE])
-            self.state.run("pushing usage records", functools.partial(self._run_push, keys, args))
-
-    def _run_push(self, keys: list[str], args: list[str | int], _: Any) -> Any:
-        return self._push(keys, args)
+            page = entries[start:start + PAGE]
+            keys, args = self._arguments(page)
+            self.state.now("pushing usage records", functools.partial(self._push.add, keys=keys, args=args))
+            self._confirmed.update(identity for identity, _ in page)
 
     def push_later(self, identity: str, line: bytes) -> None:
-        """Push one record with the batch of the request that made it (one round trip at its end). If that
-        fails, the record stays in the journal and in the overlay, and the next fold pushes it."""
+        """Push one record in the after-trip of the request that made it. If that fails, the record stays in
+        the journal and in the overlay, and the next fold pushes it."""
         keys, args = self._arguments([(identity, line)])
-        self.state.defer(lambda pipe: self._push(keys, args, client=pipe), _unconfirmed)
+
+        def confirmed(answer: Any) -> None:
+            if not isinstance(answer, BaseException):
+                self._confirmed.add(identity)
+        self.state.later(lambda pipe: self._push.add(pipe, keys, args), confirmed)
+
+    def unconfirmed(self, identity: str) -> bool:
+        """Whether a fold must (still) push this record."""
+        return identity not in self._confirmed
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def pull(self, after: str) -> list[Pulled]:
+    def pull(self, after: str) -> list[Raw]:
         """Every entry after stream id `after`, in order; raises Unavailable."""
-        found: list[Pulled] = []
-        while True:
-            page: Any = self.state.run("reading usage records", functools.partial(self._page, after))
-            for stream_id, fields in page:
-                entry = decoded(stream_id, fields)
-                if entry is not None:
-                    found.append(entry)
-                after = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
-            if len(page) < PAGE:
-                return found
+        return self.state.run("reading usage records", lambda r: _read_all(r, self.stream, after))
 
-    def _page(self, after: str, r: Any) -> Any:
-        return r.xrange(self.stream, f"({after}", "+", count=PAGE)
-
-    def start(self, ledger: Ledger, after: str) -> None:
-        """Follow the stream from `after` into `ledger` (the one the usage file holds at that point)."""
-        self.ledger, self.last_id, self._merged = ledger, after, None
-        if self._follower is None:
-            self._follower = gevent.spawn(self._follow)
-
-    def stop(self) -> None:
-        follower, self._follower = self._follower, None
-        if follower is not None:
-            follower.kill(block=False)
-        self._reader.close()
+    def _xrange(self, pipe: Pipeline) -> Any:
+        return pipe.xrange(self.stream, f"({self.last_id}", "+", count=PAGE)
 
     def sync(self) -> None:
-        """Apply what the stream holds beyond what this process has seen (one round trip): a budget checked
-        right after another node recorded a request counts that request."""
-        with contextlib.suppress(Unavailable):
-            self._absorb(self.pull(self.last_id))
+        """Read the stream's new entries into the ledger, with the trip of the request's batch (the answer is
+        awaited by the next `view()`): a budget checked right after another node recorded a request counts
+        that request."""
+        self.state.defer(self._xrange, self._answered)
 
-    def _follow(self) -> None:
+    def _answered(self, page: Any) -> None:
+        if isinstance(page, BaseException):
+            return  # unreachable: the ledger stays as it is, with this host's records on top
+        self.absorb(page)
+        if len(page) == PAGE:  # a long gap: the rest now
+            with contextlib.suppress(Unavailable):
+                self.absorb(self.pull(self.last_id))
+
+    def start(self, ledger: Ledger, after: str) -> None:
+        """Keep `ledger` (the one the usage file holds at stream id `after`) up to date from the stream."""
+        self.ledger, self.last_id, self._merged = ledger, after, None
+        if self._syncer is None:
+            self._syncer = gevent.spawn(self._sync_often)
+
+    def stop(self) -> None:
+        syncer, self._syncer = self._syncer, None
+        if syncer is not None:
+            syncer.kill(block=False)
+
+    def _sync_often(self) -> None:
         while True:
-            try:
-                answer: Any = self.state.run("following usage records", lambda _: self._reader.xread(
-                    {self.stream: self.last_id}, count=PAGE, block=BLOCK_MS))
-            except Unavailable:
-                gevent.sleep(1.0)
-                continue
-            for _, page in answer or ():
-                self._absorb([e for e in (decoded(i, f) for i, f in page) if e is not None])
+            gevent.sleep(SYNC_SECONDS)
+            if self.state.healthy and time.monotonic() - self._synced >= SYNC_SECONDS:
+                with contextlib.suppress(Unavailable):
+                    self.absorb(self.pull(self.last_id))
 
-    def _absorb(self, entries: list[Pulled]) -> None:
+    def absorb(self, entries: list[Raw]) -> None:
+        """Apply the entries past `last_id`, in stream order (the entries of this host's records from the
+        overlay, not decoded)."""
+        self._synced = time.monotonic()
         last = stream_order(self.last_id)
-        for stream_id, identity, rec, t_ns in entries:
+        for raw_id, fields in entries:
+            stream_id = _text(raw_id)
             order = stream_order(stream_id)
             if order <= last:
-                continue  # the follower and a sync both read it
-            self.apply(self.ledger, rec, t_ns)
-            self._merged = None
-            if identity.rpartition(":")[0] in self.local_generations:
-                self._overlay.pop(identity, None)
+                continue  # read twice (a sync and a fold, two requests)
+            identity = _text(fields.get(b"id", b""))
+            local = identity.rpartition(":")[0] in self.local_generations
+            found = self._overlay.pop(identity, None) if local else None
+            if found is None:
+                entry = _decode(raw_id, fields)
+                found = (entry[2], entry[3]) if entry is not None else None
+            if local:
                 self._seen.add(identity)
+            if found is not None:
+                self.apply(self.ledger, *found)
+                self._merged = None
             last, self.last_id = order, stream_id
 
     # -- this host's records ---------------------------------------------------------------------
@@ -218,34 +235,42 @@ class SharedUsage:
         self.local_generations.add(generation)
         if identity not in self._seen and identity not in self._overlay:
             self._overlay[identity] = (rec, t_ns)
-            self._merged = None
+            if self._merged is not None:
+                self.apply(self._merged, rec, t_ns)
 
     def forget(self, generations: set[str]) -> None:
         """Only `generations` are still on disk: identities of the others cannot come back."""
         self.local_generations = set(generations)
         self._seen = {i for i in self._seen if i.rpartition(":")[0] in generations}
+        self._confirmed = {i for i in self._confirmed if i.rpartition(":")[0] in generations}
 
     def view(self) -> Ledger:
-        """The stream's ledger with this host's records it does not show yet."""
+        """The stream's ledger (with the entries this request's batch read, if any) and this host's records it
+        does not show yet."""
+        self.state.flush()
         if not self._overlay:
             return self.ledger
         if self._merged is None:
-            merged = copy.deepcopy(self.ledger)
+            merged = self.ledger.copy()
             for rec, t_ns in sorted(self._overlay.values(), key=lambda entry: entry[1]):
                 self.apply(merged, rec, t_ns)
             self._merged = merged
         return self._merged
 
 
-def decoded(stream_id: Any, fields: dict[Any, Any]) -> Pulled | None:
+def decoded(entries: list[Raw]) -> list[Pulled]:
+    """The records of stream entries, in order (a damaged entry is skipped and logged)."""
+    return [entry for entry in (_decode(i, f) for i, f in entries) if entry is not None]
+
+
+def _decode(stream_id: Any, fields: dict[Any, Any]) -> Pulled | None:
     identity, line = fields.get(b"id"), fields.get(b"r")
     entry = journal.decode(line) if isinstance(line, bytes) else None
     if entry is None or not isinstance(identity, bytes):
         log.warning("usage stream: skipped a damaged entry %s", stream_id)
         return None
-    sid = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
-    return sid, identity.decode("utf-8", "replace"), entry[0], entry[1]
+    return _text(stream_id), identity.decode("utf-8", "replace"), entry[0], entry[1]
 
 
-def _unconfirmed(answer: Any) -> None:
-    """The push at a request's end failed: the record waits in the journal for the next fold."""
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
