@@ -242,6 +242,9 @@ class Service:
         if self.state is not None:
             if isinstance(self.limits.counters, RedisCounters):
                 self.limits.counters.close()
+            for account in self.accounts:
+                if isinstance(account.credential, OAuthCredential):
+                    account.credential.leave_cluster()
             self.state.close()
 
     def _join_cluster(self) -> None:

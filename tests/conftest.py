@@ -81,3 +81,21 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, fake: FakeUpstream, redis_server: RedisServer,
+            start_proxy: Callable[..., Proxy]) -> Callable[..., list[Proxy]]:
+    """`cluster(n, expires_in=..., env=..., **service fields)`: n `ccm-wsgi serve` nodes on `redis_server`, each holding
+    its own copy of one login (fake account ACCESS/REFRESH) and its own usage file."""
+    from tests.support.nodes import node_config
+
+    def start(n: int, expires_in: float = 3600, env: dict[str, str] | None = None, **fields: Any) -> list[Proxy]:
+        fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=max(expires_in, 1))
+        nodes = []
+        for i in range(n):
+            name = f"node{i}"
+            write_credentials(tmp_path / name / ".credentials.json", ACCESS, REFRESH, expires_in=expires_in)
+            nodes.append(start_proxy(node_config(fake, redis_server, tmp_path, name, **fields), name=name, env=env))
+        return nodes
+    return start

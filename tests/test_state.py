@@ -16,101 +16,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import pytest
+import redis
 import trustme
 
-from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH, USERS
+from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.procs import Gunicorn, Proxy, request, service_config, wait_for, write_credentials
+from tests.support.limits import held_stream
+from tests.support.nodes import (
+    PREFIX,
+    Cluster,
+    admin_state,
+    ask,
+    node_config,
+    requests_by_user,
+    token_posts,
+    usage_json,
+)
+from tests.support.procs import Gunicorn, Proxy, request, wait_for, write_credentials
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(180)
-TOKEN_PATH = "/v1/oauth/token"
-ADMIN = "ccm-admin-0123456789abcdef"
-
-
-def node_config(fake: FakeUpstream, redis: RedisServer, tmp_path: Path, name: str, credentials: Path | None = None,
-                **fields: Any) -> dict[str, Any]:
-    """One node: its own copy of the credential file and its own usage file, the shared Redis."""
-    service = service_config(fake.url, credentials or tmp_path / name / ".credentials.json",
-                             usages_path=str(tmp_path / name / "usage.json"), users=USERS, admin_tokens=[ADMIN],
-                             state={"type": "redis", "url": redis.url, "key_prefix": "t:"})
-    service.update(fields)
-    return {"log": {"level": "info"}, "services": [service]}
-
-
-def client(node: Proxy, token: str = ALICE) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=node.url, auth_token=token, api_key=None, max_retries=0)
-
-
-def ask(node: Proxy, token: str = ALICE, stream: bool = False, **headers: str) -> None:
-    sdk = client(node, token)
-    extra = {"x-fake-" + k.replace("_", "-"): v for k, v in headers.items()}
-    messages = [{"role": "user", "content": "hi"}]
-    if stream:
-        with sdk.messages.stream(model=MODEL, max_tokens=16, messages=messages, extra_headers=extra) as s:
-            s.get_final_message()
-    else:
-        sdk.messages.create(model=MODEL, max_tokens=16, messages=messages, extra_headers=extra)
-
-
-def usage_json(config: Path) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "ccm_wsgi", "usage", "-c", str(config), "--json"],
-                         capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-
-def requests_by_user(doc: dict[str, Any]) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for combo in doc.get("combinations", []):
-        for user, stats in combo["by_user"].items():
-            found[user] = found.get(user, 0) + stats["request_count"]
-    return found
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, fake: FakeUpstream, redis_server: RedisServer,
-            start_proxy: Callable[..., Proxy]) -> Callable[..., list[Proxy]]:
-    def start(n: int, expires_in: float = 3600, **fields: Any) -> list[Proxy]:
-        fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=max(expires_in, 1))
-        nodes = []
-        for i in range(n):
-            name = f"node{i}"
-            write_credentials(tmp_path / name / ".credentials.json", ACCESS, REFRESH, expires_in=expires_in)
-            nodes.append(start_proxy(node_config(fake, redis_server, tmp_path, name, **fields), name=name))
-        return nodes
-    return start
-
-
-def test_three_nodes_refresh_once_and_count_every_record_once(
-        tmp_path: Path, fake: FakeUpstream, cluster: Callable[..., list[Proxy]]) -> None:
-    nodes = cluster(3, expires_in=60)  # inside the five-minute margin: every node wants a refresh
-    for i in range(9):
-        ask(nodes[i % 3], ALICE if i % 2 else BOB, stream=bool(i % 3 == 1))
-    posts = fake.requests(path=TOKEN_PATH)
-    assert len(posts) == 1, posts
-    assert fake.stats()["invalid_grant"] == 0
-    for node in nodes:  # every node wrote the refreshed login through to its own file
-        stored = json.loads((tmp_path / node.config_path.stem / ".credentials.json").read_text())["claudeAiOauth"]
-        assert stored["accessToken"] != ACCESS
-    for node in nodes:
-        node.stop()
-    for node in nodes:
-        doc = json.loads((tmp_path / node.config_path.stem / "usage.json").read_text())
-        assert requests_by_user(doc) in ({"alice": 4, "bob": 5}, ), (node.config_path.stem, doc)
-    assert requests_by_user(usage_json(nodes[0].config_path)) == {"alice": 4, "bob": 5}
-
-
-def held_stream(node: Proxy, key: str, token: str = ALICE) -> Any:
-    """A stream through `node` that the fake upstream holds after its first delta (until released)."""
-    body = json.dumps({"model": MODEL, "max_tokens": 16, "stream": True,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-    headers = {"Authorization": "Bearer " + token, "content-type": "application/json",
-               "x-fake-wait-release": key, "x-fake-release-timeout-ms": "60000"}
-    r = request("POST", node.url + "/v1/messages", body=body, headers=headers, preload_content=False)
-    assert r.status == 200
-    return r
 
 
 def refusal(node: Proxy, token: str) -> tuple[int, str, dict[str, str]]:
@@ -122,14 +48,14 @@ def refusal(node: Proxy, token: str) -> tuple[int, str, dict[str, str]]:
 
 
 def test_cluster_wide_concurrency_and_budget_and_a_killed_node(
-        tmp_path: Path, fake: FakeUpstream, cluster: Callable[..., list[Proxy]]) -> None:
+        tmp_path: Path, fake: FakeUpstream, cluster: Cluster) -> None:
     users = [{"name": "alice", "token": ALICE, "limits": {"max_concurrent": 1}},
              {"name": "bob", "token": BOB, "limits": {"budget": [{"usd": 0.0002, "per": "day"}]}}]
     first, second = cluster(2, users=users)
     ask(first, ALICE)  # completed on the node that is killed below: its records must survive
     ask(first, ALICE, stream=True)
     ask(first, BOB)
-    held = held_stream(first, "slot")
+    held = held_stream(first, ALICE, "slot", release_timeout_ms=60000)
     wait_for(lambda: fake.sent_info("slot")["waiting"], what="the held stream")
     status, kind, headers = refusal(second, ALICE)  # alice's one slot is taken on the other node
     assert (status, kind) == (429, "rate_limit_error") and int(headers["retry-after"]) > 0
@@ -146,9 +72,37 @@ def test_cluster_wide_concurrency_and_budget_and_a_killed_node(
     assert totals == {"alice": 3, "bob": 2}, totals  # the killed node's completed records are all there
 
 
-def admin_state(node: Proxy) -> dict[str, Any]:
-    r = request("GET", node.url + "/ccm/v1/status", headers={"Authorization": "Bearer " + ADMIN})
-    return json.loads(r.data)["state"]  # type: ignore[no-any-return]
+def test_waiters_for_a_slot_are_served_in_arrival_order_across_nodes(
+        fake: FakeUpstream, redis_server: RedisServer, cluster: Cluster) -> None:
+    first, second = cluster(2, users=[{"name": "alice", "token": ALICE, "limits": {"max_concurrent": 1}}],
+                            env={"CCM_QUEUE_WAIT": "60"})
+    queue = redis.Redis.from_url(redis_server.url)
+
+    def queued(n: int) -> None:
+        wait_for(lambda: queue.zcard(PREFIX + "ccm:limits:alice:queue") == n, timeout=30, what=f"{n} waiting")
+
+    answers: dict[str, Any] = {}
+
+    def wait_in_line(node: Proxy, key: str) -> None:
+        answers[key] = held_stream(node, ALICE, key, release_timeout_ms=60000)
+
+    answers["now"] = held_stream(first, ALICE, "now", release_timeout_ms=60000)  # the one slot
+    waiters = []
+    for node, key in ((second, "w1"), (first, "w2"), (second, "w3")):  # they line up across both nodes
+        waiters.append(threading.Thread(target=wait_in_line, args=(node, key)))
+        waiters[-1].start()
+        queued(len(waiters))
+    for served, still in (("now", "w1"), ("w1", "w2"), ("w2", "w3")):
+        fake.release(served)
+        answers[served].read()
+        wait_for(lambda key=still: fake.sent_info(key)["waiting"], timeout=30, what=f"{still} served")
+        later = [k for k in ("w1", "w2", "w3") if k > still]
+        assert not any(fake.sent_info(k)["waiting"] for k in later), f"{later} overtook {still}"
+    fake.release("w3")
+    for waiter in waiters:
+        waiter.join(30)
+    answers["w3"].read()
+    assert queue.zcard(PREFIX + "ccm:limits:alice:queue") == 0
 
 
 def test_redis_outage_during_traffic_fails_nothing_and_counts_each_record_once(
@@ -223,7 +177,7 @@ def test_gunicorn_node_and_serve_node_share_one_refresh_and_one_set_of_totals(
             user, token = ("alice", ALICE) if i % 2 else ("bob", BOB)
             ask(node, token, stream=bool(i % 4 == 1))
             sent[user] += 1
-        assert len(fake.requests(path=TOKEN_PATH)) == 1 and fake.stats()["invalid_grant"] == 0
+        assert token_posts(fake) == 1 and fake.stats()["invalid_grant"] == 0
     finally:
         workers.stop()
     serve.stop()
@@ -278,17 +232,3 @@ def test_a_redis_wait_does_not_stall_other_greenlets(redis_server: RedisServer) 
     out = subprocess.run([sys.executable, "-c", COOPERATION, redis_server.url], capture_output=True, text=True,
                          timeout=30, check=True)
     assert int(out.stdout) > 10  # the other greenlet kept running while redis-py waited for its answer
-
-
-def test_quota_learned_by_one_node_is_seen_by_the_others(fake: FakeUpstream,
-                                                         cluster: Callable[..., list[Proxy]]) -> None:
-    first, second = cluster(2)
-    fake.set_state(ACCESS, five_hour_utilization=0.63)
-    ask(first, ALICE)  # only this node sees the new utilisation, in the response's headers
-
-    def seen(node: Proxy) -> Any:
-        r = request("GET", node.url + "/ccm/v1/status", headers={"Authorization": "Bearer " + ADMIN})
-        return json.loads(r.data)["credentials"][0]["five_hour_utilization"]
-
-    assert seen(first) == 63
-    wait_for(lambda: seen(second) == 63, timeout=15, interval=0.2, what="the other node's view of the quota")

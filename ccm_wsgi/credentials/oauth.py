@@ -174,13 +174,16 @@ class OAuthCredential:
         if not self.available():
             return {"available": False, "error": self._error}
         oauth = self.oauth
-        return {
+        found: dict[str, Any] = {
             "available": True,
             "subscription_type": oauth.get("subscriptionType") or "",
             "rate_limit_tier": oauth.get("rateLimitTier") or "",
             "expires_at": oauth.get("expiresAt") or 0,
             "unsaved": self._unsaved is not None,
         }
+        if self.shared is not None:  # which refresh rule this node follows while Redis is down
+            found["shared"] = {"holder": self._holder, "sole_holder": self.shared.sole}
+        return found
 
     def _refresh_view(self) -> None:
         if self.store.keychain is None:
@@ -378,6 +381,10 @@ class OAuthCredential:
             except Unavailable:
                 log.warning("credential %s: shared state unreachable; using this node's own login until it is back",
                             self.tag)
+
+    def leave_cluster(self) -> None:
+        assert self.shared is not None
+        self.shared.stop()
 
     def _sync_cluster(self, locked: bool) -> None:
         """Take Redis's login when it is newer than ours (and write it through to our file, under the host's

@@ -236,12 +236,12 @@ class SharedState:
 
     @contextlib.contextmanager
     def finishing(self) -> Iterator[None]:
-        """At the end of the block, wait until the commands handed over inside it were answered."""
-        self._local.waits = None
+        """At the end of the block, wait until the commands this greenlet handed over (inside it, or before it
+        in the same request: a session's pin) were answered."""
         try:
             yield
         finally:
-            sent, self._local.waits = self._local.waits, None
+            sent, self._local.waits = getattr(self._local, "waits", None), None
             if sent is not None:
                 sent.wait(SETTLE_TIMEOUT)
 

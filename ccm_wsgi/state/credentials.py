@@ -17,10 +17,12 @@ The rules a refresh follows (see `OAuthCredential`, which calls these):
   node) and clears it when it publishes the answer. A node that finds an intent for the refresh token Redis
   still holds knows that token may already be spent by a node whose answer was lost, and does not send it
   while the current access token still works;
-* while Redis is unreachable, only a *sole holder* (the one node Redis last listed as holding the file)
-  refreshes, under its file locks, and publishes when Redis is back. Every other node waits. Since no other
-  node ever refreshes while there is a sole holder, this cannot spend a refresh token twice, even when the
-  sole holder is the only node cut off from Redis.
+* while Redis is unreachable, only a *sole holder* (a node that holds the file and that Redis, when last
+  asked, listed as the only one) refreshes, under its file locks, and publishes when Redis is back. Every
+  other node waits. A holder asks at start, whenever Redis is back, before each refresh and every
+  HOLDERS_SECONDS; a node that registers later sees the first and is never sole. So no other node
+  refreshes while there is a sole holder, and this cannot spend a refresh token twice, even when the sole
+  holder is the only node cut off from Redis.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ log = logging.getLogger("ccm_wsgi.state")
 LOCK_SECONDS = 20.0  # the lock's lifetime; renewed while the refresh runs, so only a dead holder lets it lapse
 LOCK_RENEW = 5.0
 LOCK_WAIT = 30.0  # as long as a refresh may take (the token endpoint's read timeout)
+HOLDERS_SECONDS = 5.0  # how often a holder asks who else holds the file
 
 
 class LockBusy(Exception):
@@ -77,11 +80,22 @@ class SharedCredential:
         self.intent_key = state.key("cred", tag, "spending")
         self.holders_key = state.key("cred", tag, "holders")
         self.holder = f"{socket.gethostname()}:{path}"  # the same for every process of this host
-        self.sole = False  # this host was the only holder when Redis last said
+        self.registered = False  # this node holds the file, and said so
+        self.sole = False  # ... and was the only holder when Redis last said
+        self._watcher: gevent.Greenlet | None = None
+
+    def _learn(self, holders: set[Any]) -> None:
+        self.sole = self.registered and holders == {self.holder.encode()}
 
     def read(self) -> dict[str, Any] | None:
         """The OAuth object Redis holds (None: none yet); raises Unavailable."""
-        raw = self.state.run(f"reading credential {self.tag}", lambda r: r.get(self.key))
+        def get(r: Any) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            pipe.get(self.key)
+            pipe.smembers(self.holders_key)
+            return list(pipe.execute())
+        raw, holders = self.state.run(f"reading credential {self.tag}", get)
+        self._learn(set(holders))
         try:
             oauth = json.loads(raw) if raw else None
         except ValueError:
@@ -96,7 +110,25 @@ class SharedCredential:
             pipe.smembers(self.holders_key)
             return set(pipe.execute()[1])
         holders = self.state.run(f"registering credential {self.tag}", add)
-        self.sole = holders == {self.holder.encode()}
+        self.registered = True
+        self._learn(holders)
+        if self._watcher is None:
+            self._watcher = gevent.spawn(self._watch)
+
+    def _watch(self) -> None:
+        """Keep `sole` current: another node that gets the file makes this one share the rule."""
+        while True:
+            gevent.sleep(HOLDERS_SECONDS)
+            with contextlib.suppress(Unavailable):
+                self._learn(self.state.run(f"watching credential {self.tag}", self._holders))
+
+    def _holders(self, r: Any) -> set[bytes]:
+        return set(r.smembers(self.holders_key))
+
+    def stop(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.kill(block=False)
 
     def publish(self, oauth: dict[str, Any]) -> None:
         """Make `oauth` the cluster's login and clear the intent to refresh; raises Unavailable."""

@@ -52,13 +52,14 @@ def messages_sent(fake: FakeUpstream) -> int:
     return len(fake.requests("/v1/messages"))
 
 
-def held_stream(proxy: Proxy, token: str, key: str) -> urllib3.BaseHTTPResponse:
+def held_stream(proxy: Proxy, token: str, key: str, **knobs: Any) -> urllib3.BaseHTTPResponse:
     """A stream the fake holds after its first delta (until `key` is released); its head has arrived. It has
-    a connection of its own (a new one, never reused: gunicorn tests pause workers)."""
+    a connection of its own (a new one, never reused: gunicorn tests pause workers). `knobs`: more of the
+    fake's (`release_timeout_ms`...)."""
     r = urllib3.PoolManager(retries=False).request(
         "POST", proxy.url + "/v1/messages", preload_content=False,
         body=json.dumps({"model": MODEL, "max_tokens": 16, "stream": True, "messages": conversation(1)}).encode(),
         headers={"Authorization": "Bearer " + token, "content-type": "application/json",
-                 **knob_headers(wait_release=key, events=4)})
+                 **knob_headers(wait_release=key, events=4, **knobs)})
     assert r.status == 200
     return r
