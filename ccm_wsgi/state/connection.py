@@ -19,8 +19,9 @@ A request talks to Redis at most twice, and never waits for Redis in between:
   is needed at once (`now`: the admission script), or when one of their answers is needed (`flush`), or
   when the block ends;
 * after it ends, `later()` hands its commands (a lease given back, its usage record) to this process's one
-  sender greenlet, which puts everything handed to it since its last pipeline into the next one: under load,
-  many requests share one round trip (group commit). Inside `finishing()` the request waits, at the end of
+  sender greenlet, which puts everything handed to it since its last pipeline into the next one, and sends
+  at most one pipeline per LINGER: under load, many requests share one round trip (group commit), at the
+  cost of a few milliseconds at the end of a response. Inside `finishing()` the request waits, at the end of
   the block, for the pipeline that carried its commands: a response ends once its usage record is in Redis.
 
 Scripts are sent by their SHA-1 alone (EVALSHA); a Redis that does not know them (it restarted) answers
@@ -56,6 +57,7 @@ log = logging.getLogger("ccm_wsgi.state")
 TIMEOUT = 1.0  # seconds for a connection or an answer: a slow Redis must not hold requests
 PROBE_INTERVAL = 1.0  # seconds between pings while Redis is unreachable
 SETTLE_TIMEOUT = 2 * TIMEOUT + 1  # the longest a request waits for its commands to be answered
+LINGER = 0.005  # seconds between two pipelines of the sender at most, so that under load they carry more
 FAILURES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 T = TypeVar("T")
@@ -246,10 +248,15 @@ class SharedState:
                 sent.wait(SETTLE_TIMEOUT)
 
     def _send_outbox(self) -> None:
+        last = 0.0
         while True:
             while not self._outbox:
                 self._wake.clear()
                 self._wake.wait()
+            pause = last + LINGER - time.monotonic()
+            if pause > 0:  # the last pipeline left a moment ago: under load, the next one takes what comes
+                gevent.sleep(pause)
+            last = time.monotonic()
             queue, self._outbox = self._outbox, []
             sent, self._sent = self._sent, gevent.event.Event()
             try:

@@ -1,0 +1,20 @@
+"""The usage ledger: a copy (the view with this host's records on top of the shared stream's) is independent."""
+
+from __future__ import annotations
+
+from ccm_wsgi.accounting.ledger import Ledger, Reading
+
+NOW = 1_790_000_000.0
+
+
+def test_a_copy_counts_on_without_changing_the_original() -> None:
+    ledger = Ledger()
+    ledger.apply("alice", NOW, 1.0, {"five_hour": Reading(10.0, NOW + 3600, 8.0)})
+    copy = ledger.copy()
+    copy.apply("alice", NOW, 2.0, {"five_hour": Reading(12.0, NOW + 3600)})
+    copy.apply("bob", NOW, 4.0, {})
+    assert ledger.spent("alice", 0) == 1.0 and ledger.spent("bob", 0) == 0.0
+    assert ledger.used("alice", "five_hour", NOW) == 2.0
+    assert copy.spent("alice", 0) == 3.0 and copy.spent("bob", 0) == 4.0
+    assert copy.used("alice", "five_hour", NOW) == 4.0
+    assert ledger.to_json(NOW) != copy.to_json(NOW)
