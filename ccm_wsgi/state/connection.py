@@ -8,8 +8,8 @@ again, the callbacks registered with `on_recovery()` run (records kept locally a
 refreshed meanwhile is published). The transitions are logged as errors and counted (`fallbacks`,
 `outages`), for the status page and for metrics.
 
-redis-py is pure Python over the standard `socket`, `ssl`, `threading` and `time` modules, which gevent's
-monkey-patching makes cooperative: a command waiting for Redis yields to the other greenlets (checked by
+redis-py works over the standard `socket`, `ssl`, `threading` and `time` modules (hiredis, when installed,
+only parses the replies it read), which gevent's monkey-patching makes cooperative: a command waiting for Redis yields to the other greenlets (checked by
 tests/test_state.py, which keeps an answer back for a second in one greenlet while another one runs).
 
 A request talks to Redis at most twice, and never waits for Redis in between:
