@@ -82,7 +82,7 @@ class Service:
             self.own.setdefault(account.tag, Balancer(account.tag, [account], "fallback"))
         self.limits = Limits(cfg, counters or MemoryCounters(), lambda: self.accounts)
         self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain, self.limits,
-                           *((self.state.batch, self.state.finishing) if self.state is not None else ()))
+                           *((self.state.batch,) if self.state is not None else ()))
         self._greenlets: list[Any] = []
         self.quota = SharedQuota(self.state, self.accounts) if self.state is not None else None
 

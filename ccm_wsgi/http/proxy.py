@@ -141,7 +141,6 @@ class Proxy:
         drain: Drain,
         limits: Limits,
         starting: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
-        finishing: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ):
         self.auth = auth
         self.provider_for = provider_for
@@ -150,7 +149,6 @@ class Proxy:
         self.drain = drain
         self.limits = limits
         self.starting = starting  # shared state: what a request reads before it is forwarded, in one round trip
-        self.finishing = finishing  # and what its end writes, in one round trip
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         ex = Exchange(time.monotonic(), environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
@@ -351,17 +349,16 @@ class Proxy:
     def _finish(self, ex: Exchange) -> None:
         """Record usage and write the access line; runs exactly once per request."""
         self.drain.active -= 1
+        if ex.admission is not None:
+            ex.admission.release()
         cost = None
-        with self.finishing():
-            if ex.admission is not None:
-                ex.admission.release()
-            if ex.usage is not None and ex.account is not None and ex.account.usage is not None:
-                record = make_record(ex.user, ex.usage, ex.facts.model, ex.facts.messages_count, ex.beta,
-                                     ex.week_reset)
-                if record is not None:
-                    cost = record.cost = self.pricing.cost(record.model, record.context_window, record.tokens)
-                    record.readings = ex.readings
-                    ex.account.usage.record(record)
+        if ex.usage is not None and ex.account is not None and ex.account.usage is not None:
+            record = make_record(ex.user, ex.usage, ex.facts.model, ex.facts.messages_count, ex.beta,
+                                 ex.week_reset)
+            if record is not None:
+                cost = record.cost = self.pricing.cost(record.model, record.context_window, record.tokens)
+                record.readings = ex.readings
+                ex.account.usage.record(record)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(access_line(ex, cost))
 

@@ -9,10 +9,11 @@ refreshed meanwhile is published). The transitions are logged as errors and coun
 `outages`), for the status page and for metrics.
 
 redis-py works over the standard `socket`, `ssl`, `threading` and `time` modules (hiredis, when installed,
-only parses the replies it read), which gevent's monkey-patching makes cooperative: a command waiting for Redis yields to the other greenlets (checked by
-tests/test_state.py, which keeps an answer back for a second in one greenlet while another one runs).
+only parses the replies it read), which gevent's monkey-patching makes cooperative: a command waiting for
+Redis yields to the other greenlets (checked by tests/test_state.py, which keeps an answer back for a second
+in one greenlet while another one runs).
 
-A request talks to Redis at most twice, and never waits for Redis in between:
+A request talks to Redis at most twice, and never waits for Redis after it was forwarded:
 
 * before it is forwarded, inside `batch()`: reads whose answers can wait (`defer`: the usage stream's tail
   for a budget, a session's pin) are queued, and go out in one pipeline with the first command whose answer
@@ -20,9 +21,9 @@ A request talks to Redis at most twice, and never waits for Redis in between:
   when the block ends;
 * after it ends, `later()` hands its commands (a lease given back, its usage record) to this process's one
   sender greenlet, which puts everything handed to it since its last pipeline into the next one, and sends
-  at most one pipeline per LINGER: under load, many requests share one round trip (group commit), at the
-  cost of a few milliseconds at the end of a response. Inside `finishing()` the request waits, at the end of
-  the block, for the pipeline that carried its commands: a response ends once its usage record is in Redis.
+  at most one pipeline per LINGER: under load, many requests share one round trip (group commit). Nobody
+  waits for it: what it carries is either durable elsewhere (a usage record is in the journal first, and a
+  fold pushes what Redis did not confirm) or expires by itself (a lease).
 
 Scripts are sent by their SHA-1 alone (EVALSHA); a Redis that does not know them (it restarted) answers
 NOSCRIPT, and they are loaded and those commands sent again. (redis-py's own pipelined scripts ask Redis
@@ -56,7 +57,6 @@ log = logging.getLogger("ccm_wsgi.state")
 
 TIMEOUT = 1.0  # seconds for a connection or an answer: a slow Redis must not hold requests
 PROBE_INTERVAL = 1.0  # seconds between pings while Redis is unreachable
-SETTLE_TIMEOUT = 2 * TIMEOUT + 1  # the longest a request waits for its commands to be answered
 LINGER = 0.005  # seconds between two pipelines of the sender at most, so that under load they carry more
 FAILURES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
@@ -121,7 +121,6 @@ class SharedState:
         self._probe: gevent.Greenlet | None = None
         self._local = gevent.local.local()
         self._outbox: list[Deferred] = []
-        self._sent = gevent.event.Event()  # set once the pipeline carrying the outbox's commands is answered
         self._wake = gevent.event.Event()
         self._sender: gevent.Greenlet | None = None
 
@@ -230,22 +229,10 @@ class SharedState:
     def later(self, add: Callable[[Pipeline], Any], done: Callable[[Any], None] = ignore) -> None:
         """Hand one command to the sender greenlet (see the module's docstring); never waits."""
         self._outbox.append(Deferred(add, done))
-        self._local.waits = self._sent
         if self._sender is None:
             self._sender = gevent.spawn(self._send_outbox)
         else:
             self._wake.set()
-
-    @contextlib.contextmanager
-    def finishing(self) -> Iterator[None]:
-        """At the end of the block, wait until the commands this greenlet handed over (inside it, or before it
-        in the same request: a session's pin) were answered."""
-        try:
-            yield
-        finally:
-            sent, self._local.waits = getattr(self._local, "waits", None), None
-            if sent is not None:
-                sent.wait(SETTLE_TIMEOUT)
 
     def _send_outbox(self) -> None:
         last = 0.0
@@ -258,11 +245,7 @@ class SharedState:
                 gevent.sleep(pause)
             last = time.monotonic()
             queue, self._outbox = self._outbox, []
-            sent, self._sent = self._sent, gevent.event.Event()
-            try:
-                self._send(queue, "sending what requests left")
-            finally:
-                sent.set()
+            self._send(queue, "sending what requests left")
 
     # -- pipelines -----------------------------------------------------------------------------------
 
@@ -304,7 +287,6 @@ class SharedState:
         """Send what requests left (if Redis answers), then stop."""
         queue, self._outbox = self._outbox, []
         self._send(queue, "sending what requests left")
-        self._sent.set()
         for attr in ("_probe", "_sender"):
             greenlet = getattr(self, attr)
             setattr(self, attr, None)
