@@ -6,9 +6,9 @@ journal file, so no two nodes or processes share one). Records reach the stream 
 `PUSH`, which adds an entry only when its offset is new in the set `pushed:<generation>`: a record pushed
 twice (a node that retries after a lost answer, a fold after a crash, two gunicorn workers) is added once.
 
-* At the end of each request the node hands its record to the sender of the request's after-trip (see
-  `connection.py`): it is in the stream when the response ends. Should that fail, the record is still in
-  the journal, and the next fold pushes it.
+* At the end of each request the node hands its record to the sender of the after-trips (see
+  `connection.py`): it is in the stream a few milliseconds later. Should that fail (or the node die first),
+  the record is still in the journal, and the next fold (at the latest when the node starts again) pushes it.
 * Each fold (every minute, at shutdown, at start, and as soon as Redis is back after an outage) seals the
   journal, pushes the records of the sealed journals that Redis has not confirmed yet, then reads the
   stream from the cursor saved in the usage file and adds what it finds: so the usage file holds the totals
