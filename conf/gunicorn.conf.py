@@ -22,6 +22,12 @@ shutdown: streams are cut, usage is still saved.
 Each worker builds its own service after the fork (`preload_app = False`): its own pools, its own
 usage saver greenlet, its own certificate watcher. They share the credential file (one refresh for
 all, under a file lock) and the usage file (journal + locked fold: totals stay exact).
+
+Metrics and the status page: the master makes one private directory per run before the first worker
+starts and removes it when it exits (`ccm_wsgi.observe.rundir`). In it are the workers' metrics files
+(a scrape of any worker shows the sums over all of them, a replaced worker's counts included), the key
+that signs the status page's cookies (a cookie one worker made is good on every other) and the recent
+refusals the page lists.
 """
 
 import contextlib
@@ -30,6 +36,7 @@ import socket
 import sys
 
 from ccm_wsgi import wsgi as _ccm  # reads the config only; nothing is patched or built in the master
+from ccm_wsgi.observe import rundir as _rundir  # imports nothing else: prometheus_client is imported later
 
 try:
     _config, _service = _ccm.load_config()
@@ -66,11 +73,8 @@ if _service.tls is not None:
     keyfile = _service.tls.key_path or None
 
     def ssl_context(conf, default_ssl_context_factory):
-        from ccm_wsgi.http import tls  # in the worker, after gevent's patching
-
-        context = tls.server_context(_service.tls)
-        context.watch()
-        return context
+        """In the worker, once its service is built: the context the service watches and reports on."""
+        return _ccm.service.tls
 
 
 def post_request(worker, req, environ, resp):
@@ -95,3 +99,18 @@ def worker_exit(server, worker):
     module = sys.modules.get("ccm_wsgi.wsgi")
     if module is not None:
         module.shutdown()
+
+
+def on_starting(server):
+    """In the master, once, before the first worker: the run's shared directory (metrics, session key)."""
+    _rundir.prepare()
+
+
+def child_exit(server, worker):
+    """In the master, when a worker has exited: its requests in flight no longer count; its counts stay."""
+    _rundir.worker_gone(worker.pid)
+
+
+def on_exit(server):
+    """In the master, as it exits: the run's shared directory goes."""
+    _rundir.remove()

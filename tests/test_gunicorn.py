@@ -32,6 +32,7 @@ from tests.support.procs import (
     HTTP,
     ROOT,
     Gunicorn,
+    only,
     request,
     service_config,
     wait_for,
@@ -55,19 +56,6 @@ def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
             for pid in server.worker_pids():
                 os.kill(pid, signal.SIGCONT)
         server.stop()
-
-
-@contextlib.contextmanager
-def only(server: Gunicorn, pid: int) -> Iterator[None]:
-    """Every other worker is paused (SIGSTOP), so new connections go to worker `pid`."""
-    others = [p for p in server.worker_pids() if p != pid]
-    for other in others:
-        os.kill(other, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for other in others:
-            os.kill(other, signal.SIGCONT)
 
 
 def message(server: Gunicorn, token: str = ALICE) -> tuple[int, int]:

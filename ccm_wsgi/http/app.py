@@ -1,8 +1,8 @@
 """The Flask application of one ccm service.
 
-Flask serves the small endpoints (`/healthz`, `/ccm/v1/status`, the JSON 404s); `/v1/*` is sent
-straight to the proxy's WSGI callable before Flask builds a request object, because that path is
-hot and gains nothing from Werkzeug.
+Flask serves the small endpoints (`/healthz`, `/ccm/v1/status`, `/metrics`, the JSON
+404s); `/v1/*` is sent straight to the proxy's WSGI callable before Flask builds a request object,
+because that path is hot and gains nothing from Werkzeug.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from flask import Flask, Response, request
 
 from ..errors import JSON_HEADERS, ProxyError, error_body
 from ..patches import abandon
+from .auth import presented_token
 from .guard import OpenGuard
 from .proxy import has_body, status_line
 
@@ -74,6 +75,19 @@ def create_app(service: Service) -> Flask:
         except ProxyError as err:
             return json_response(err.body(), err.status)
         return json_response(json.dumps(service.status(user), sort_keys=True).encode())
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus text format, for an admin token, or anyone on an open service."""
+        if service.metrics is None:  # CCM_METRICS=off
+            return json_response(error_body("not_found_error", "Not found"), 404)
+        auth = service.auth
+        if not auth.open and not auth.is_admin(request.environ):
+            if auth.user_with(presented_token(request.environ) or "") is None:  # no token, or not one of ours
+                return json_response(error_body("authentication_error", "metrics need an admin token"), 401)
+            return json_response(error_body("permission_error", "metrics need an admin token, not a user's"), 403)
+        body, content_type = service.metrics.scrape(request.headers.get("Accept", ""))
+        return Response(body, content_type=content_type)
 
     @app.route("/", defaults={"path": ""}, methods=METHODS)
     @app.route("/<path:path>", methods=METHODS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,12 +168,13 @@ class Proxy:
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=30))
 
 
-def request(method: str, url: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
-    """urllib3 request; the tokens it sends and the error bodies it gets are remembered (see SECRETS)."""
+def request(method: str, url: str, pool: urllib3.PoolManager = HTTP, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+    """urllib3 request (through `pool`: one that trusts a test CA, for https); the tokens it sends and the error
+    bodies it gets are remembered (see SECRETS)."""
     for name, value in (kwargs.get("headers") or {}).items():
         if name.lower() in ("authorization", "x-api-key"):
             remember_secrets(value.split(None, 1)[-1] if name.lower() == "authorization" else value)
-    r = HTTP.request(method, url, **kwargs)
+    r = pool.request(method, url, **kwargs)
     if r.status >= 400 and kwargs.get("preload_content", True):
         ERROR_BODIES.append((f"{method} {url}", r.data))
     return r
@@ -228,3 +231,18 @@ class Gunicorn(Proxy):
         except FileNotFoundError:
             return []
         return [int(m.group(1)) for m in re.finditer(r"^<(\d+)> ", text, re.M)]
+
+
+@contextlib.contextmanager
+def only(server: Gunicorn, pid: int) -> Iterator[None]:
+    """Every other worker is paused (SIGSTOP), so new connections go to worker `pid` (one that exited is skipped)."""
+    others = [p for p in server.worker_pids() if p != pid]
+    for other in others:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(other, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for other in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(other, signal.SIGCONT)
