@@ -1,7 +1,7 @@
 """The Flask application of one ccm service.
 
-Flask serves the small endpoints (`/healthz`, `/ccm/v1/status`, `/metrics`, the JSON
-404s); `/v1/*` is sent straight to the proxy's WSGI callable before Flask builds a request object,
+Flask serves the small endpoints (`/healthz`, `/ccm/v1/status`, `/metrics`, the status page under `/ccm/`,
+the JSON 404s); `/v1/*` is sent straight to the proxy's WSGI callable before Flask builds a request object,
 because that path is hot and gains nothing from Werkzeug.
 """
 
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, request
 
 from ..errors import JSON_HEADERS, ProxyError, error_body
+from ..observe import page, session
 from ..patches import abandon
 from .auth import presented_token
 from .guard import OpenGuard
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from ..service import Service
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+FORM_LIMIT = 16 * 1024  # the status page's forms are a token and a form token
 
 
 def json_response(body: bytes, status: int = 200) -> Response:
@@ -55,6 +57,10 @@ def closing_unread(environ: dict[str, Any], start_response: Any) -> Any:
 def create_app(service: Service) -> Flask:
     app = Flask("ccm_wsgi")
     app.config["SERVICE"] = service
+    app.config["MAX_CONTENT_LENGTH"] = FORM_LIMIT
+    secret = session.key()
+    session.configure(app, secret, tls=service.cfg.tls is not None)
+    app.register_blueprint(page.blueprint(service, secret))
 
     @app.get("/healthz")
     def healthz() -> Response:
