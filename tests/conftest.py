@@ -1,16 +1,20 @@
-"""Shared fixtures: a fake Anthropic upstream and `ccm-wsgi serve` processes, all on 127.0.0.1."""
+"""Shared fixtures: a fake Anthropic upstream, `ccm-wsgi serve` and gunicorn processes, all on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.support.constants import ACCESS, ALICE, BOB, REFRESH
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.procs import Proxy, service_config, write_credentials
+from tests.support.procs import Gunicorn, Proxy, service_config, write_credentials
 
 pytest_plugins = ["tests.support.secrets_guard"]  # remembers the suite's tokens and logs for tests/test_secrets.py
 
@@ -22,6 +26,21 @@ def fake(tmp_path: Path) -> Iterator[FakeUpstream]:
         yield upstream
     finally:
         upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def module_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeUpstream]:
+    """One fake upstream for a whole module (one whose server is started once, for all its tests)."""
+    upstream = FakeUpstream.start(tmp_path_factory.mktemp("fake"))
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def module_ca() -> trustme.CA:
+    return trustme.CA()
 
 
 @pytest.fixture
@@ -51,3 +70,22 @@ def proxy(fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy]) ->
     """One service with two users (alice, bob), no usage file."""
     users = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}]
     return start_proxy({"log": {"level": "info"}, "services": [service_config(fake.url, creds, users=users)]})
+
+
+@pytest.fixture
+def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
+    """gunicorn processes, stopped at the end (their workers resumed first, should a test have paused them)."""
+    started: list[Gunicorn] = []
+
+    def start(config: dict[str, Any], workers: int = 2, env: dict[str, str] | None = None,
+              extra: tuple[str, ...] = ()) -> Gunicorn:
+        server = Gunicorn(tmp_path, config, workers=workers, env=env, extra=extra).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        with contextlib.suppress(ProcessLookupError):
+            for pid in server.worker_pids():
+                os.kill(pid, signal.SIGCONT)
+        server.stop()

@@ -7,7 +7,6 @@ request) shows where the concurrent bursts went.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -17,12 +16,11 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anthropic
-import pytest
 import trustme
 
 from tests.support.clients import ask, first_delta_only, stream_events
@@ -38,24 +36,6 @@ from tests.support.procs import (
     wait_for,
     write_credentials,
 )
-
-
-@pytest.fixture
-def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
-    started: list[Gunicorn] = []
-
-    def start(config: dict[str, Any], workers: int = 2, env: dict[str, str] | None = None,
-              extra: tuple[str, ...] = ()) -> Gunicorn:
-        server = Gunicorn(tmp_path, config, workers=workers, env=env, extra=extra).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        with contextlib.suppress(ProcessLookupError):
-            for pid in server.worker_pids():
-                os.kill(pid, signal.SIGCONT)
-        server.stop()
 
 
 def message(server: Gunicorn, token: str = ALICE) -> tuple[int, int]:

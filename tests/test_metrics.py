@@ -4,13 +4,12 @@ same figures `ccm-wsgi usage` reports, the access rules, and the Grafana dashboa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,29 @@ from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.observe import (
     ADMIN,
+    HAIKU,
     Samples,
     knobs,
     scrape,
     tls_pool,
     tls_sdk,
     total,
+    two_users,
     usage_by_user,
     value,
 )
-from tests.support.procs import Gunicorn, Proxy, only, request, service_config, wait_for, write_credentials
+from tests.support.procs import (
+    Gunicorn,
+    Proxy,
+    only,
+    request,
+    service_config,
+    wait_for,
+    write_credentials,
+    write_pair,
+)
 
 CAROL = "ak-ccm-carol-0123456789abcdef"
-HAIKU = "claude-haiku-4-5"
 DASHBOARD = Path(__file__).resolve().parents[1] / "conf" / "grafana-dashboard.json"
 # alice's two answers: 100k input ($0.30), 20k output ($0.30), 50k cache read ($0.015), 10k cache write ($0.0375)
 ALICE_EACH = knobs(100_000, 20_000, 50_000, 10_000)
@@ -46,30 +55,15 @@ BOB_COST = 0.4
 
 
 @pytest.fixture(scope="module")
-def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream.start(tmp_path_factory.mktemp("fake"))
-    try:
-        yield upstream
-    finally:
-        upstream.stop()
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream, ca: trustme.CA) -> Iterator[dict[str, Any]]:
+def served(tmp_path_factory: pytest.TempPathFactory, module_fake: FakeUpstream,
+           module_ca: trustme.CA) -> Iterator[dict[str, Any]]:
     """One TLS service after a known set of requests: its URL, usage file, certificate and what each client got."""
-    tmp = tmp_path_factory.mktemp("metrics")
+    tmp, fake, ca = tmp_path_factory.mktemp("metrics"), module_fake, module_ca
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=3600)
     # a minute left: the first request refreshes it
     creds = write_credentials(tmp / "claude" / ".credentials.json", ACCESS, REFRESH, expires_in=60)
     cert = ca.issue_cert("127.0.0.1")
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    key_path.write_bytes(cert.private_key_pem.bytes())
+    cert_path, key_path = write_pair(cert, tmp, "server")
     users = [{"name": "alice", "token": ALICE, "limits": {"budget": [{"usd": 1, "per": "day"}]}},
              {"name": "bob", "token": BOB, "limits": {"models": ["claude-haiku-*"]}},
              {"name": "carol", "token": CAROL}]
@@ -175,15 +169,18 @@ def test_only_admins_read_metrics(served: dict[str, Any]) -> None:
     assert request("GET", url + "/metrics", pool=pool, headers={"x-api-key": ADMIN}).status == 200
 
 
-def test_an_open_service_shows_metrics_to_anyone_and_they_can_be_turned_off(
-        tmp_path: Path, fake: FakeUpstream) -> None:
+def test_an_open_service_shows_metrics_and_its_page_to_anyone_and_metrics_can_be_turned_off(
+        tmp_path: Path, module_fake: FakeUpstream) -> None:
     creds = write_credentials(tmp_path / "claude" / ".credentials.json", ACCESS, REFRESH)
-    config = {"services": [service_config(fake.url, creds)]}
+    config = {"services": [service_config(module_fake.url, creds, usages_path=str(tmp_path / "usages.json"))]}
     proxy = Proxy(tmp_path, config, name="open").start()
     try:
         ask(proxy)
         found = scrape(proxy.url, token=None)
         assert value(found, "ccm_requests_total", user="-", model="Sonnet 4.6", status="200") == 1
+        page = request("GET", proxy.url + "/ccm/")
+        assert page.status == 200 and b"Open service: everyone sees everything" in page.data
+        assert re.search(rb"<h3>\(no user\)</h3>.*?<th scope=\"row\">Today</th><td>1</td>", page.data, re.S)
     finally:
         proxy.stop()
     proxy = Proxy(tmp_path, config, name="off", env={"CCM_METRICS": "off"}).start()
@@ -220,19 +217,8 @@ def test_the_dashboard_queries_only_metrics_a_scrape_has(samples: Samples) -> No
 
 
 @pytest.fixture
-def gunicorn(tmp_path: Path, fake: FakeUpstream) -> Iterator[Gunicorn]:
-    creds = write_credentials(tmp_path / "claude" / ".credentials.json", ACCESS, REFRESH)
-    users = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB, "limits": {"models": [HAIKU]}}]
-    config = {"log": {"level": "info"}, "services": [service_config(
-        fake.url, creds, users=users, admin_tokens=[ADMIN], usages_path=str(tmp_path / "usages.json"))]}
-    server = Gunicorn(tmp_path, config, workers=2).start()
-    try:
-        yield server
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            for pid in server.worker_pids():
-                os.kill(pid, signal.SIGCONT)
-        server.stop()
+def gunicorn(tmp_path: Path, module_fake: FakeUpstream, start_gunicorn: Callable[..., Gunicorn]) -> Gunicorn:
+    return start_gunicorn(two_users(module_fake.url, tmp_path))
 
 
 def counts(server: Gunicorn) -> dict[str, float]:

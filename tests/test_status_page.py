@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import http.cookies
-import os
 import re
 import shutil
-import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,41 +26,34 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from tests.support.clients import ask
 from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.observe import ADMIN, knobs, scrape, tls_pool, tls_sdk, usage_by_user, value
-from tests.support.procs import Gunicorn, Proxy, only, request, service_config, wait_for, write_credentials
+from tests.support.observe import ADMIN, HAIKU, knobs, scrape, tls_pool, tls_sdk, two_users, usage_by_user, value
+from tests.support.procs import (
+    Gunicorn,
+    Proxy,
+    only,
+    request,
+    service_config,
+    wait_for,
+    write_credentials,
+    write_pair,
+)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-HAIKU = "claude-haiku-4-5"
 TOKENS = (ALICE, BOB, ADMIN, ACCESS, REFRESH)
 
 
 @pytest.fixture(scope="module")
-def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeUpstream]:
-    upstream = FakeUpstream.start(tmp_path_factory.mktemp("fake"))
-    try:
-        yield upstream
-    finally:
-        upstream.stop()
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream, ca: trustme.CA) -> Iterator[dict[str, Any]]:
+def site(tmp_path_factory: pytest.TempPathFactory, module_fake: FakeUpstream,
+         module_ca: trustme.CA) -> Iterator[dict[str, Any]]:
     """A TLS service with two users, an admin and some traffic (a refusal included)."""
-    tmp = tmp_path_factory.mktemp("page")
+    tmp, fake, ca = tmp_path_factory.mktemp("page"), module_fake, module_ca
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=3600)
     creds = write_credentials(tmp / "claude" / ".credentials.json", ACCESS, REFRESH)
     cert = ca.issue_cert("127.0.0.1")
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    key_path.write_bytes(cert.private_key_pem.bytes())
+    cert_path, key_path = write_pair(cert, tmp, "server")
     users = [{"name": "alice", "token": ALICE, "limits": {"budget": [{"usd": 5, "per": "day"}],
                                                          "requests_per_minute": 60}},
              {"name": "bob", "token": BOB, "limits": {"models": ["claude-haiku-*"]}}]
@@ -117,13 +108,18 @@ def no_token_shown(driver: WebDriver) -> None:
         assert token not in driver.current_url and token not in driver.page_source
 
 
+PERIODS = """
+const card = [...document.querySelectorAll("article.person")].find(
+    c => c.querySelector("h3").textContent === arguments[0]);
+return [...card.querySelectorAll("tbody tr")].map(
+    row => [row.querySelector("th").textContent, [...row.querySelectorAll("td")].map(td => td.textContent)]);
+"""
+
+
 def periods(driver: WebDriver, person: str) -> dict[str, list[str]]:
-    """The usage table of one person's card: {period: [requests, USD, input, output, cache read, cache write]}."""
-    card = next(c for c in driver.find_elements(By.CSS_SELECTOR, "article.person")
-                if c.find_element(By.TAG_NAME, "h3").text == person)
-    rows = card.find_elements(By.CSS_SELECTOR, "tbody tr")
-    return {r.find_element(By.TAG_NAME, "th").text: [td.text for td in r.find_elements(By.TAG_NAME, "td")]
-            for r in rows}
+    """The usage table of one person's card: {period: [requests, USD, input, output, cache read, cache write]}, read
+    in one go (the page may swap its live part in between two reads)."""
+    return {period: cells for period, cells in driver.execute_script(PERIODS, person)}
 
 
 def expected(totals: dict[str, float]) -> list[str]:
@@ -261,19 +257,8 @@ def test_headers_cookie_and_forms(site: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-def gunicorn(tmp_path: Path, fake: FakeUpstream) -> Iterator[Gunicorn]:
-    creds = write_credentials(tmp_path / "claude" / ".credentials.json", ACCESS, REFRESH)
-    users = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB, "limits": {"models": [HAIKU]}}]
-    config = {"services": [service_config(fake.url, creds, users=users, admin_tokens=[ADMIN],
-                                          usages_path=str(tmp_path / "usages.json"))]}
-    server = Gunicorn(tmp_path, config, workers=2).start()
-    try:
-        yield server
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            for pid in server.worker_pids():
-                os.kill(pid, signal.SIGCONT)
-        server.stop()
+def gunicorn(tmp_path: Path, module_fake: FakeUpstream, start_gunicorn: Callable[..., Gunicorn]) -> Gunicorn:
+    return start_gunicorn(two_users(module_fake.url, tmp_path))
 
 
 def new_connection() -> urllib3.PoolManager:

@@ -59,6 +59,7 @@ class Page:
     people: tuple[Person, ...]
     refusals: tuple[tuple[str, str, str, int], ...]  # when, who, limit, status; newest first
     updated: str
+    counted: bool  # whether usage is counted at all (a usages_path)
 
 
 def build(service: Service, viewer: Viewer, now: float | None = None) -> Page:
@@ -74,7 +75,8 @@ def build(service: Service, viewer: Viewer, now: float | None = None) -> Page:
         people = tuple(_person(service, name, now, service.auth.user_named(name))
                        for name in [*names, *([""] if "" in seen else [])])
     refused = [r for r in service.refusals.last() if user is None or r.user == user.name]
-    return Page(viewer, credentials, people, tuple(_refusal(r) for r in reversed(refused)), when_exact(now))
+    return Page(viewer, credentials, people, tuple(_refusal(r) for r in reversed(refused)), when_exact(now),
+                bool(service.usage_stores()))
 
 
 def _credential(account: Account, now: float, admin: bool) -> Credential:

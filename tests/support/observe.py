@@ -7,6 +7,7 @@ import json
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -14,9 +15,11 @@ import trustme
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.procs import HTTP, request
+from tests.support.constants import ACCESS, ALICE, BOB, REFRESH
+from tests.support.procs import HTTP, request, service_config, write_credentials
 
 ADMIN = "ak-ccm-admin-observe-0123456789"
+HAIKU = "claude-haiku-4-5"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -79,3 +82,11 @@ def knobs(input_tokens: int, output_tokens: int, cache_read: int = 0, cache_writ
     sent = {"input-tokens": input_tokens, "output-tokens": output_tokens, "cache-read-tokens": cache_read,
             "cache-creation-tokens": cache_write, **{k.replace("_", "-"): v for k, v in more.items()}}
     return {"x-fake-" + k: str(v) for k, v in sent.items()}
+
+
+def two_users(upstream_url: str, tmp_path: Path) -> dict[str, Any]:
+    """A config for gunicorn: alice, bob (haiku only), an admin token, a usage file."""
+    creds = write_credentials(tmp_path / "claude" / ".credentials.json", ACCESS, REFRESH)
+    users = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB, "limits": {"models": [HAIKU]}}]
+    return {"log": {"level": "info"}, "services": [service_config(
+        upstream_url, creds, users=users, admin_tokens=[ADMIN], usages_path=str(tmp_path / "usages.json"))]}

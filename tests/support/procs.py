@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import trustme
 import urllib3
 
 START_TIMEOUT = 20.0
@@ -74,6 +75,15 @@ def write_credentials(path: Path, access: str, refresh: str, expires_in: float =
     path.write_text(json.dumps(document, indent=2))
     os.chmod(path, 0o600)
     return path
+
+
+def write_pair(cert: trustme.LeafCert, directory: Path, stem: str) -> tuple[Path, Path]:
+    """A trustme certificate (with its chain) and its key as PEM files `<stem>.crt` and `<stem>.key`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key_path.write_bytes(cert.private_key_pem.bytes())
+    return cert_path, key_path
 
 
 def service_config(upstream_url: str, credential_path: Path | str, **fields: Any) -> dict[str, Any]:
