@@ -20,6 +20,7 @@ setup(
         "zstandard>=0.22",
         "pydantic>=2.7",
         "segno>=1.5",  # the QR code of the login URL in a terminal; pure Python, no dependencies
+        "orjson>=3.9",  # reads every response's usage: four times the standard parser's speed
     ],
     extras_require={
         "gunicorn": ["gunicorn[gevent]>=23.0"],

@@ -23,6 +23,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from .tokens import Tokens
 
 MAX_EVENT = 1 << 20
@@ -83,6 +85,13 @@ def _apply_event(usage: Usage, event: Any) -> None:
 
 
 def _loads(data: bytes) -> Any:
+    """The JSON value of `data`, None when it is not JSON. orjson reads the usual document (it is on the path
+    of every response); what it refuses and the standard parser takes (an integer beyond 64 bits, NaN) is
+    read by the standard parser, so both accept the same documents."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(data)
     except (ValueError, RecursionError):

@@ -219,6 +219,12 @@ class Gunicorn(Proxy):
             self.ports["gunicorn"] = int(listening.group(3))
         return bool(listening) and len(self.worker_pids()) >= n
 
+    def stop(self) -> int | None:
+        for pid in self.worker_pids():  # workers a test paused (see `only`) must be able to stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        return super().stop()
+
     def worker_pids(self) -> set[int]:
         """Workers that built their service (a worker replaced later adds its pid)."""
         return {int(m.group(2)) for m in WORKER_READY_RE.finditer(self.log())}
