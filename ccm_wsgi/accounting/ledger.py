@@ -17,6 +17,7 @@ and as exact as they are, and every process that reads the same journal (gunicor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,9 +93,14 @@ class Ledger:
         for name, reading in readings.items():
             self.windows[name].observe(user, cost, reading)
 
-    def spent(self, user: str, first_day: int) -> float:
-        """USD spent by `user` from the start of day `first_day` on."""
-        return sum(usd for day, usd in self.spend.get(user, {}).items() if day >= first_day)
+    def spent(self, user: str, first_days: Sequence[int]) -> list[float]:
+        """USD spent by `user` from the start of each of `first_days` on (one pass over the user's days)."""
+        totals = [0.0] * len(first_days)
+        for day, usd in self.spend.get(user, {}).items():
+            for i, first in enumerate(first_days):
+                if day >= first:
+                    totals[i] += usd
+        return totals
 
     def used(self, user: str, window: str, now: float) -> float:
         """Points of the current `window` attributed to `user`."""
