@@ -21,6 +21,7 @@ setup(
         "zstandard>=0.22",
         "pydantic>=2.7",
         "segno>=1.5",  # the QR code of the login URL in a terminal; pure Python, no dependencies
+        "orjson>=3.9",  # reads every response's usage: four times the standard parser's speed
         "prometheus-client>=0.20",  # /metrics, with gunicorn's workers summed (multiprocess mode)
     ],
     extras_require={

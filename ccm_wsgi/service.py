@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from . import config
@@ -31,11 +32,26 @@ from .upstream.outbounds import Outbounds
 
 log = logging.getLogger("ccm_wsgi.service")
 
+# What a running service takes from a re-read config, for the requests that start after it. Everything
+# else (listener, TLS, credentials and their files, upstream, outbounds, pricing) keeps running as it was
+# started and changes at the next restart.
+LIVE = ("users", "admin_tokens", "limits", "overage", "headers", "max_request_body_size", "response_timeout",
+        "stream_idle_timeout")
+
+
+class ReloadRefused(Exception):
+    """A re-read config that this running service cannot take; `problems` say why, one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
 
 class Service:
     def __init__(self, cfg: config.Service, outbounds: Outbounds, save_interval: float = SAVE_INTERVAL,
-                 counters: Counters | None = None):
+                 counters: Counters | None = None, shared: str | None = None):
         self.cfg = cfg
+        self.shared = shared  # the directory shared with the other workers of a gunicorn master (status page)
         self.save_interval = save_interval
         self.tag = cfg.tag
         self.outbounds = outbounds
@@ -46,7 +62,7 @@ class Service:
         self.tls = tls.server_context(cfg.tls) if cfg.tls is not None else None
         tags = [c.tag for c in cfg.effective_credentials if isinstance(c, config.DefaultCredential)]
         self.metrics = Metrics(self.pricing, tags) if enabled() else None
-        self.refusals = refusals.recent()
+        self.refusals = refusals.recent(shared)
         accounts = self._accounts(cfg.effective_credentials)
         self.accounts = list(accounts.values())
         self.providers: dict[str, PoolProvider] = {}
@@ -115,6 +131,41 @@ class Service:
         return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval,
                           self.metrics.save_failed if self.metrics is not None else None)
 
+    def reload(self, new: config.Service, where: str) -> list[str]:
+        """Take the settings of `new` that apply at once (`LIVE`): requests already running keep the user and
+        limits they started with. Returns the other settings that differ (they wait for a restart); raises
+        ReloadRefused, changing nothing, when a user of `new` needs a credential or usage file that is not
+        running. `where` is the service's JSON path, for the problems."""
+        merged = self.check_reload(new, where)
+        later = [name for name in type(new).model_fields
+                 if name not in LIVE and getattr(new, name) != getattr(self.cfg, name)]
+        self.cfg = merged
+        self.auth = self.proxy.auth = Authenticator(merged.users, merged.admin_tokens)
+        self.proxy.settings = ProxySettings.of(merged)
+        self.limits.reload(merged)
+        return later
+
+    def check_reload(self, new: config.Service, where: str) -> config.Service:
+        """The config this service would run with after taking `new`; raises ReloadRefused."""
+        merged = self.cfg.model_copy(update={name: getattr(new, name) for name in LIVE})
+        problems = list(self._unservable(merged, where))
+        if problems:
+            raise ReloadRefused(problems)
+        return merged
+
+    def _unservable(self, cfg: config.Service, where: str) -> Iterator[str]:
+        for index, user in enumerate(cfg.users):
+            if user.credential and user.credential not in self.providers:
+                yield (f"{where}.users[{index}].credential: {user.credential} is not a running credential "
+                       "(a new credential needs a restart)")
+                continue
+            limits = cfg.limits_for(user)
+            if limits is not None and limits.needs_ledger:
+                bare = [a.tag for a in self.provider_for(user).accounts if a.usage is None]
+                if bare:
+                    yield (f"{where}.users[{index}]: budget and window_share need a usages_path on credential "
+                           f"{', '.join(bare)} (a new usage file needs a restart)")
+
     def provider_for(self, user: config.User | None) -> SingleProvider | PoolProvider:
         if user is not None and user.credential:
             return self.providers[user.credential]
@@ -140,7 +191,8 @@ class Service:
                   "usable": [m.tag for m in p.balancer.usable_members()], "sessions": p.balancer.sessions()}
             for tag, p in self.providers.items() if isinstance(p, PoolProvider)
         }
-        return {"credentials": credentials, "pools": pools}
+        users = {user.name: self.limits.view(user) for user in self.cfg.users}
+        return {"credentials": credentials, "pools": pools, "users": users}
 
     def usage_stores(self) -> list[UsageStore]:
         return [a.usage for a in self.accounts if a.usage is not None]

@@ -21,13 +21,16 @@ shutdown: streams are cut, usage is still saved.
 
 Each worker builds its own service after the fork (`preload_app = False`): its own pools, its own
 usage saver greenlet, its own certificate watcher. They share the credential file (one refresh for
-all, under a file lock) and the usage file (journal + locked fold: totals stay exact).
+all, under a file lock), the usage file (journal + locked fold: totals stay exact) and the limits'
+counts, in a private directory of the master (so "2 at a time" means 2 on the host). The same directory
+holds the workers' metrics files (a scrape of any worker shows the sums over all of them, a replaced
+worker's counts included), the key that signs the status page's cookies (a cookie one worker made is
+good on every other) and the last refusals the page lists.
 
-Metrics and the status page: the master makes one private directory per run before the first worker
-starts and removes it when it exits (`ccm_wsgi.observe.rundir`). In it are the workers' metrics files
-(a scrape of any worker shows the sums over all of them, a replaced worker's counts included), the key
-that signs the status page's cookies (a cookie one worker made is good on every other) and the recent
-refusals the page lists.
+Reload: `kill -HUP <master>` runs this file again. A config that passes `ccm-wsgi check` is copied for
+the new workers, which gunicorn starts at once; the old ones finish their requests (as on SIGTERM:
+up to `shutdown_grace`) and exit. Everything in the config applies, listener and credentials included.
+A config that fails is refused (the problems on standard error) and the new workers run the old one.
 """
 
 import contextlib
@@ -39,7 +42,7 @@ from ccm_wsgi import wsgi as _ccm  # reads the config only; nothing is patched o
 from ccm_wsgi.observe import rundir as _rundir  # imports nothing else: prometheus_client is imported later
 
 try:
-    _config, _service = _ccm.load_config()
+    _config, _service = _ccm.master_config()  # on HUP: a bad config is refused and the running one stays
 except _ccm.ConfigProblem as _problem:
     sys.stderr.write("ccm-wsgi: invalid config:\n" + "\n".join(_problem.lines) + "\n")
     raise SystemExit(1) from None
@@ -94,23 +97,24 @@ def post_worker_init(worker):
     gevent.spawn(sys.modules["ccm_wsgi.wsgi"].drain_when_stopping, lambda: worker.alive)
 
 
+def on_starting(server):
+    """In the master, once, before the first worker: the metrics files' directory and the session key."""
+    _rundir.prepare(_ccm.host_state())
+
+
+def child_exit(server, worker):
+    """In the master, when a worker ended (even killed): the requests it held in flight no longer count (its
+    counts in the metrics stay)."""
+    _ccm.worker_gone(worker.pid)
+    _rundir.worker_gone(worker.pid)
+
+
+def on_exit(server):
+    _ccm.master_exit()
+
+
 def worker_exit(server, worker):
     """In the worker, after it stopped serving: save usage (the journal already holds every record)."""
     module = sys.modules.get("ccm_wsgi.wsgi")
     if module is not None:
         module.shutdown()
-
-
-def on_starting(server):
-    """In the master, once, before the first worker: the run's shared directory (metrics, session key)."""
-    _rundir.prepare()
-
-
-def child_exit(server, worker):
-    """In the master, when a worker has exited: its requests in flight no longer count; its counts stay."""
-    _rundir.worker_gone(worker.pid)
-
-
-def on_exit(server):
-    """In the master, as it exits: the run's shared directory goes."""
-    _rundir.remove()

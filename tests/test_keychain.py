@@ -1,5 +1,6 @@
-"""The macOS keychain path (reference §7.2) through `keyring`, with an in-memory backend (tests/support/memkeyring.py)
-in the `ccm-wsgi serve` child. `CCM_KEYCHAIN=1` turns the keychain on where it is not macOS."""
+"""The macOS keychain path (Claude Code's own keychain entry) through `keyring`, with an in-memory backend
+(tests/support/memkeyring.py) in the `ccm-wsgi serve` child. `CCM_KEYCHAIN=1` turns the keychain on where it is
+not macOS."""
 
 from __future__ import annotations
 

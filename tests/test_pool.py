@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import anthropic
 import pytest
 
 from tests.support.clients import post_messages
 from tests.support.constants import ALICE, BOB, MODEL
+from tests.support.pools import ADMIN, accounts, pool_service
 from tests.support.procs import request, wait_for, write_credentials
-
-ADMIN = "ak-ccm-admin-0123456789abcdef"
-
-
-def accounts(fake, tmp_path: Path, *names: str, **state) -> dict[str, Path]:
-    """One fake account and one credentials file per name; `state` applies to every account."""
-    paths = {}
-    for name in names:
-        access, refresh = f"sk-ant-oat01-{name}-access-xxxxxxxx", f"sk-ant-ort01-{name}-refresh-xxxxxxx"
-        fake.add_account(access_token=access, refresh_token=refresh, account=name, expires_in=3600, **state)
-        paths[name] = write_credentials(tmp_path / name / ".credentials.json", access, refresh)
-    return paths
-
-
-def pool_service(fake, paths: dict[str, Path], strategy="least_used", users=None, extra_credentials=(), **fields):
-    credentials = [{"tag": n, "credential_path": str(p)} for n, p in paths.items()]
-    credentials += list(extra_credentials)
-    credentials.append({"tag": "pool", "type": "balancer", "strategy": strategy, "credentials": list(paths)})
-    service = {
-        "type": "ccm", "tag": "ccm", "listen": "127.0.0.1", "listen_port": 0,
-        "upstream_url": fake.url, "token_url": fake.url + "/v1/oauth/token",
-        "credentials": credentials, "admin_tokens": [ADMIN],
-        "users": users or [{"name": "alice", "token": ALICE, "credential": "pool"}],
-    }
-    service.update(fields)
-    return {"services": [service]}
 
 
 def admin_status(proxy) -> dict:
@@ -215,7 +189,7 @@ def test_status_endpoint_numbers(tmp_path, fake, start_proxy):
     polled(proxy, 2)
     r = request("GET", proxy.url + "/ccm/v1/status", headers={"Authorization": "Bearer " + ALICE})
     assert r.status == 200
-    # reference §12 example: 5h 100-(69*5+99)/6 = 26, weekly 100-(59*5+89)/6 = 36, weight 6
+    # sing-box's worked example: 5h 100-(69*5+99)/6 = 26, weekly 100-(59*5+89)/6 = 36, weight 6
     assert json.loads(r.data) == {"five_hour_utilization": 26.0, "plan_weight": 6.0, "weekly_utilization": 36.0}
     r = request("GET", proxy.url + "/ccm/v1/status", headers={"Authorization": "Bearer " + BOB})
     assert json.loads(r.data) == {"five_hour_utilization": 1.0, "plan_weight": 1.0, "weekly_utilization": 11.0}

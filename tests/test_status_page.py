@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import http.cookies
+import json
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -253,6 +255,49 @@ def test_headers_cookie_and_forms(site: dict[str, Any]) -> None:
     assert script.status == 200 and script.headers["content-type"].startswith("text/javascript")
 
 
+def new_connection() -> urllib3.PoolManager:
+    """A pool of its own: the request goes to whichever worker accepts a new connection now."""
+    return urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=30))
+
+
+def signed_in(url: str, token: str, pool: urllib3.PoolManager | None = None) -> str:
+    """The session cookie of `token`, signed in through the form."""
+    pool = pool or new_connection()
+    r = request("GET", url + "/ccm/", pool=pool)
+    cookie, _ = cookie_of(r)
+    session, _ = cookie_of(post_sign_in(url, pool, token, cookie, form_of(r.data)))
+    return session
+
+
+def sees_the_page(url: str, session: str) -> bool:
+    r = request("GET", url + "/ccm/", pool=new_connection(), headers={"Cookie": session})
+    assert r.status == 200
+    return b"Signed in as" in r.data and b'id="token"' not in r.data
+
+
+def test_a_reload_ends_the_sessions_it_no_longer_lets_in(tmp_path: Path, module_fake: FakeUpstream,
+                                                         start_proxy: Callable[..., Proxy]) -> None:
+    creds = write_credentials(tmp_path / "claude" / ".credentials.json", ACCESS, REFRESH)
+    carol = "ak-ccm-carol-page-0123456789"
+    users = [{"name": "alice", "token": ALICE}, {"name": "bob", "token": BOB}, {"name": "carol", "token": carol}]
+    config = {"log": {"level": "info"}, "services": [service_config(module_fake.url, creds, users=users,
+                                                                    admin_tokens=[ADMIN])]}
+    proxy = start_proxy(config)
+    sessions = {who: signed_in(proxy.url, token) for who, token in
+                [("alice", ALICE), ("bob", BOB), ("carol", carol), ("admin", ADMIN)]}
+    assert all(sees_the_page(proxy.url, session) for session in sessions.values())
+    service = config["services"][0]
+    service["users"] = [{"name": "bob", "token": BOB, "disabled": True}, {"name": "carol", "token": carol}]
+    service["admin_tokens"] = ["ak-ccm-admin-observe-other-0123"]
+    proxy.config_path.write_text(json.dumps(config))
+    proxy.signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded" in proxy.log(), what="the reload")
+    assert {who: sees_the_page(proxy.url, session) for who, session in sessions.items()} == {
+        "alice": False, "bob": False, "carol": True, "admin": False}  # removed, disabled, kept, token changed
+    live = request("GET", proxy.url + "/ccm/live", pool=new_connection(), headers={"Cookie": sessions["bob"]})
+    assert live.status == 401
+
+
 # --- gunicorn: a cookie one worker made is good on the other, which lists the first one's refusals ---------------
 
 
@@ -261,20 +306,13 @@ def gunicorn(tmp_path: Path, module_fake: FakeUpstream, start_gunicorn: Callable
     return start_gunicorn(two_users(module_fake.url, tmp_path))
 
 
-def new_connection() -> urllib3.PoolManager:
-    """A pool of its own: the request goes to whichever worker accepts a new connection now."""
-    return urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=30))
-
-
 def test_gunicorn_workers_share_sessions_and_refusals(gunicorn: Gunicorn) -> None:
     first, second = sorted(gunicorn.worker_pids())
     url = gunicorn.url
     with only(gunicorn, first):
         with contextlib.suppress(Exception):
             ask(gunicorn, BOB)  # refused here: bob may only use haiku
-        r = request("GET", url + "/ccm/", pool=new_connection())
-        cookie, _ = cookie_of(r)
-        session, _ = cookie_of(post_sign_in(url, new_connection(), ADMIN, cookie, form_of(r.data)))
+        session = signed_in(url, ADMIN)
     with only(gunicorn, second):
         page = request("GET", url + "/ccm/", pool=new_connection(), headers={"Cookie": session})
     assert page.status == 200 and b"Signed in as <strong>admin</strong>" in page.data

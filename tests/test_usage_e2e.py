@@ -43,7 +43,7 @@ ACCESS_RE = re.compile(
     r"(?: cost=\$(?P<cost>[\d.]+))?)?(?: partial\((?P<partial>[^)]*)\))?$"
 )
 
-# USD per million tokens (reference §8.8): input, output, cache read, cache write 5m, cache write 1h.
+# USD per million tokens (the built-in price table): input, output, cache read, cache write 5m, cache write 1h.
 RATES = {
     "claude-sonnet-4-5-20250929": ("3", "15", "0.3", "3.75", "6"),
     "claude-sonnet-4-6": ("3", "15", "0.3", "3.75", "6"),
@@ -70,7 +70,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:Depre
 
 
 def exact_usd(model: str, window: int, s: dict[str, int]) -> Decimal:
-    """§8.7 before rounding, from the token counters of one stats object."""
+    """The cost rule (tokens x price per million, by kind) before rounding, from one stats object's counters."""
     table = PREMIUM if window >= 1_000_000 and model in PREMIUM else RATES
     r = [Decimal(x) for x in table[model]]
     c5, c1 = s.get("cache_creation_5m_input_tokens", 0), s.get("cache_creation_1h_input_tokens", 0)
@@ -111,7 +111,7 @@ def combos(doc: dict[str, Any]) -> dict[tuple[str, int, int], dict[str, Any]]:
 
 
 def check_costs(doc: dict[str, Any]) -> None:
-    """Every cost in a usage document is §8.7 from its own counters, and the summaries add up (§8.9)."""
+    """Every cost in a usage document follows the cost rule from its own counters, and the summaries add up."""
     by_user: dict[str, list[float]] = {}
     for c in doc["combinations"]:
         model, window = c["model"], c["context_window"]
@@ -211,7 +211,7 @@ def test_json_and_sse_with_cache_split_exact_file_report_and_log(serve: Any, usa
     m = ask(proxy, BOB, opus, 1, stream=True, events=4, input_tokens=2000, output_tokens=800,
             cache_read_tokens=10000, cache_5m_tokens=1000, cache_1h_tokens=2000)
     assert m.usage.output_tokens == 800 and m.content[0].text == "Hello 1 2 3"
-    # fast mode (§8.4): no special handling, same bucket and prices
+    # fast mode: no special handling, same bucket and prices
     c = client(proxy, ALICE)
     with c.messages.stream(model=opus, max_tokens=8, messages=conversation(2),
                            extra_headers={**knobs(input_tokens=3, output_tokens=7),
@@ -240,7 +240,7 @@ def test_json_and_sse_with_cache_split_exact_file_report_and_log(serve: Any, usa
     assert list(second["total"]) == [*STAT_KEYS, "cost_usd"]
     assert list(first["total"]) == [*STAT_KEYS[:7], "cost_usd"]  # no 1h writes: the key is omitted
     assert list(second["by_user"]["alice"]) == [*STAT_KEYS[:6], "cost_usd"]
-    assert first["total"] == {**alice_sonnet, "cost_usd": 0.03}  # the worked example of §8.7: 0.02775
+    assert first["total"] == {**alice_sonnet, "cost_usd": 0.03}  # the cost rule's worked example: 0.02775
     assert first["by_user"] == {"alice": {**alice_sonnet, "cost_usd": 0.03}}
     assert second["total"] == {**add(bob_opus, alice_opus), "cost_usd": 0.06}  # 0.06125 + 0.00019
     assert second["by_user"] == {"alice": {**alice_opus, "cost_usd": 0}, "bob": {**bob_opus, "cost_usd": 0.06}}
@@ -444,7 +444,7 @@ def test_upstream_drop_and_idle_timeout_count_what_was_reported(serve: Any, usag
     # a JSON answer lost half-way is a 502: nothing was reported, nothing is counted
     status, _, body = raw_post(proxy.url, BOB, model, stream=False, drop_after=1, input_tokens=1000)
     assert status == 502
-    # an error status is never counted (only 200s are, §8)
+    # an error status is never counted (only 200s are)
     status, _, body = raw_post(proxy.url, BOB, model, status=529, input_tokens=1000)
     assert status == 529
     # a compressed stream dropped mid-way: the decoder hands the tap what arrived
@@ -599,10 +599,15 @@ def test_singbox_file_keeps_its_totals_and_gains_new_ones(serve: Any, usages: Pa
     assert bob_row.split() == ["bob", "claude-opus-4-6", "6", "54", "6,000", "12,000", "400,000", "30,500",
                                f"{opus['by_user']['bob']['cost_usd']:.2f}"]
     assert any(line.split()[:3] == ["alice", "claude-sonnet-4-5-20250929", "(1M)"] for line in text.splitlines())
-    assert text.strip().splitlines()[-1].startswith("All weeks: 24 requests, 265 messages, ")
-    assert text.strip().endswith(f"USD {doc['costs']['total_usd']:.2f}")
+    report, spend = text.split("\nSpend in UTC calendar periods - ")
+    assert report.strip().splitlines()[-1].startswith("All weeks: 24 requests, 265 messages, ")
+    assert report.strip().endswith(f"USD {doc['costs']['total_usd']:.2f}")
+    # then what each user spent this UTC day, week and month (the fixture's old records count in none)
+    rows = {line.split()[0]: line.split()[1:] for line in spend.splitlines()[4:]}
+    assert rows == {"alice": ["0.00", "0.00", "0.00"],
+                    "bob": [f"{opus['by_user']['bob']['cost_usd'] - old[2]['by_user']['bob']['cost_usd']:.2f}"] * 3}
     cfg = run_cli("usage", "-c", str(proxy.config_path))
-    assert cfg.returncode == 0 and cfg.stdout.splitlines()[1:] == text.splitlines()[1:]
+    assert cfg.returncode == 0 and cfg.stdout.split("\nSpend in")[0].splitlines()[1:] == report.splitlines()[1:]
     assert json.loads(run_cli("usage", "-c", str(proxy.config_path), "--json").stdout)["costs"] == doc["costs"]
 
 

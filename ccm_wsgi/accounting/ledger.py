@@ -20,6 +20,7 @@ and as exact as they are, and every process that reads the same journal (gunicor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,9 +123,14 @@ class Ledger:
         for name, reading in readings.items():
             self.windows[name].observe(user, cost, reading)
 
-    def spent(self, user: str, first_day: int) -> float:
-        """USD spent by `user` from the start of day `first_day` on."""
-        return sum(usd for day, usd in self.spend.get(user, {}).items() if day >= first_day)
+    def spent(self, user: str, first_days: Sequence[int]) -> list[float]:
+        """USD spent by `user` from the start of each of `first_days` on (one pass over the user's days)."""
+        totals = [0.0] * len(first_days)
+        for day, usd in self.spend.get(user, {}).items():
+            for i, first in enumerate(first_days):
+                if day >= first:
+                    totals[i] += usd
+        return totals
 
     def since(self, user: str, first_day: int) -> Used:
         """What `user` used from the start of day `first_day` on."""
@@ -134,7 +140,7 @@ class Ledger:
                 for i, n in enumerate(counts):
                     totals[i] += n
         requests, input_tokens, output, cache_read, cache_write = totals
-        return Used(requests, input_tokens, output, cache_read, cache_write, self.spent(user, first_day))
+        return Used(requests, input_tokens, output, cache_read, cache_write, self.spent(user, [first_day])[0])
 
     def users(self) -> set[str]:
         """Everyone with a record in the days kept ("" for requests without a user)."""

@@ -1,4 +1,5 @@
-"""`ccm-wsgi usage`: who used what, by week, in tokens and dollars.
+"""`ccm-wsgi usage`: who used what, by week, in tokens and dollars; and what each user spent in the current UTC
+day, week and month, beside their budgets.
 
 It reads the same state the server folds (usage file plus the journal lines not yet folded) under a
 shared lock and never writes anything, so it is safe to run against a live server. Costs come from
@@ -11,13 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from .ledger import Ledger
+from .periods import PERIODS, bounds
 from .pricing import LONG_CONTEXT, Pricing, sum_cents
 from .records import Bucket, Stats, Totals, format_time, render, week_key
-from .store import UsageFileError, dumps, load_totals
+from .store import UsageFileError, dumps, load_ledger, load_totals
 
 log = logging.getLogger("ccm_wsgi.report")
 
@@ -30,6 +34,8 @@ class Target:
     label: str
     path: str
     pricing: Pricing
+    service: str = ""  # the service whose spend this file counts towards (-c), else the file itself
+    budgets: dict[str, dict[str, float]] = field(default_factory=dict)  # user -> period -> USD (-c)
 
 
 @dataclass(slots=True)
@@ -53,23 +59,65 @@ def run(config_path: str | None = None, usages_file: str | None = None, as_json:
         return 1
     status = 0
     loaded: list[tuple[Target, Totals]] = []
+    ledgers: list[tuple[Target, Ledger]] = []
     for target in targets:
         try:
             loaded.append((target, load_totals(target.path, log)))
+            if not as_json:
+                ledgers.append((target, load_ledger(target.path, log, target.pricing)))
         except FileNotFoundError:
             print(f"{target.label}: no usage file at {target.path} (nothing recorded yet?)", file=sys.stderr)
             status = 1
         except (UsageFileError, OSError) as exc:
             print(f"{target.label}: {exc}", file=sys.stderr)
             status = 1
-    if as_json:
+    if as_json:  # the usage file's schema, as sing-box reads it
         _print_json(loaded, several=config_path is not None and len(targets) > 1)
     else:
         for i, (target, totals) in enumerate(loaded):
             if i:
                 print()
             print("\n".join(table(target.label, totals, target.pricing)))
+        for service, users in spend(ledgers, time.time()).items():
+            print()
+            print("\n".join(spend_table(service, users)))
     return status
+
+
+def spend(ledgers: list[tuple[Target, Ledger]], now: float) -> dict[str, dict[str, dict[str, Any]]]:
+    """What each user spent in the current UTC day, week and month, over every usage file of a service, and
+    the budgets they have there: {service: {user: {per: {"spent": USD, "budget": USD or None}}}}."""
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for target, ledger in ledgers:
+        users = found.setdefault(target.service or target.label, {})
+        for user in sorted({*(user for user in ledger.spend if user), *target.budgets}):  # "": no user, no budget
+            periods = users.setdefault(user, {per: {"spent": 0.0, "budget": target.budgets.get(user, {}).get(per)}
+                                              for per in PERIODS})
+            for per, usd in zip(PERIODS, ledger.spent(user, [bounds(per, now)[0] for per in PERIODS]), strict=True):
+                periods[per]["spent"] += usd
+    for users in found.values():
+        for periods in users.values():
+            for row in periods.values():
+                row["spent"] = round(row["spent"], 6)
+    return found
+
+
+def spend_table(service: str, users: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Spend and budgets per user as a table (UTC calendar periods)."""
+    lines = [f"Spend in UTC calendar periods - {service}"]
+    if not users:
+        return [*lines, "", "Nothing spent yet."]
+    rows: list[tuple[str, ...]] = [("User", "Today", "This week", "This month")]
+    for user, periods in users.items():
+        cells = []
+        for per in PERIODS:
+            row = periods[per]
+            cell = f"{row['spent']:,.2f}"
+            if row["budget"] is not None:
+                cell += f" of {row['budget']:,.2f} ({100 * row['spent'] / row['budget']:.0f}%)"
+            cells.append(cell)
+        rows.append((user, *cells))
+    return [*lines, "", *_layout(rows, rules_before=set(), text_columns=1)]
 
 
 def _print_json(loaded: list[tuple[Target, Totals]], several: bool) -> None:
@@ -102,10 +150,12 @@ def _config_targets(config_path: str) -> list[Target]:
                       for c in service.credentials if not isinstance(c, BalancerCredential)]
         else:
             places = [(f"service {service.tag}", service.usages_path)]
+        budgets = {user.name: {b.per: b.usd for b in limits.budget}
+                   for user in service.users if (limits := service.limits_for(user)) is not None}
         for label, path in places:
             if path and path not in seen:
                 seen.add(path)
-                targets.append(Target(f"{label} ({path})", path, pricing))
+                targets.append(Target(f"{label} ({path})", path, pricing, f"service {service.tag}", budgets))
     if not targets:
         raise ReportError(f"{config_path}: no ccm service has a usages_path, so no usage is recorded")
     return targets
@@ -187,13 +237,14 @@ def _summary(s: Stats, usd: float) -> str:
     )
 
 
-def _layout(rows: list[tuple[str, ...]], rules_before: set[int]) -> list[str]:
-    """Two text columns left-aligned, numbers right-aligned, a rule under the header and before `rules_before`."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
+def _layout(rows: list[tuple[str, ...]], rules_before: set[int], text_columns: int = 2) -> list[str]:
+    """Text columns left-aligned, numbers right-aligned, a rule under the header and before `rules_before`."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     out = []
     for n, row in enumerate(rows):
         if n in rules_before or n == 1:
             out.append("  " + "  ".join("-" * w for w in widths))
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [c.ljust(w) if i < text_columns else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         out.append(("  " + "  ".join(cells)).rstrip())
     return out

@@ -51,6 +51,7 @@ from .ledger import Ledger, Reading
 from .pricing import Pricing
 from .records import Marker, Record, Shape, Totals, render
 
+UNAPPLIED_MAX = 512  # own records kept for the ledger before they are applied anyway
 SAVE_INTERVAL = 60.0
 APPEND_LOCK_TIMEOUT = 10.0
 LOCK_RECHECK = 1.0  # seconds between checks that the kept lock descriptor is still the lock file's
@@ -116,26 +117,40 @@ def unfolded(path: str, marker: Marker | None, log: logging.Logger) -> list[tupl
     return entries
 
 
-def load_totals(path: str, log: logging.Logger, extra: Iterable[tuple[Record, int]] = ()) -> Totals:
-    """Read-only view of file + journals (+ `extra`), for reports and snapshots.
+def _load(path: str, log: logging.Logger) -> tuple[Totals, Ledger, list[tuple[Record, int]]]:
+    """The file's totals and ledger, and the journal records it does not hold yet (read-only, shared lock).
 
     Raises FileNotFoundError when neither the file nor a journal exists, UsageFileError when the file is
     corrupt. Never writes anything (the lock file is not even created)."""
     with files.locked(path + ".fold.lock", fcntl.LOCK_SH, FOLD_LOCK_TIMEOUT, create=False):
         raw = _read(path)
         now = time.time_ns()
-        totals, marker = Totals(now), None
+        totals, marker, ledger = Totals(now), None, Ledger()
         if raw is not None:
             try:
-                totals, marker, _ = _parse(raw, now)
+                totals, marker, ledger = _parse(raw, now)
             except Shape as exc:
                 raise UsageFileError(f"usage file {path} is corrupt: {exc}") from None
         entries = unfolded(path, marker, log)
         if raw is None and not entries and not os.path.exists(path + ".journal"):
             raise FileNotFoundError(errno.ENOENT, "no usage file", path)
+    return totals, ledger, entries
+
+
+def load_totals(path: str, log: logging.Logger, extra: Iterable[tuple[Record, int]] = ()) -> Totals:
+    """Read-only view of file + journals (+ `extra`), for reports and snapshots (see `_load`)."""
+    totals, _, entries = _load(path, log)
     totals.add_all(entries)
     totals.add_all(extra)
     return totals
+
+
+def load_ledger(path: str, log: logging.Logger, pricing: Pricing) -> Ledger:
+    """Read-only: the ledger of file + journals, as a running store would hold it (see `_load`)."""
+    _, ledger, entries = _load(path, log)
+    for rec, t_ns in entries:
+        apply(ledger, pricing, rec, t_ns)
+    return ledger
 
 
 class UsageStore:
@@ -154,6 +169,7 @@ class UsageStore:
         self.ledger = Ledger()
         self._follower = Follower(self.journal_path, self._apply, log)
         self._pending: list[tuple[Record, int]] = []  # records the journal refused, folded at the next save
+        self._unapplied: list[tuple[Record, int]] = []  # own records in the journal, not in the ledger yet
         self._changes = 0
         self._saved_changes = 0
         self._stop = Event()
@@ -192,6 +208,7 @@ class UsageStore:
         except Exception as exc:
             self._close_fds()  # start from fresh descriptors next time
             self._pending.append((rec, t_ns))
+            self._apply_unapplied()
             self._apply(rec, t_ns)  # this process counts it now; the others once it is folded
             self.log.error(
                 "usage: cannot append to %s (%s); keeping the record in memory until the next save",
@@ -203,12 +220,16 @@ class UsageStore:
         if follower.fd is not None:
             if follower.at(self._journal_id, end - len(line)):  # nothing else was appended since
                 follower.advance(end)
-                self._apply(rec, t_ns)
+                self._unapplied.append((rec, t_ns))
+                if len(self._unapplied) >= UNAPPLIED_MAX:
+                    self._apply_unapplied()
             else:
+                self._apply_unapplied()  # they come before what the follower reads next
                 follower.catch_up()
 
     def current_ledger(self) -> Ledger:
         """The ledger with every record appended so far, by any process."""
+        self._apply_unapplied()
         self._follower.catch_up()
         return self.ledger
 
@@ -255,6 +276,14 @@ class UsageStore:
 
     def _apply(self, rec: Record, t_ns: int) -> None:
         apply(self.ledger, self.pricing, rec, t_ns)
+
+    def _apply_unapplied(self) -> None:
+        """This process's own records go into its ledger when the ledger is read (or a few hundred of them
+        wait), in journal order: a service without limits never spends time on it."""
+        if self._unapplied:
+            unapplied, self._unapplied = self._unapplied, []
+            for rec, t_ns in unapplied:
+                self._apply(rec, t_ns)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -58,7 +58,7 @@ def create_app(service: Service) -> Flask:
     app = Flask("ccm_wsgi")
     app.config["SERVICE"] = service
     app.config["MAX_CONTENT_LENGTH"] = FORM_LIMIT
-    secret = session.key()
+    secret = session.key(service.shared)
     session.configure(app, secret, tls=service.cfg.tls is not None)
     app.register_blueprint(page.blueprint(service, secret))
 
@@ -80,7 +80,10 @@ def create_app(service: Service) -> Flask:
             user = auth.authenticate(request.environ)
         except ProxyError as err:
             return json_response(err.body(), err.status)
-        return json_response(json.dumps(service.status(user), sort_keys=True).encode())
+        view: dict[str, Any] = {**service.status(user)}
+        if user is not None and (user.disabled or user.expires or service.cfg.limits_for(user) is not None):
+            view["limits"] = service.limits.view(user)  # beside the pool's view, which stays as sing-box's
+        return json_response(json.dumps(view, sort_keys=True).encode())
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -107,11 +110,11 @@ def create_app(service: Service) -> Flask:
 
     flask_wsgi = app.wsgi_app
     proxy = service.proxy
-    guard = OpenGuard([service.cfg.tls.server_name if service.cfg.tls else ""]) if service.auth.open else None
+    guard = OpenGuard([service.cfg.tls.server_name if service.cfg.tls else ""])
 
     def dispatch(environ: dict[str, Any], start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
-        if guard is not None and path != "/healthz":
+        if service.auth.open and path != "/healthz":  # users may come and go with a reload
             try:
                 guard.check(environ)
             except ProxyError as err:

@@ -187,7 +187,7 @@ class Proxy:
         ex.facts = facts(body, session_header(environ))
         ex.admission = self.limits.admit(user, ex.facts.model)
         provider = self.provider_for(user)
-        excluded, refusal = self.limits.screen(user, provider.accounts)
+        excluded, refusal = self.limits.screen(ex.admission, provider.accounts)
         if refusal is not None and len(excluded) >= len(provider.accounts):
             raise refusal
         allow_external = user.allow_external_usage if user is not None else True
@@ -204,8 +204,10 @@ class Proxy:
         extra: list[tuple[str, str]] = CLOSE if self.drain.draining else []
         length = headers.get("content-length")
         whole = not sse and length is not None and length.isdigit() and int(length) <= SMALL_BODY
-        answer = self.limits.headers(user, account, provider.accounts,
-                                     response_headers(upstream, keep_length=not sse and not whole))
+        standing = self.limits.headers(ex.admission, allow_external, account, provider.accounts)
+        answer = response_headers(upstream, keep_length=not sse and not whole, keep_limits=standing is None)
+        if standing:
+            answer += standing
         if whole:
             return self._whole(upstream, ex, tap, start_response, answer + extra)
         ex.streamed = True

@@ -24,7 +24,7 @@ from gevent.pywsgi import WSGIServer
 from .. import assemble, logs
 from .. import config as config_mod
 from ..accounting.store import UsageFileError
-from ..service import Service
+from ..service import ReloadRefused, Service
 from ..upstream.outbounds import Outbounds
 from . import tls
 from .drain import Drain
@@ -180,9 +180,51 @@ def run(config_path: str | None) -> int:
     stop = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload, config_path, cfg, pairs))
     stop.wait()
     shutdown(pairs)
     return 0
+
+
+def reload(config_path: str | None, running: config_mod.Config, pairs: list[tuple[Service, Server]]) -> None:
+    """SIGHUP: re-read the config file and give every running service its new users, limits and the other
+    settings that apply at once (`service.LIVE`); new requests see them, requests in flight go on as they
+    started. A config that fails `check`, or that a running service cannot take, is refused as a whole
+    and logged; the running config stays. Changes that need a restart are named in the log."""
+    if config_path is None:
+        log.warning("reload: serving the embedded default config, there is no file to re-read")
+        return
+    try:
+        new = config_mod.load(config_path)
+    except config_mod.ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused, the running config stays: %s", problem)
+        return
+    fresh = {s.tag: (index, s) for index, s in enumerate(new.services)}
+    changes: list[tuple[Service, config_mod.Service, str]] = []
+    for service, _ in pairs:
+        if service.tag in fresh:
+            index, service_cfg = fresh[service.tag]
+            changes.append((service, service_cfg, f"services[{index}]"))
+    later = [f"service {tag} added" for tag in fresh.keys() - {s.tag for s, _ in pairs}]
+    later += [f"service {s.tag} removed" for s, _ in pairs if s.tag not in fresh]
+    if new.outbounds != running.outbounds:
+        later.append("outbounds")
+    if new.log != running.log:
+        later.append("log")
+    try:
+        for service, service_cfg, where in changes:  # every service checked before any changes
+            service.check_reload(service_cfg, where)
+    except ReloadRefused as exc:
+        for problem in exc.problems:
+            log.error("reload refused, the running config stays: %s", problem)
+        return
+    for service, service_cfg, where in changes:
+        later += [f"service {service.tag} {name}" for name in service.reload(service_cfg, where)]
+    users = sum(len(service.cfg.users) for service, _ in pairs)
+    log.info("reloaded %s: %d user(s)", config_path, users)
+    if later:
+        log.warning("reload: these changes take effect at the next restart: %s", ", ".join(later))
 
 
 def shutdown(pairs: list[tuple[Service, Server]]) -> None:

@@ -93,14 +93,18 @@ class HostCounters:
 
     def __init__(self, path: str):
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+        # set-up, once per worker at its start, may wait for the other workers' (blocking: nothing runs yet)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")  # counts of the moment: nothing to keep across a crash
-        with self._transaction() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY, user TEXT, pid INTEGER)")
-            db.execute("CREATE TABLE IF NOT EXISTS hits (user TEXT, t REAL)")
-            db.execute("CREATE INDEX IF NOT EXISTS leases_user ON leases (user)")
-            db.execute("CREATE INDEX IF NOT EXISTS hits_user ON hits (user, t)")
+        self._db.executescript("""
+            BEGIN IMMEDIATE;
+            CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY, user TEXT, pid INTEGER);
+            CREATE TABLE IF NOT EXISTS hits (user TEXT, t REAL);
+            CREATE INDEX IF NOT EXISTS leases_user ON leases (user);
+            CREATE INDEX IF NOT EXISTS hits_user ON hits (user, t);
+            COMMIT;""")
+        self._db.execute("PRAGMA busy_timeout=0")  # from now on a lock is waited for cooperatively
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from .. import files
-from .rundir import REFUSALS, shared
+from .rundir import REFUSALS
 
 log = logging.getLogger("ccm_wsgi.observe")
 
@@ -95,7 +95,6 @@ class SharedRecent:
         return found
 
 
-def recent() -> Recent:
-    """Shared by the workers of a gunicorn run, else in this process's memory."""
-    path = shared(REFUSALS)
-    return SharedRecent(path) if path else MemoryRecent()
+def recent(shared: str | None) -> Recent:
+    """In the directory the workers of a gunicorn master share, else in this process's memory."""
+    return SharedRecent(os.path.join(shared, REFUSALS)) if shared else MemoryRecent()

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from .rundir import SESSION_KEY, shared
+from .rundir import SESSION_KEY
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -39,12 +40,11 @@ LIFETIME = timedelta(hours=12)
 COOKIE = "ccm_session"
 
 
-def key() -> bytes:
-    """This run's session key: the gunicorn run's shared one, else a new one for this process."""
-    path = shared(SESSION_KEY)
-    if path is None:
+def key(shared: str | None) -> bytes:
+    """The session key: the one in the directory gunicorn's workers share, else a new one for this process."""
+    if not shared:
         return secrets.token_bytes(32)
-    with open(path, "rb") as f:
+    with open(os.path.join(shared, SESSION_KEY), "rb") as f:
         return f.read()
 
 

@@ -230,6 +230,12 @@ class Gunicorn(Proxy):
             self.ports["gunicorn"] = int(listening.group(3))
         return bool(listening) and len(self.worker_pids()) >= n
 
+    def stop(self) -> int | None:
+        for pid in self.worker_pids():  # workers a test paused (see `only`) must be able to stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        return super().stop()
+
     def worker_pids(self) -> set[int]:
         """Workers that built their service (a worker replaced later adds its pid)."""
         return {int(m.group(2)) for m in WORKER_READY_RE.finditer(self.log())}
@@ -245,7 +251,8 @@ class Gunicorn(Proxy):
 
 @contextlib.contextmanager
 def only(server: Gunicorn, pid: int) -> Iterator[None]:
-    """Every other worker is paused (SIGSTOP), so new connections go to worker `pid` (one that exited is skipped)."""
+    """Every other worker is paused (SIGSTOP), so new connections go to worker `pid` (workers that ended
+    are passed over)."""
     others = [p for p in server.worker_pids() if p != pid]
     for other in others:
         with contextlib.suppress(ProcessLookupError):

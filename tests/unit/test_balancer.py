@@ -65,7 +65,7 @@ def pool(*members: Acct, strategy: str = "least_used", clock: Clock | None = Non
 
 
 def test_least_used_worked_example() -> None:
-    """§11.4: A (40 %, weight 5, resets in 84 h) scores 590, B (10 %, weight 1, 168 h) 89: A wins."""
+    """least_used: A (40 %, weight 5, resets in 84 h) scores 590, B (10 %, weight 1, 168 h) 89: A wins."""
     a = acct("a", weekly=40, weekly_reset=T0 + 84 * HOUR, weight=5)
     b = acct("b", weekly=10, weekly_reset=T0 + 168 * HOUR, weight=1)
     assert pool(b, a).select("").tag == "a"
@@ -492,7 +492,7 @@ def test_plan_weight_and_format_duration() -> None:
 
 
 def test_aggregate_status_example() -> None:
-    """§12: A (5h 30, weekly 40, w 5) and B (0, 10, w 1), caps 99 → 26 / 36 / 6."""
+    """The pool view: A (5h 30, weekly 40, w 5) and B (0, 10, w 1), caps 99 → 26 / 36 / 6."""
     a = acct("a", weekly=40, five=30, weight=5)
     b = acct("b", weekly=10, weight=1)
     gone = acct("gone", loaded=False, weight=10)

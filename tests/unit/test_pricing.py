@@ -1,4 +1,4 @@
-"""Prices and rounding: sing-box's table and rules (reference §8.7-§8.8), config overrides, new models."""
+"""Prices and rounding: sing-box's table and rounding rules, config overrides, new models."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_cache_writes_split_legacy_and_mixed() -> None:
     p = Pricing()
     assert usd(p, "claude-sonnet-4-5", c5m=M, c1h=M, cache_creation=2 * M) == 3.75 + 6
     assert usd(p, "claude-sonnet-4-5", cache_creation=M) == 3.75  # legacy: no split, 5m price
-    # a bucket mixing legacy and split data: the unsplit remainder is still priced (§15 #12)
+    # a bucket mixing legacy and split data: the unsplit remainder is still priced
     assert usd(p, "claude-sonnet-4-5", cache_creation=3 * M, c5m=M, c1h=M) == 3.75 * 2 + 6
     assert usd(p, "claude-sonnet-4-5", cache_creation=0, c5m=M) == 3.75  # never negative
 
