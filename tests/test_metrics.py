@@ -35,6 +35,7 @@ from tests.support.observe import (
     value,
 )
 from tests.support.procs import (
+    HTTP,
     Gunicorn,
     Proxy,
     only,
@@ -247,3 +248,4 @@ def test_gunicorn_workers_are_summed_and_a_replaced_worker_keeps_its_counts(guni
     assert value(found, "ccm_requests_total", user="bob", model="Haiku 4.5", status="200") == 1
     assert value(found, "ccm_active_requests") == 0
     wait_for(lambda: replacement in gunicorn.request_pids(), 10, what="the replacement's access line")
+    HTTP.clear()  # no idle kept-alive connection holds up gunicorn's stop
