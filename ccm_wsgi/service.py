@@ -15,11 +15,15 @@ from .accounting.store import SAVE_INTERVAL, UsageStore
 from .credentials.oauth import OAuthCredential
 from .credentials.peer import PeerCredential
 from .credentials.store import credential_store
+from .http import tls
 from .http.auth import Authenticator
 from .http.drain import Drain
 from .http.proxy import Proxy, ProxySettings
 from .limits.counters import Counters, MemoryCounters
 from .limits.engine import Limits
+from .observe import refusals
+from .observe.metrics import Metrics, enabled
+from .observe.state import ServiceState
 from .pool import poller
 from .pool.balancer import Balancer, aggregate_status
 from .pool.providers import Account, PoolProvider, SingleProvider
@@ -45,14 +49,20 @@ class ReloadRefused(Exception):
 
 class Service:
     def __init__(self, cfg: config.Service, outbounds: Outbounds, save_interval: float = SAVE_INTERVAL,
-                 counters: Counters | None = None):
+                 counters: Counters | None = None, shared: str | None = None):
         self.cfg = cfg
+        self.shared = shared  # the directory shared with the other workers of a gunicorn master (status page)
         self.save_interval = save_interval
         self.tag = cfg.tag
         self.outbounds = outbounds
         self.drain = Drain()  # requests in flight, for a graceful stop
         self.pricing = Pricing(cfg.pricing, log)
         self.auth = Authenticator(cfg.users, cfg.admin_tokens)
+        # the certificate this service serves (its expiry is a metric): built here for `serve` and gunicorn alike
+        self.tls = tls.server_context(cfg.tls) if cfg.tls is not None else None
+        tags = [c.tag for c in cfg.effective_credentials if isinstance(c, config.DefaultCredential)]
+        self.metrics = Metrics(self.pricing, tags) if enabled() else None
+        self.refusals = refusals.recent(shared)
         accounts = self._accounts(cfg.effective_credentials)
         self.accounts = list(accounts.values())
         self.providers: dict[str, PoolProvider] = {}
@@ -67,7 +77,10 @@ class Service:
         for account in self.accounts:
             self.own.setdefault(account.tag, Balancer(account.tag, [account], "fallback"))
         self.limits = Limits(cfg, counters or MemoryCounters(), lambda: self.accounts)
-        self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain, self.limits)
+        self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain, self.limits,
+                           self.refusals, self.metrics)
+        if self.metrics is not None:
+            self.metrics.watch(ServiceState(self))
         self._greenlets: list[Any] = []
 
     def _accounts(self, credentials: tuple[config.Credential, ...]) -> dict[str, Account]:
@@ -101,7 +114,8 @@ class Service:
 
     def _default_account(self, c: config.DefaultCredential) -> Account:
         route = self.outbounds.route(c.detour, self.cfg.connect_timeout)
-        credential = OAuthCredential(c.tag, credential_store(c.credential_path), self.cfg.token_url, route)
+        credential = OAuthCredential(c.tag, credential_store(c.credential_path), self.cfg.token_url, route,
+                                     self.metrics.refreshed if self.metrics is not None else None)
         cap_5h, cap_weekly = caps(c.reserve_5h, c.reserve_weekly, c.limit_5h, c.limit_weekly)
         return Account(c.tag, credential, route, self.cfg.upstream_url, self._usage(c.usages_path),
                        cap_5h=cap_5h, cap_weekly=cap_weekly, poll_interval=self.cfg.default_poll_interval)
@@ -114,7 +128,8 @@ class Service:
     def _usage(self, path: str) -> UsageStore | None:
         if not path:
             return None
-        return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval)
+        return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval,
+                          self.metrics.save_failed if self.metrics is not None else None)
 
     def reload(self, new: config.Service, where: str) -> list[str]:
         """Take the settings of `new` that apply at once (`LIVE`): requests already running keep the user and
@@ -187,6 +202,8 @@ class Service:
             store.open()
             store.start()
         self._greenlets = poller.start(self.accounts)
+        if self.tls is not None:
+            self.tls.watch()
         if self.auth.open and not is_loopback(self.cfg.listen):
             log.warning(
                 "service %s listens on %s with no users: anyone who can reach it uses the subscription",

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import trustme
 
 from tests.support.constants import ACCESS, ALICE, BOB, REFRESH
 from tests.support.fake_upstream import FakeUpstream
@@ -25,6 +26,21 @@ def fake(tmp_path: Path) -> Iterator[FakeUpstream]:
         yield upstream
     finally:
         upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def module_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeUpstream]:
+    """One fake upstream for a whole module (one whose server is started once, for all its tests)."""
+    upstream = FakeUpstream.start(tmp_path_factory.mktemp("fake"))
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def module_ca() -> trustme.CA:
+    return trustme.CA()
 
 
 @pytest.fixture

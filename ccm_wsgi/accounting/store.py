@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
@@ -80,7 +80,7 @@ def readings(rec: Record) -> dict[str, Reading]:
 
 def apply(ledger: Ledger, pricing: Pricing, rec: Record, t_ns: int) -> None:
     cost = rec.cost or pricing.cost(rec.model, rec.context_window, rec.tokens)
-    ledger.apply(rec.user, t_ns / 1e9, cost, readings(rec))
+    ledger.apply(rec.user, t_ns / 1e9, cost, readings(rec), rec.tokens)
 
 
 def _read(path: str) -> bytes | None:
@@ -156,11 +156,13 @@ def load_ledger(path: str, log: logging.Logger, pricing: Pricing) -> Ledger:
 class UsageStore:
     """One `usages_path`: durable `record()`, periodic `save()` (fold), read-only `snapshot()`, and a ledger."""
 
-    def __init__(self, path: str, pricing: Pricing, log: logging.Logger, interval: float = SAVE_INTERVAL) -> None:
+    def __init__(self, path: str, pricing: Pricing, log: logging.Logger, interval: float = SAVE_INTERVAL,
+                 on_save_failure: Callable[[], None] | None = None) -> None:
         self.path = path
         self.pricing = pricing
         self.log = log
         self.interval = interval
+        self.on_save_failure = on_save_failure  # told of every failed save (metrics)
         self.journal_path = path + ".journal"
         self.lock_path = path + ".lock"
         self.fold_lock_path = path + ".fold.lock"
@@ -239,6 +241,8 @@ class UsageStore:
                 self._fold()
         except Exception as exc:
             self.log.error("usage: saving %s failed: %s", self.path, exc)
+            if self.on_save_failure is not None:
+                self.on_save_failure()
             return False
         self._saved_changes = changes
         return True

@@ -3,7 +3,7 @@
 It is a plain WSGI callable rather than a Flask view: this is the hot path, and Werkzeug's request
 and response objects would cost about a fifth of the CPU per request without adding anything here.
 Its collaborators are given to it (who is calling, which credentials serve a user, prices, the drain of
-a graceful stop); it reaches into nothing else.
+a graceful stop, the metrics and the list of recent refusals); it reaches into nothing else.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..credentials.oauth import CredentialError
 from ..errors import JSON_HEADERS, ProxyError
 from ..limits.engine import Admission, Limits
 from ..limits.refusals import Refusal
+from ..observe.refusals import Recent, Refused
 from ..patches import abandon
 from ..pool.balancer import NoCredential
 from ..pool.quota import is_quota_429
@@ -39,8 +40,10 @@ from .relay import DecodingTap, JSONTap, Relay, Tap
 from .request import Facts, facts, session_header
 
 if TYPE_CHECKING:
+    from ..accounting.records import Record
     from ..config import Service as ServiceConfig
     from ..config import User
+    from ..observe.metrics import Metrics
     from ..pool.providers import Account, Provider
 
 log = logging.getLogger("ccm_wsgi.proxy")
@@ -138,6 +141,8 @@ class Proxy:
         settings: ProxySettings,
         drain: Drain,
         limits: Limits,
+        refusals: Recent,
+        metrics: Metrics | None = None,
     ):
         self.auth = auth
         self.provider_for = provider_for
@@ -145,10 +150,14 @@ class Proxy:
         self.settings = settings
         self.drain = drain
         self.limits = limits
+        self.refusals = refusals
+        self.metrics = metrics
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         ex = Exchange(time.monotonic(), environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
         self.drain.active += 1
+        if self.metrics is not None:
+            self.metrics.started()
         try:
             return self._proxy(environ, start_response, ex)
         except ProxyError as err:
@@ -213,8 +222,17 @@ class Proxy:
     ) -> tuple[urllib3.BaseHTTPResponse, Account]:
         """Forward, and in a pool move the request (and its session) on when an account's quota is spent."""
         tried: set[str] = set(excluded)
+        metrics = self.metrics
         while True:
-            upstream = self._forward(account, environ, body)
+            sent = time.monotonic()
+            try:
+                upstream = self._forward(account, environ, body)
+            except ProxyError as err:  # no answer came
+                if metrics is not None:
+                    metrics.unanswered(err.status)
+                raise
+            if metrics is not None:
+                metrics.answered(time.monotonic() - sent, upstream.status)
             before = account.quota.windows()
             if account.quota.observe_headers(upstream.headers, time.time(), account.external):
                 ex.readings = account.quota.readings(before)
@@ -348,6 +366,7 @@ class Proxy:
         if ex.admission is not None:
             ex.admission.release()
         cost = None
+        record: Record | None = None
         if ex.usage is not None and ex.account is not None and ex.account.usage is not None:
             record = make_record(ex.user, ex.usage, ex.facts.model, ex.facts.messages_count, ex.beta,
                                  ex.week_reset)
@@ -355,6 +374,10 @@ class Proxy:
                 cost = record.cost = self.pricing.cost(record.model, record.context_window, record.tokens)
                 record.readings = ex.readings
                 ex.account.usage.record(record)
+        if ex.refused:
+            self.refusals.add(Refused(time.time(), ex.user, ex.refused, ex.status))
+        if self.metrics is not None:
+            self.metrics.finished(ex.user, ex.facts.model, ex.status, record, ex.refused, ex.cut)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(access_line(ex, cost))
 

@@ -5,7 +5,7 @@
 
 Prints Markdown: the run's metadata, then one row per target with the measured values, the ratio
 and whether it is met. Target names are the ones tests/bench/run.sh gives: ccm-wsgi, gevent (the bare
-gevent + Flask + urllib3 proxy), ccm-nousage, ccm-limits, gunicorn-w1, gunicorn-w2.
+gevent + Flask + urllib3 proxy), ccm-nousage, ccm-limits, ccm-nometrics, gunicorn-w1, gunicorn-w2.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def main() -> None:
             "≤ 45 KB", None if kb is None else kb <= 45.0)
     # the cost of a feature: the same config with it (first) and without it (second), in the same run
     for with_it, without, what, most in ((m, "ccm-nousage", "usage tracking on/off", 1.10),
-                                         ("ccm-limits", m, "limits on every user / none", 1.05)):
+                                         ("ccm-limits", m, "limits on every user / none", 1.05),
+                                         (m, "ccm-nometrics", "metrics on/off", 1.05)):
         if c is not None and ("nonstream", c, with_it) in summary and ("nonstream", c, without) in summary:
             versus(f"{what}, CPU ms/request c={c}", "nonstream", c, with_it, without, ms, 3, most)
             if n is not None:
