@@ -18,8 +18,10 @@ from .upstream.outbounds import Outbounds
 
 
 def service(cfg: config.Config, service_cfg: config.Service, outbounds: Outbounds | None = None,
-            save_interval: float = SAVE_INTERVAL, counters: Counters | None = None) -> tuple[Service, Flask]:
-    """`counters`: where the limits count requests (default: in this process)."""
+            save_interval: float = SAVE_INTERVAL, counters: Counters | None = None,
+            shared: str | None = None) -> tuple[Service, Flask]:
+    """`counters`: where the limits count requests (default: in this process); `shared`: the directory this
+    process shares with the other workers of a gunicorn master (None: `serve`, everything in memory)."""
     patches.install()
-    built = Service(service_cfg, outbounds or Outbounds(cfg.outbounds), save_interval, counters)
+    built = Service(service_cfg, outbounds or Outbounds(cfg.outbounds), save_interval, counters, shared)
     return built, create_app(built)

@@ -20,6 +20,9 @@ def serve(config_path: str | None) -> None:
     from gevent import monkey
 
     monkey.patch_all()  # before anything imports socket, ssl or urllib3
+    from .observe import rundir
+
+    rundir.forget()  # before prometheus_client is imported: one process keeps its metrics in memory
     from .http import server
 
     sys.exit(server.run(config_path))

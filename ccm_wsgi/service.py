@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -16,11 +17,15 @@ from .accounting.store import SAVE_INTERVAL, UsageStore, apply
 from .credentials.oauth import OAuthCredential
 from .credentials.peer import PeerCredential
 from .credentials.store import credential_store
+from .http import tls
 from .http.auth import Authenticator
 from .http.drain import Drain
 from .http.proxy import Proxy, ProxySettings
 from .limits.counters import Counters, MemoryCounters
 from .limits.engine import Limits
+from .observe import refusals
+from .observe.metrics import Metrics, enabled
+from .observe.state import ServiceState
 from .pool import poller
 from .pool.balancer import Balancer, aggregate_status
 from .pool.providers import Account, PoolProvider, SingleProvider
@@ -53,8 +58,9 @@ class ReloadRefused(Exception):
 
 class Service:
     def __init__(self, cfg: config.Service, outbounds: Outbounds, save_interval: float = SAVE_INTERVAL,
-                 counters: Counters | None = None):
+                 counters: Counters | None = None, shared: str | None = None):
         self.cfg = cfg
+        self.shared = shared  # the directory shared with the other workers of a gunicorn master (status page)
         self.save_interval = save_interval
         self.tag = cfg.tag
         self.outbounds = outbounds
@@ -67,6 +73,12 @@ class Service:
         if self.state is not None:
             assert counters is None, "a service with shared state counts its limits on it"
             counters = RedisCounters(self.state)
+        # the certificate this service serves (its expiry is a metric): built here for `serve` and gunicorn alike
+        self.tls = tls.server_context(cfg.tls) if cfg.tls is not None else None
+        tags = [c.tag for c in cfg.effective_credentials if isinstance(c, config.DefaultCredential)]
+        self.metrics = Metrics(self.pricing, tags) if enabled() else None
+        self.refusals = refusals.recent(shared)
+        self._private: dict[str, UsageStore] = {}  # shared state without usages_path: by runtime path
         accounts = self._accounts(cfg.effective_credentials)
         self.accounts = list(accounts.values())
         self.providers: dict[str, PoolProvider] = {}
@@ -82,7 +94,10 @@ class Service:
             self.own.setdefault(account.tag, Balancer(account.tag, [account], "fallback"))
         self.limits = Limits(cfg, counters or MemoryCounters(), lambda: self.accounts)
         self.proxy = Proxy(self.auth, self.provider_for, self.pricing, ProxySettings.of(cfg), self.drain, self.limits,
-                           *((self.state.batch,) if self.state is not None else ()))
+                           self.refusals, self.metrics,
+                           self.state.batch if self.state is not None else contextlib.nullcontext)
+        if self.metrics is not None:
+            self.metrics.watch(ServiceState(self))
         self._greenlets: list[Any] = []
         self.quota = SharedQuota(self.state, self.accounts) if self.state is not None else None
 
@@ -124,7 +139,8 @@ class Service:
         route = self.outbounds.route(c.detour, self.cfg.connect_timeout)
         store = credential_store(c.credential_path)
         shared = SharedCredential(self.state, c.tag, store.path) if self.state is not None else None
-        credential = OAuthCredential(c.tag, store, self.cfg.token_url, route, shared)
+        credential = OAuthCredential(c.tag, store, self.cfg.token_url, route, shared,
+                                     self.metrics.refreshed if self.metrics is not None else None)
         cap_5h, cap_weekly = caps(c.reserve_5h, c.reserve_weekly, c.limit_5h, c.limit_weekly)
         return Account(c.tag, credential, route, self.cfg.upstream_url, self._usage(c.usages_path),
                        cap_5h=cap_5h, cap_weekly=cap_weekly, poll_interval=self.cfg.default_poll_interval)
@@ -135,14 +151,19 @@ class Service:
                        external=True, poll_interval=c.poll_interval)
 
     def _usage(self, path: str) -> UsageStore | None:
+        save_failed = self.metrics.save_failed if self.metrics is not None else None
         if self.state is None:
-            return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval) if path else None
+            return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval,
+                              on_save_failure=save_failed) if path else None
         name = stream_name(self.cfg, path)
         shared = SharedUsage(self.state, name, lambda ledger, rec, t_ns: apply(ledger, self.pricing, rec, t_ns))
         if not path:  # budgets and shares still need the records: journaled in this host's private runtime dir
             digest = hashlib.sha256(f"{self.state.url}\0{self.state.prefix}\0{name}".encode()).hexdigest()[:16]
             path = os.path.join(files.runtime_dir(), f"usage-{digest}.json")
-        return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval, shared)
+            if path not in self._private:  # credentials without a usage file share it (and their stream)
+                self._private[path] = UsageStore(path, self.pricing, log, self.save_interval, shared, save_failed)
+            return self._private[path]
+        return UsageStore(os.path.abspath(path), self.pricing, log, self.save_interval, shared, save_failed)
 
     def reload(self, new: config.Service, where: str) -> list[str]:
         """Take the settings of `new` that apply at once (`LIVE`): requests already running keep the user and
@@ -211,7 +232,8 @@ class Service:
         return found
 
     def usage_stores(self) -> list[UsageStore]:
-        return [a.usage for a in self.accounts if a.usage is not None]
+        """Each usage store once (with shared state, credentials without a usage file share one)."""
+        return list({id(a.usage): a.usage for a in self.accounts if a.usage is not None}.values())
 
     def start(self) -> None:
         if self.state is not None:
@@ -223,6 +245,8 @@ class Service:
         self._greenlets = poller.start(self.accounts)
         if self.quota is not None:
             self.quota.start()
+        if self.tls is not None:
+            self.tls.watch()
         if self.auth.open and not is_loopback(self.cfg.listen):
             log.warning(
                 "service %s listens on %s with no users: anyone who can reach it uses the subscription",

@@ -162,7 +162,8 @@ def _build() -> tuple[Service, Flask]:
     interval = float(os.environ.get("CCM_USAGE_SAVE_INTERVAL") or SAVE_INTERVAL)
     counters = limit_counters(service_cfg)
     service, app = assemble.service(cfg, service_cfg, save_interval=interval,
-                                    counters=HostCounters(counters) if counters else None)
+                                    counters=HostCounters(counters) if counters else None,
+                                    shared=os.environ.get(HOST_STATE))
     service.start()
     logging.getLogger("ccm_wsgi.server").info("service %s ready in worker %d", service.tag, os.getpid())
     return service, app

@@ -22,7 +22,10 @@ shutdown: streams are cut, usage is still saved.
 Each worker builds its own service after the fork (`preload_app = False`): its own pools, its own
 usage saver greenlet, its own certificate watcher. They share the credential file (one refresh for
 all, under a file lock), the usage file (journal + locked fold: totals stay exact) and the limits'
-counts, in a private directory of the master (so "2 at a time" means 2 on the host).
+counts, in a private directory of the master (so "2 at a time" means 2 on the host). The same directory
+holds the workers' metrics files (a scrape of any worker shows the sums over all of them, a replaced
+worker's counts included), the key that signs the status page's cookies (a cookie one worker made is
+good on every other) and the last refusals the page lists.
 
 Reload: `kill -HUP <master>` runs this file again. A config that passes `ccm-wsgi check` is copied for
 the new workers, which gunicorn starts at once; the old ones finish their requests (as on SIGTERM:
@@ -36,6 +39,7 @@ import socket
 import sys
 
 from ccm_wsgi import wsgi as _ccm  # reads the config only; nothing is patched or built in the master
+from ccm_wsgi.observe import rundir as _rundir  # imports nothing else: prometheus_client is imported later
 
 try:
     _config, _service = _ccm.master_config()  # on HUP: a bad config is refused and the running one stays
@@ -72,11 +76,8 @@ if _service.tls is not None:
     keyfile = _service.tls.key_path or None
 
     def ssl_context(conf, default_ssl_context_factory):
-        from ccm_wsgi.http import tls  # in the worker, after gevent's patching
-
-        context = tls.server_context(_service.tls)
-        context.watch()
-        return context
+        """In the worker, once its service is built: the context the service watches and reports on."""
+        return _ccm.service.tls
 
 
 def post_request(worker, req, environ, resp):
@@ -96,9 +97,16 @@ def post_worker_init(worker):
     gevent.spawn(sys.modules["ccm_wsgi.wsgi"].drain_when_stopping, lambda: worker.alive)
 
 
+def on_starting(server):
+    """In the master, once, before the first worker: the metrics files' directory and the session key."""
+    _rundir.prepare(_ccm.host_state())
+
+
 def child_exit(server, worker):
-    """In the master, when a worker ended (even killed): the requests it held in flight no longer count."""
+    """In the master, when a worker ended (even killed): the requests it held in flight no longer count (its
+    counts in the metrics stay)."""
     _ccm.worker_gone(worker.pid)
+    _rundir.worker_gone(worker.pid)
 
 
 def on_exit(server):

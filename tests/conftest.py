@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+import trustme
 
 from tests.support.constants import ACCESS, ALICE, BOB, REFRESH
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.procs import Gunicorn, Proxy, service_config, write_credentials
 from tests.support.redis_server import RedisServer
 
+P = TypeVar("P", bound=Proxy)
 pytest_plugins = ["tests.support.secrets_guard"]  # remembers the suite's tokens and logs for tests/test_secrets.py
 
 
@@ -28,6 +29,21 @@ def fake(tmp_path: Path) -> Iterator[FakeUpstream]:
         upstream.stop()
 
 
+@pytest.fixture(scope="module")
+def module_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeUpstream]:
+    """One fake upstream for a whole module (one whose server is started once, for all its tests)."""
+    upstream = FakeUpstream.start(tmp_path_factory.mktemp("fake"))
+    try:
+        yield upstream
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def module_ca() -> trustme.CA:
+    return trustme.CA()
+
+
 @pytest.fixture
 def creds(tmp_path: Path, fake: FakeUpstream) -> Path:
     """A fresh credential file whose tokens the fake upstream knows."""
@@ -35,19 +51,26 @@ def creds(tmp_path: Path, fake: FakeUpstream) -> Path:
     return write_credentials(tmp_path / "claude" / ".credentials.json", ACCESS, REFRESH)
 
 
-@pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
-    started: list[Proxy] = []
+@contextlib.contextmanager
+def started(make: Callable[..., P]) -> Iterator[Callable[..., P]]:
+    """A function that starts `make(...)`; whatever it started is stopped at the end."""
+    procs: list[P] = []
 
-    def start(config: dict[str, Any], name: str = "proxy", env: dict[str, str] | None = None,
-              wrapper: tuple[str, ...] = ()) -> Proxy:
-        proxy = Proxy(tmp_path, config, name=name, env=env, wrapper=wrapper).start()
-        started.append(proxy)
-        return proxy
+    def start(*args: Any, **kwargs: Any) -> P:
+        proc = make(*args, **kwargs).start()
+        procs.append(proc)
+        return proc
 
     yield start
-    for proxy in started:
-        proxy.stop()
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    """`start(config, name=, env=, wrapper=)`: a `ccm-wsgi serve` process (see Proxy)."""
+    with started(functools.partial(Proxy, tmp_path)) as start:
+        yield start
 
 
 @pytest.fixture
@@ -59,20 +82,9 @@ def proxy(fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy]) ->
 
 @pytest.fixture
 def start_gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
-    started: list[Gunicorn] = []
-
-    def start(config: dict[str, Any], workers: int = 2, env: dict[str, str] | None = None,
-              extra: tuple[str, ...] = ()) -> Gunicorn:
-        server = Gunicorn(tmp_path, config, workers=workers, env=env, extra=extra).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        with contextlib.suppress(ProcessLookupError):
-            for pid in server.worker_pids():
-                os.kill(pid, signal.SIGCONT)
-        server.stop()
+    """`start(config, workers=, env=, extra=)`: a gunicorn process (see Gunicorn)."""
+    with started(functools.partial(Gunicorn, tmp_path)) as start:
+        yield start
 
 
 @pytest.fixture

@@ -4,8 +4,9 @@
 # Basic auth) and v2ray (SOCKS4/4a, and an HTTP proxy over TLS); strace (tests/test_atomic_writes.py);
 # redis-server (tests/test_state*.py: shared state of several nodes, plain and TLS);
 # unshare (util-linux: a private network namespace in tests/test_proxy.py) and chattr (e2fsprogs:
-# tests/test_faults.py). Idempotent, quiet, non-interactive: installs only what is missing, so it needs
-# root (or password-less sudo) only then. None of these is started here; the tests run their own.
+# tests/test_faults.py); chromium and chromium-driver (tests/test_status_page.py drives the status page in a
+# headless browser). Idempotent, quiet, non-interactive: installs only what is missing, so it needs root (or
+# password-less sudo) only then. None of these is started here; the tests run their own.
 set -eu
 
 have() {
@@ -22,6 +23,8 @@ have chattr || missing="$missing e2fsprogs"
 have ss || missing="$missing iproute2"
 have node || missing="$missing nodejs npm"
 have redis-server || missing="$missing redis-server"
+have chromium || missing="$missing chromium"
+have chromedriver || missing="$missing chromium-driver"
 [ -z "$missing" ] && exit 0
 
 sudo=""
@@ -43,6 +46,6 @@ if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-rec
     echo "tests/install-system-deps.sh: apt-get failed for:$missing" >&2
     exit 1
 fi
-for program in microsocks tinyproxy v2ray strace unshare chattr ss node redis-server; do
+for program in microsocks tinyproxy v2ray strace unshare chattr ss node chromium chromedriver redis-server; do
     have "$program" || { echo "tests/install-system-deps.sh: $program still missing after apt-get" >&2; exit 1; }
 done

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -18,17 +17,9 @@ import pytest
 import trustme
 
 from tests.support.constants import ALICE, MODEL
-from tests.support.procs import Proxy, service_config
+from tests.support.procs import Proxy, service_config, write_pair
 
 NAME = "ccm.test"
-
-
-def write_pair(cert: trustme.LeafCert, directory: Path, stem: str) -> tuple[Path, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
-    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    key_path.write_bytes(cert.private_key_pem.bytes())
-    return cert_path, key_path
 
 
 def client_context(*cas: trustme.CA, **options: Any) -> ssl.SSLContext:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import fastjson
 from .records import Marker, Record
 from .tokens import NAMES as TOKEN_NAMES
 from .tokens import Tokens
@@ -25,24 +26,21 @@ from .tokens import Tokens
 FORMAT = "ccm-wsgi usage journal v1"
 _FIELDS = ("user", "model", "context_window", "week_start_unix", "messages_count")
 _INT_FIELDS = ("context_window", "week_start_unix", "messages_count", *TOKEN_NAMES)
-_encode_str = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) does with a str
-_LINE_FORMAT = "\n{" + ",".join(
-    ['"t":%d', '"user":%s', '"model":%s'] + [f'"{name}":%d' for name in _INT_FIELDS] + ['"cost":%r']
-)
+_KEYS = ("t", *_FIELDS, *TOKEN_NAMES, "cost")  # a line's keys, in order
 
 
 def line(rec: Record, t_ns: int) -> bytes:
-    """The journal line of a record (the bytes json.dumps would give, without building a dict: the hot path)."""
-    text = _LINE_FORMAT % (t_ns, _encode_str(rec.user), _encode_str(rec.model), rec.context_window,
-                           rec.week_start_unix, rec.messages_count, *rec.tokens.values(), float(rec.cost))
+    """The journal line of a record: "\n" and its JSON object (on the path of every response)."""
+    entry = dict(zip(_KEYS, (t_ns, rec.user, rec.model, rec.context_window, rec.week_start_unix,
+                             rec.messages_count, *rec.tokens.values(), float(rec.cost)), strict=True))
     if rec.readings:
-        text += ',"readings":[' + ",".join(repr(float(v)) for v in rec.readings) + "]"
-    return (text + "}").encode()
+        entry["readings"] = [float(v) for v in rec.readings]
+    return b"\n" + fastjson.dumps(entry)
 
 
 def decode(raw: bytes) -> tuple[Record, int] | None:
     try:
-        entry: Any = json.loads(raw)
+        entry: Any = fastjson.loads(raw)
     except (ValueError, RecursionError):
         return None
     if not isinstance(entry, dict) or type(entry.get("t")) is not int:

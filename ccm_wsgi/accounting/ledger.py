@@ -5,7 +5,10 @@ and as exact as they are, and every process that reads the same journal (gunicor
 `ccm-wsgi`) arrives at the same figures. It is saved with the usage file at every fold.
 
 * Spend: USD per user per UTC day (priced as the usage file prices it), kept for the last five weeks, the
-  longest budget period plus a margin.
+  longest budget period plus a margin. Requests without a user (an open service) are kept under "".
+* Counts: requests and tokens (input, output, cache read, cache write) per user per UTC day, kept as long,
+  so that the status page tells what each user used today, this week and this month. A file written before
+  counts were kept has none for its days: those show their spend only.
 * Window share: the subscription reports its 5-hour and weekly utilisation (0-100 points) on every
   response. Each record carries what its response reported. The rule: the points by which the
   utilisation rose are shared among the users whose requests completed since it last rose, in proportion
@@ -17,12 +20,15 @@ and as exact as they are, and every process that reads the same journal (gunicor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .periods import day_name, day_number, day_of, oldest_day_kept
+from .tokens import Tokens
 
 WINDOWS = ("five_hour", "weekly")
+COUNTS = ("requests", "input", "output", "cache_read", "cache_write")
 RESET_JITTER = 60.0  # resets from different sources differ by seconds; a new window moves by hours
 
 
@@ -77,18 +83,43 @@ class Window:
                    _numbers(raw.get("pending")))
 
 
+@dataclass(slots=True)
+class Used:
+    """What one user used over some days: requests, tokens by kind and USD."""
+
+    requests: int = 0
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    usd: float = 0.0
+
+    def add(self, other: Used) -> None:
+        self.requests += other.requests
+        self.input += other.input
+        self.output += other.output
+        self.cache_read += other.cache_read
+        self.cache_write += other.cache_write
+        self.usd += other.usd
+
+
 class Ledger:
     def __init__(self) -> None:
         self.spend: dict[str, dict[int, float]] = {}  # user -> UTC day number -> USD
+        self.counts: dict[str, dict[int, list[int]]] = {}  # user -> UTC day number -> COUNTS
         self.windows = {name: Window() for name in WINDOWS}
 
-    def apply(self, user: str, when: float, cost: float, readings: dict[str, Reading]) -> None:
-        """Add one usage record (its user, time, cost and what its response reported)."""
+    def apply(self, user: str, when: float, cost: float, readings: dict[str, Reading], tokens: Tokens) -> None:
+        """Add one usage record (its user, time, cost, tokens and what its response reported)."""
+        day = day_of(when)
+        days = self.spend.setdefault(user, {})
+        days[day] = days.get(day, 0.0) + cost
+        counts = self.counts.setdefault(user, {}).setdefault(day, [0] * len(COUNTS))
+        for i, n in enumerate((1, tokens.input_tokens, tokens.output_tokens, tokens.cache_read_input_tokens,
+                               tokens.cache_creation)):
+            counts[i] += n
         if not user:
             return
-        days = self.spend.setdefault(user, {})
-        day = day_of(when)
-        days[day] = days.get(day, 0.0) + cost
         for name, reading in readings.items():
             self.windows[name].observe(user, cost, reading)
 
@@ -96,13 +127,33 @@ class Ledger:
         """An independent copy (a few small dicts: far cheaper than `copy.deepcopy`)."""
         twin = Ledger()
         twin.spend = {user: dict(days) for user, days in self.spend.items()}
+        twin.counts = {user: {day: list(counts) for day, counts in days.items()} for user, days in self.counts.items()}
         twin.windows = {name: Window(w.reset, w.seen, dict(w.points), dict(w.pending))
                         for name, w in self.windows.items()}
         return twin
 
-    def spent(self, user: str, first_day: int) -> float:
-        """USD spent by `user` from the start of day `first_day` on."""
-        return sum(usd for day, usd in self.spend.get(user, {}).items() if day >= first_day)
+    def spent(self, user: str, first_days: Sequence[int]) -> list[float]:
+        """USD spent by `user` from the start of each of `first_days` on (one pass over the user's days)."""
+        totals = [0.0] * len(first_days)
+        for day, usd in self.spend.get(user, {}).items():
+            for i, first in enumerate(first_days):
+                if day >= first:
+                    totals[i] += usd
+        return totals
+
+    def since(self, user: str, first_day: int) -> Used:
+        """What `user` used from the start of day `first_day` on."""
+        totals = [0] * len(COUNTS)
+        for day, counts in self.counts.get(user, {}).items():
+            if day >= first_day:
+                for i, n in enumerate(counts):
+                    totals[i] += n
+        requests, input_tokens, output, cache_read, cache_write = totals
+        return Used(requests, input_tokens, output, cache_read, cache_write, self.spent(user, [first_day])[0])
+
+    def users(self) -> set[str]:
+        """Everyone with a record in the days kept ("" for requests without a user)."""
+        return set(self.spend) | set(self.counts)
 
     def used(self, user: str, window: str, now: float) -> float:
         """Points of the current `window` attributed to `user`."""
@@ -115,7 +166,10 @@ class Ledger:
         oldest = oldest_day_kept(now)
         spend = {user: {day_name(day): _plain(usd) for day, usd in sorted(days.items()) if day >= oldest}
                  for user, days in sorted(self.spend.items())}
+        counts = {user: {day_name(day): list(n) for day, n in sorted(days.items()) if day >= oldest}
+                  for user, days in sorted(self.counts.items())}
         return {"spend": {user: days for user, days in spend.items() if days},
+                "counts": {user: days for user, days in counts.items() if days},
                 "windows": {name: window.to_json() for name, window in self.windows.items()}}
 
     @classmethod
@@ -129,6 +183,11 @@ class Ledger:
                 if isinstance(days, dict):
                     ledger.spend[user] = {day_number(day): _number(usd) for day, usd in days.items()
                                           if _is_day(day)}
+        counts = raw.get("counts")  # absent from files written before counts were kept
+        if isinstance(counts, dict):
+            for user, days in counts.items():
+                if isinstance(days, dict):
+                    ledger.counts[user] = {day_number(day): _integers(n) for day, n in days.items() if _is_day(day)}
         windows = raw.get("windows")
         if isinstance(windows, dict):
             for name in WINDOWS:
@@ -147,6 +206,12 @@ def _number(value: Any) -> float:
 
 def _numbers(raw: Any) -> dict[str, float]:
     return {str(k): _number(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def _integers(raw: Any) -> list[int]:
+    """A day's counts; anything unusable counts as zero."""
+    values = raw if isinstance(raw, list) else []
+    return [values[i] if i < len(values) and type(values[i]) is int else 0 for i in range(len(COUNTS))]
 
 
 def _is_day(text: Any) -> bool:

@@ -8,6 +8,7 @@ weekly windows (those are what `window_share` is about).
 from __future__ import annotations
 
 import calendar
+import functools
 import time
 from datetime import datetime, timezone
 
@@ -23,7 +24,11 @@ def day_of(epoch: float) -> int:
 
 def bounds(per: str, now: float) -> tuple[int, int]:
     """(first day, first day of the next period) of the period `per` that contains `now`, as day numbers."""
-    today = day_of(now)
+    return _bounds(per, day_of(now))
+
+
+@functools.lru_cache(maxsize=64)  # asked for each budget of every limited request: a few days' worth
+def _bounds(per: str, today: int) -> tuple[int, int]:
     if per == "day":
         return today, today + 1
     if per == "week":

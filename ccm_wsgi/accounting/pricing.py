@@ -32,6 +32,8 @@ _MILLION = Decimal(1_000_000)
 _CENT = Decimal("0.01")
 _FAMILIES = ("opus", "sonnet", "haiku")
 _RATE_KEYS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+OTHER = "other"  # the metrics label of a model no price row names
+_LABELS_KEPT = 1024  # model names whose label is remembered (clients choose the names: bounded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,7 @@ class Row:
     regex: re.Pattern[str]
     standard: Rates
     premium: Rates | None  # for a context window of 1M or more
+    label: str  # how metrics name the models it prices: the table's row name, or the config's pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,8 @@ def _rates(source: dict[str, Any] | PriceRates) -> Rates:
 def _table() -> _Table:
     doc = json.loads(resources.files(__package__).joinpath("pricing.json").read_text("utf-8"))
     rows = tuple(
-        Row(m["name"], re.compile(m["pattern"]), _rates(m), _rates(m["premium"]) if m.get("premium") else None)
+        Row(m["name"], re.compile(m["pattern"]), _rates(m), _rates(m["premium"]) if m.get("premium") else None,
+            m["name"])
         for m in doc["models"]
     )
     by_name = {row.name: row for row in rows}
@@ -92,7 +96,7 @@ def _override_row(price: Price, log: logging.Logger) -> Row:
         log.error("pricing pattern %r is not a valid regular expression (%s); matching it literally", pattern, exc)
         regex = re.compile(re.escape(pattern))
     premium = price.premium
-    return Row(f"config pattern {pattern!r}", regex, _rates(price), _rates(premium) if premium else None)
+    return Row(f"config pattern {pattern!r}", regex, _rates(price), _rates(premium) if premium else None, pattern)
 
 
 class Pricing:
@@ -105,6 +109,7 @@ class Pricing:
         self._fallback = table.fallback
         self._families = table.families
         self._memo: dict[str, Row] = {}
+        self._labels: dict[str, str] = {}
 
     def row(self, model: str) -> Row:
         """The first matching row: config prices, then the table, then a family guess or the fallback."""
@@ -123,6 +128,17 @@ class Pricing:
         how = f"the newest {family} price ({row.name})" if family else f"{row.name} standard (sing-box's default)"
         self.log.warning("model %r is not in the price table; priced as %s", model, how)
         return row
+
+    def label(self, model: str) -> str:
+        """The price row that names `model` (its row name, or a config price's pattern), else "other": a metrics
+        label from a set the table and the config fix, whatever model names clients send. Unlike `row`, a
+        model no row names is neither logged nor remembered."""
+        label = self._labels.get(model)
+        if label is None:
+            label = next((row.label for row in self._rows if row.regex.search(model)), OTHER)
+            if len(self._labels) < _LABELS_KEPT:
+                self._labels[model] = label
+        return label
 
     def rates(self, model: str, context_window: int) -> Rates:
         row = self.row(model)

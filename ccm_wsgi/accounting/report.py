@@ -95,11 +95,11 @@ def spend(ledgers: list[tuple[Target, Ledger]], now: float) -> dict[str, dict[st
     found: dict[str, dict[str, dict[str, Any]]] = {}
     for target, ledger in ledgers:
         users = found.setdefault(target.service or target.label, {})
-        for user in sorted({*ledger.spend, *target.budgets}):
+        for user in sorted({*(user for user in ledger.spend if user), *target.budgets}):  # "": no user, no budget
             periods = users.setdefault(user, {per: {"spent": 0.0, "budget": target.budgets.get(user, {}).get(per)}
                                               for per in PERIODS})
-            for per, row in periods.items():
-                row["spent"] += ledger.spent(user, bounds(per, now)[0])
+            for per, usd in zip(PERIODS, ledger.spent(user, [bounds(per, now)[0] for per in PERIODS]), strict=True):
+                periods[per]["spent"] += usd
     for users in found.values():
         for periods in users.values():
             for row in periods.values():

@@ -19,13 +19,14 @@ even when `input_tokens` is 0, and each field present in a later `message_delta.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import fastjson
 from .tokens import Tokens
 
 MAX_EVENT = 1 << 20
+MAX_COUNT = 1 << 63
 _MARK = b'"message_'
 _BOUNDARY = b"\n\n"
 _COUNTERS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
@@ -45,7 +46,8 @@ class Usage:
 
 
 def _count(value: Any) -> bool:
-    return type(value) is int and value >= 0
+    """A token count: an integer from 0 below 2**63 (what a journal line holds; more is no real answer)."""
+    return type(value) is int and 0 <= value < MAX_COUNT
 
 
 def _merge_usage(usage: Usage, raw: Any) -> None:
@@ -84,7 +86,7 @@ def _apply_event(usage: Usage, event: Any) -> None:
 
 def _loads(data: bytes) -> Any:
     try:
-        return json.loads(data)
+        return fastjson.loads(data)
     except (ValueError, RecursionError):
         return None
 

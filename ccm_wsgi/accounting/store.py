@@ -60,6 +60,7 @@ from .records import Cursor, Marker, Record, Shape, Totals, render
 if TYPE_CHECKING:
     from ..state.usage import SharedUsage
 
+UNAPPLIED_MAX = 512  # own records kept for the ledger before they are applied anyway
 SAVE_INTERVAL = 60.0
 APPEND_LOCK_TIMEOUT = 10.0
 LOCK_RECHECK = 1.0  # seconds between checks that the kept lock descriptor is still the lock file's
@@ -88,7 +89,7 @@ def readings(rec: Record) -> dict[str, Reading]:
 
 def apply(ledger: Ledger, pricing: Pricing, rec: Record, t_ns: int) -> None:
     cost = rec.cost or pricing.cost(rec.model, rec.context_window, rec.tokens)
-    ledger.apply(rec.user, t_ns / 1e9, cost, readings(rec))
+    ledger.apply(rec.user, t_ns / 1e9, cost, readings(rec), rec.tokens)
 
 
 def _read(path: str) -> bytes | None:
@@ -198,12 +199,13 @@ class UsageStore:
     """One `usages_path`: durable `record()`, periodic `save()` (fold), read-only `snapshot()`, and a ledger."""
 
     def __init__(self, path: str, pricing: Pricing, log: logging.Logger, interval: float = SAVE_INTERVAL,
-                 shared: SharedUsage | None = None) -> None:
+                 shared: SharedUsage | None = None, on_save_failure: Callable[[], None] | None = None) -> None:
         self.path = path
         self.shared = shared
         self.pricing = pricing
         self.log = log
         self.interval = interval
+        self.on_save_failure = on_save_failure  # told of every failed save (metrics)
         self.journal_path = path + ".journal"
         self.lock_path = path + ".lock"
         self.fold_lock_path = path + ".fold.lock"
@@ -211,6 +213,7 @@ class UsageStore:
         self._follower = Follower(self.journal_path, self._apply, log)
         self._pending: list[Located] = []  # records the journal refused, folded at the next save
         self._kept = 0  # how many records were kept in memory (their identities)
+        self._unapplied: list[Located] = []  # own records in the journal, not in the ledger yet
         self._changes = 0
         self._saved_changes = 0
         self._stop = Event()
@@ -258,6 +261,7 @@ class UsageStore:
             self._kept += 1
             identity = journal.ident(f"kept-{os.getpid()}-{id(self):x}", self._kept)
             self._pending.append((rec, t_ns, identity))
+            self._apply_unapplied()
             self._apply(rec, t_ns, identity)  # this process counts it now; the others once it is folded
             if self.shared is not None:
                 self.shared.push_later(identity, line[1:])
@@ -272,8 +276,12 @@ class UsageStore:
         if follower.fd is not None:
             if follower.at(self._journal_id, end - len(line)):  # nothing else was appended since
                 follower.advance(end)
-                self._apply(rec, t_ns, identity)
+                if self.shared is None:  # (with shared state, `local` below counts it)
+                    self._unapplied.append((rec, t_ns, identity))
+                    if len(self._unapplied) >= UNAPPLIED_MAX:
+                        self._apply_unapplied()
             else:
+                self._apply_unapplied()  # they come before what the follower reads next
                 follower.catch_up()
         if self.shared is not None:
             self.shared.local(rec, t_ns, identity)
@@ -282,6 +290,7 @@ class UsageStore:
     def current_ledger(self) -> Ledger:
         """The ledger with every record appended so far, by any process (and with shared state, every
         record the usage stream has shown, by any node)."""
+        self._apply_unapplied()
         self._follower.catch_up()
         return self.ledger if self.shared is None else self.shared.view()
 
@@ -298,6 +307,8 @@ class UsageStore:
                 self._fold()
         except Exception as exc:
             self.log.error("usage: saving %s failed: %s", self.path, exc)
+            if self.on_save_failure is not None:
+                self.on_save_failure()
             return False
         self._saved_changes = changes
         return True
@@ -340,6 +351,14 @@ class UsageStore:
             apply(self.ledger, self.pricing, rec, t_ns)
         else:  # the shared ledger counts it when the stream shows it
             self.shared.local(rec, t_ns, identity)
+
+    def _apply_unapplied(self) -> None:
+        """This process's own records go into its ledger when the ledger is read (or a few hundred of them
+        wait), in journal order: a service without limits never spends time on it."""
+        if self._unapplied:
+            unapplied, self._unapplied = self._unapplied, []
+            for rec, t_ns, identity in unapplied:
+                self._apply(rec, t_ns, identity)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

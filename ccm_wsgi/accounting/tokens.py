@@ -8,6 +8,7 @@ split is known.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, fields
 
 
@@ -41,10 +42,12 @@ class Tokens:
         self.cache_creation_1h_input_tokens += sign * other.cache_creation_1h_input_tokens
 
     def values(self) -> tuple[int, ...]:
-        return tuple(getattr(self, name) for name in NAMES)
+        """The six counters in declaration order."""
+        return _values(self)
 
     def is_zero(self) -> bool:
         return not any(self.values())
 
 
 NAMES = tuple(f.name for f in fields(Tokens))
+_values = operator.attrgetter(*NAMES)  # on the path of every record: one C call

@@ -36,7 +36,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -84,10 +84,14 @@ def now_ms() -> int:
 
 
 class OAuthCredential:
-    """One subscription login. `access_token()` is cheap when the token is fresh (one stat call)."""
+    """One subscription login. `access_token()` is cheap when the token is fresh (one stat call).
+
+    `on_refresh(tag, result)` hears how each refresh that was needed ended: "success" (this process got a new
+    token), "failure" (none; refreshes are then held back for a while) or "adopted" (someone else, another
+    process, node or a local `claude`, had refreshed meanwhile and its token is used)."""
 
     def __init__(self, tag: str, store: CredentialStore, token_url: str, route: Route,
-                 shared: SharedCredential | None = None):
+                 shared: SharedCredential | None = None, on_refresh: Callable[[str, str], None] | None = None):
         self.tag = tag
         self.shared = shared
         self._cluster: dict[str, Any] | None = None  # the login Redis held when last read, if newer than the file
@@ -95,6 +99,7 @@ class OAuthCredential:
         self.store = store
         self.token_url = token_url
         self.route = route
+        self.on_refresh = on_refresh
         self._document: dict[str, Any] | None = None
         self._signature: tuple[int, int, int] | None = None
         self._error: str | None = "not loaded yet"
@@ -249,12 +254,12 @@ class OAuthCredential:
             if self._document is None:
                 raise self._unavailable()
             if self.oauth["accessToken"] != stale and self._fresh():
-                return str(self.oauth["accessToken"])  # another greenlet, process or node already did it
+                return self._adopt()  # another greenlet, process or node already did it
             if self.shared is not None and not self._holder:
                 raise self._fail(503, f"credential {self.tag}: this node does not hold the credential file; it "
                                       "waits for a node that does to refresh the login")
             if self._unsaved is None and self._adopt_pending(self.oauth.get("refreshToken") or ""):
-                return str(self.oauth["accessToken"])
+                return self._adopt()
             self._check_hold()
             reason = self.store.unwritable()
             if reason:
@@ -286,7 +291,7 @@ class OAuthCredential:
                 self._no_claude_lock = True
             return self._refresh_locked(stale, force)
         if not held:
-            return str(self.oauth["accessToken"])  # adopted while waiting
+            return self._adopt()  # adopted while waiting
         with lock:
             return self._refresh_locked(stale, force)
 
@@ -303,9 +308,9 @@ class OAuthCredential:
             raise self._unavailable()
         oauth = self.oauth
         if oauth["accessToken"] != stale and self._fresh():
-            return str(oauth["accessToken"])
+            return self._adopt()
         if not force and self._fresh():
-            return str(oauth["accessToken"])
+            return self._adopt()
         refresh_token = oauth.get("refreshToken")
         if not refresh_token:
             raise self._fail(503, self._login_message("the credential has no refresh token"))
@@ -329,7 +334,7 @@ class OAuthCredential:
             # A local `claude` may have rotated the token outside our locks: adopt its login if so.
             self.load(force=True)
             if self._document is not None and self.oauth.get("refreshToken") != refresh_token and self._fresh():
-                return str(self.oauth["accessToken"])
+                return self._adopt()
             raise self._fail(503, self._login_message(str(rejected)), long=True) from None
         except BaseException:
             if reservation is not None:
@@ -349,7 +354,17 @@ class OAuthCredential:
         log.info("credential %s: access token refreshed (valid for %ss)", self.tag, answer.get("expires_in"))
         if self.shared is not None:
             self._publish()
+        self._report("success")
         return str(document[OAUTH_KEY]["accessToken"])
+
+    def _adopt(self) -> str:
+        """The token someone else refreshed meanwhile, taken instead of refreshing."""
+        self._report("adopted")
+        return str(self.oauth["accessToken"])
+
+    def _report(self, result: str) -> None:
+        if self.on_refresh is not None:
+            self.on_refresh(self.tag, result)
 
     def _refreshed(self, answer: dict[str, Any]) -> dict[str, Any]:
         assert self._document is not None
@@ -586,6 +601,8 @@ class OAuthCredential:
         return error
 
     def _hold_for(self, seconds: float, error: CredentialError) -> CredentialError:
+        """A refresh failed: hold the next ones back for `seconds`, answering `error` meanwhile."""
+        self._report("failure")
         self._hold = error
         self._hold_signature = self.store.signature()
         self._hold_until = time.monotonic() + seconds

@@ -1,8 +1,8 @@
 """The Flask application of one ccm service.
 
-Flask serves the small endpoints (`/healthz`, `/ccm/v1/status`, the JSON 404s); `/v1/*` is sent
-straight to the proxy's WSGI callable before Flask builds a request object, because that path is
-hot and gains nothing from Werkzeug.
+Flask serves the small endpoints (`/healthz`, `/ccm/v1/status`, `/metrics`, the status page under `/ccm/`,
+the JSON 404s); `/v1/*` is sent straight to the proxy's WSGI callable before Flask builds a request object,
+because that path is hot and gains nothing from Werkzeug.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, Response, request
 
 from ..errors import JSON_HEADERS, ProxyError, error_body
+from ..observe import page, session
 from ..patches import abandon
+from .auth import presented_token
 from .guard import OpenGuard
 from .proxy import has_body, status_line
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from ..service import Service
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+FORM_LIMIT = 16 * 1024  # the status page's forms are a token and a form token
 
 
 def json_response(body: bytes, status: int = 200) -> Response:
@@ -54,6 +57,10 @@ def closing_unread(environ: dict[str, Any], start_response: Any) -> Any:
 def create_app(service: Service) -> Flask:
     app = Flask("ccm_wsgi")
     app.config["SERVICE"] = service
+    app.config["MAX_CONTENT_LENGTH"] = FORM_LIMIT
+    secret = session.key(service.shared)
+    session.configure(app, secret, tls=service.cfg.tls is not None)
+    app.register_blueprint(page.blueprint(service, secret))
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -77,6 +84,19 @@ def create_app(service: Service) -> Flask:
         if user is not None and (user.disabled or user.expires or service.cfg.limits_for(user) is not None):
             view["limits"] = service.limits.view(user)  # beside the pool's view, which stays as sing-box's
         return json_response(json.dumps(view, sort_keys=True).encode())
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus text format, for an admin token, or anyone on an open service."""
+        if service.metrics is None:  # CCM_METRICS=off
+            return json_response(error_body("not_found_error", "Not found"), 404)
+        auth = service.auth
+        if not auth.open and not auth.is_admin(request.environ):
+            if auth.user_with(presented_token(request.environ) or "") is None:  # no token, or not one of ours
+                return json_response(error_body("authentication_error", "metrics need an admin token"), 401)
+            return json_response(error_body("permission_error", "metrics need an admin token, not a user's"), 403)
+        body, content_type = service.metrics.scrape(request.headers.get("Accept", ""))
+        return Response(body, content_type=content_type)
 
     @app.route("/", defaults={"path": ""}, methods=METHODS)
     @app.route("/<path:path>", methods=METHODS)

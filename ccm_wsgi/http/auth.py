@@ -42,7 +42,8 @@ class Authenticator:
             key = user.digest
             self._users[key] = user
             self._stored[id(user)] = key
-        self._admins = [token_digest(t) for t in admin_tokens]
+        self._named = {user.name: user for user in self._users.values()}
+        self.admins = [token_digest(t) for t in admin_tokens]
         self.open = not self._users
 
     def authenticate(self, environ: dict[str, Any]) -> User | None:
@@ -66,11 +67,25 @@ class Authenticator:
         return user if hmac.compare_digest(self._stored[id(user)], key) else None
 
     def is_admin(self, environ: dict[str, Any]) -> bool:
-        token = presented_token(environ)
-        if not token or not self._admins:
-            return False
+        return self.admin_with(presented_token(environ) or "") is not None
+
+    def admin_with(self, token: str) -> bytes | None:
+        """The digest of the admin token `token` is; None when it is not one."""
+        if not token or not self.admins:
+            return None
         key = token_digest(token)
-        return any(hmac.compare_digest(key, admin) for admin in self._admins)
+        found = None
+        for admin in self.admins:  # every one compared: the time does not tell which matched
+            if hmac.compare_digest(key, admin):
+                found = admin
+        return found
+
+    def user_with(self, token: str) -> User | None:
+        """The user whose token `token` is (the status page's sign-in form)."""
+        return self._lookup(token_digest(token)) if token else None
+
+    def user_named(self, name: str) -> User | None:
+        return self._named.get(name)
 
     @staticmethod
     def _reject(environ: dict[str, Any], why: str) -> None:

@@ -3,7 +3,7 @@
 It is a plain WSGI callable rather than a Flask view: this is the hot path, and Werkzeug's request
 and response objects would cost about a fifth of the CPU per request without adding anything here.
 Its collaborators are given to it (who is calling, which credentials serve a user, prices, the drain of
-a graceful stop); it reaches into nothing else.
+a graceful stop, the metrics and the list of recent refusals); it reaches into nothing else.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..credentials.oauth import CredentialError
 from ..errors import JSON_HEADERS, ProxyError
 from ..limits.engine import Admission, Limits
 from ..limits.refusals import Refusal
+from ..observe.refusals import Recent, Refused
 from ..patches import abandon
 from ..pool.balancer import NoCredential
 from ..pool.quota import is_quota_429
@@ -41,8 +42,10 @@ from .relay import DecodingTap, JSONTap, Relay, Tap
 from .request import Facts, facts, session_header
 
 if TYPE_CHECKING:
+    from ..accounting.records import Record
     from ..config import Service as ServiceConfig
     from ..config import User
+    from ..observe.metrics import Metrics
     from ..pool.providers import Account, Provider
 
 log = logging.getLogger("ccm_wsgi.proxy")
@@ -140,6 +143,8 @@ class Proxy:
         settings: ProxySettings,
         drain: Drain,
         limits: Limits,
+        refusals: Recent,
+        metrics: Metrics | None = None,
         starting: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ):
         self.auth = auth
@@ -149,10 +154,14 @@ class Proxy:
         self.drain = drain
         self.limits = limits
         self.starting = starting  # shared state: what a request reads before it is forwarded, in one round trip
+        self.refusals = refusals
+        self.metrics = metrics
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         ex = Exchange(time.monotonic(), environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
         self.drain.active += 1
+        if self.metrics is not None:
+            self.metrics.started()
         try:
             return self._proxy(environ, start_response, ex)
         except ProxyError as err:
@@ -185,7 +194,7 @@ class Proxy:
         with self.starting():
             provider.recall(ex.facts.session, ex.user)
             ex.admission = self.limits.admit(user, ex.facts.model)
-            excluded, refusal = self.limits.screen(user, provider.accounts)
+            excluded, refusal = self.limits.screen(ex.admission, provider.accounts)
             if refusal is not None and len(excluded) >= len(provider.accounts):
                 raise refusal
             account = provider.select(ex.facts.session, excluded, allow_external, ex.user)
@@ -201,8 +210,10 @@ class Proxy:
         extra: list[tuple[str, str]] = CLOSE if self.drain.draining else []
         length = headers.get("content-length")
         whole = not sse and length is not None and length.isdigit() and int(length) <= SMALL_BODY
-        answer = self.limits.headers(user, account, provider.accounts,
-                                     response_headers(upstream, keep_length=not sse and not whole))
+        standing = self.limits.headers(ex.admission, allow_external, account, provider.accounts)
+        answer = response_headers(upstream, keep_length=not sse and not whole, keep_limits=standing is None)
+        if standing:
+            answer += standing
         if whole:
             return self._whole(upstream, ex, tap, start_response, answer + extra)
         ex.streamed = True
@@ -217,8 +228,17 @@ class Proxy:
     ) -> tuple[urllib3.BaseHTTPResponse, Account]:
         """Forward, and in a pool move the request (and its session) on when an account's quota is spent."""
         tried: set[str] = set(excluded)
+        metrics = self.metrics
         while True:
-            upstream = self._forward(account, environ, body)
+            sent = time.monotonic()
+            try:
+                upstream = self._forward(account, environ, body)
+            except ProxyError as err:  # no answer came
+                if metrics is not None:
+                    metrics.unanswered(err.status)
+                raise
+            if metrics is not None:
+                metrics.answered(time.monotonic() - sent, upstream.status)
             before = account.quota.windows()
             if account.quota.observe_headers(upstream.headers, time.time(), account.external):
                 ex.readings = account.quota.readings(before)
@@ -352,6 +372,7 @@ class Proxy:
         if ex.admission is not None:
             ex.admission.release()
         cost = None
+        record: Record | None = None
         if ex.usage is not None and ex.account is not None and ex.account.usage is not None:
             record = make_record(ex.user, ex.usage, ex.facts.model, ex.facts.messages_count, ex.beta,
                                  ex.week_reset)
@@ -359,6 +380,10 @@ class Proxy:
                 cost = record.cost = self.pricing.cost(record.model, record.context_window, record.tokens)
                 record.readings = ex.readings
                 ex.account.usage.record(record)
+        if ex.refused:
+            self.refusals.add(Refused(time.time(), ex.user, ex.refused, ex.status))
+        if self.metrics is not None:
+            self.metrics.finished(ex.user, ex.facts.model, ex.status, record, ex.refused, ex.cut)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(access_line(ex, cost))
 

@@ -154,11 +154,7 @@ def build(cfg: config_mod.Config) -> list[tuple[Service, Server]]:
     pairs = []
     for service_cfg in cfg.services:
         service, app = assemble.service(cfg, service_cfg, outbounds)
-        context = None
-        if service_cfg.tls is not None:
-            context = tls.server_context(service_cfg.tls)
-            context.watch()
-        server = Server((service_cfg.listen, service_cfg.listen_port), app, service.drain, service_cfg, context)
+        server = Server((service_cfg.listen, service_cfg.listen_port), app, service.drain, service_cfg, service.tls)
         pairs.append((service, server))
     return pairs
 

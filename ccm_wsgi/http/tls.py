@@ -15,7 +15,8 @@
   match) and every handshake would fail until the key lands; and a change of key type (RSA to ECDSA)
   would leave the old certificate in its slot, still served to some clients.
 
-`ServerContext` is what gevent's servers (ours and gunicorn's gevent worker) need: a `wrap_socket`.
+`ServerContext` is what gevent's servers (ours and gunicorn's gevent worker) need: a `wrap_socket`. It also
+knows when the certificate it serves expires (`not_after`, for the metrics).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
+from ..certs import CertificateError, validity
 from ..names import CLIENT_AUTHENTICATION, TLS_VERSIONS, openssl_cipher_list
 
 if TYPE_CHECKING:
@@ -80,6 +82,19 @@ def build_context(cfg: InboundTLS) -> ssl.SSLContext:
     return ctx
 
 
+def expiry(cfg: InboundTLS) -> float | None:
+    """When the configured certificate expires (Unix time); None when it cannot be read as a certificate."""
+    try:
+        if cfg.certificate_path:
+            with open(cfg.certificate_path, encoding="ascii", errors="replace") as f:
+                pem = f.read()
+        else:
+            pem = cfg.certificate
+        return validity(pem)[1].timestamp()
+    except (OSError, CertificateError):
+        return None
+
+
 def _sni_checker(server_name: str) -> Any:
     def check(sock: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> int | None:
         if name and name.lower() != server_name.lower():
@@ -95,6 +110,7 @@ class ServerContext:
     def __init__(self, cfg: InboundTLS):
         self.cfg = cfg
         self.current = build_context(cfg)
+        self.not_after = expiry(cfg)
         self.paths = [p for p in (cfg.certificate_path, cfg.key_path, *cfg.client_certificate_path) if p]
         self.watcher: gevent.Greenlet | None = None
 
@@ -114,7 +130,7 @@ class ServerContext:
             # e.g. the certificate landed before its key: the next change of either file retries
             log.error("TLS certificate reload failed (keeping the old one): %s", exc)
             return False
-        self.current = new
+        self.current, self.not_after = new, expiry(self.cfg)
         log.info("TLS certificate reloaded from %s", self.cfg.certificate_path or self.cfg.key_path)
         return True
 

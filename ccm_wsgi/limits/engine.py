@@ -19,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +27,11 @@ from ..accounting.periods import ADJECTIVE, bounds, ends
 from ..pool.balancer import aggregate_status
 from . import refusals
 from .counters import Counters, Lease
-from .headers import BudgetStanding, Standing, rewrite
+from .headers import BudgetStanding, Standing, standing_headers
 from .refusals import Refusal
 
 if TYPE_CHECKING:
+    from ..accounting.ledger import Ledger
     from ..accounting.store import UsageStore
     from ..config import Limits as LimitsConfig
     from ..config import Service as ServiceConfig
@@ -45,13 +46,22 @@ WINDOWS = ("five_hour", "weekly")
 
 @dataclass(slots=True)
 class Admission:
-    """What an admitted request holds until its response ends."""
+    """What an admitted request holds until its response ends, and what its limits read from the ledgers
+    (read once per request: the checks before forwarding and the answer's headers share them)."""
 
     user: str
-    limits: LimitsConfig
+    limits: LimitsConfig | None
     counters: Counters
     lease: Lease | None = None
-    released: bool = field(default=False)
+    released: bool = False
+    ledgers: dict[int, Ledger] = field(default_factory=dict)  # id(usage store) -> its ledger, caught up
+    spent: dict[str, float] = field(default_factory=dict)  # budget period -> USD spent in it
+
+    def ledger(self, store: UsageStore) -> Ledger:
+        found = self.ledgers.get(id(store))
+        if found is None:
+            found = self.ledgers[id(store)] = store.current_ledger()
+        return found
 
     def release(self) -> None:
         if not self.released:
@@ -76,7 +86,7 @@ class Limits:
     # -- before forwarding ---------------------------------------------------------------------------
 
     def admit(self, user: User | None, model: str) -> Admission | None:
-        """Check the user's limits; raises a Refusal, or returns what the request holds (None: no limits)."""
+        """Check the user's limits; raises a Refusal, or returns what the request holds (None: an open service)."""
         if user is None:
             return None
         now = self.clock()
@@ -85,19 +95,21 @@ class Limits:
         if user.expires is not None and user.expires.timestamp() <= now:
             raise refusals.expired(user.name, user.expires.timestamp())
         limits = self.cfg.limits_for(user)
+        admission = Admission(user.name, limits, self.counters)
         if limits is None:
-            return None
+            return admission
         if limits.models and not any(fnmatch.fnmatchcase(model, pattern) for pattern in limits.models):
             raise refusals.model(model, limits.models)
         if limits.needs_ledger:  # with shared state: what other nodes recorded up to now, in the one trip
             self.sync()
 
         def check_budgets() -> None:
-            for budget in limits.budget:
-                if self.spent(user.name, budget.per, now) >= budget.usd:
-                    raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
+            if limits.budget:
+                admission.spent = self._spending(user.name, [b.per for b in limits.budget], now, admission.ledger)
+                for budget in limits.budget:
+                    if admission.spent[budget.per] >= budget.usd:
+                        raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
 
-        admission = Admission(user.name, limits, self.counters)
         if limits.max_concurrent is None and limits.requests_per_minute is None:
             check_budgets()
         else:
@@ -110,67 +122,68 @@ class Limits:
                 raise refusals.concurrency(limits.max_concurrent, BUSY_RETRY)
         return admission
 
-    def screen(self, user: User | None, accounts: Sequence[Account]) -> tuple[frozenset[str], Refusal | None]:
-        """The credentials this user's request must not go to (their share of its window used up, or its paid
+    def screen(self, admission: Admission | None, accounts: Sequence[Account]) -> tuple[frozenset[str], Refusal | None]:
+        """The credentials this request must not go to (the user's share of its window used up, or its paid
         extra usage in use while the service denies it), and the refusal to give when none is left."""
         now = self.clock()
         excluded: set[str] = set()
         refusal: Refusal | None = None
-        limits = self.cfg.limits_for(user) if user is not None else None
+        limits = admission.limits if admission is not None else None
         share = limits.window_share if limits is not None else None
         for account in accounts:
             if self.cfg.overage == "deny" and account.quota.overage_until > now:
                 excluded.add(account.tag)
                 refusal = refusal or refusals.overage(account.quota.overage_until, now)
                 continue
-            if share is None or user is None or account.usage is None:
+            if share is None or admission is None or account.usage is None:
                 continue
-            ledger = account.usage.current_ledger()
+            ledger = admission.ledger(account.usage)
             for window in WINDOWS:
                 percent = getattr(share, window)
-                if percent is not None and ledger.used(user.name, window, now) >= percent:
+                if percent is not None and ledger.used(admission.user, window, now) >= percent:
                     excluded.add(account.tag)
                     refusal = refusal or refusals.share(window, percent, ledger.reset(window), now)
         return frozenset(excluded), refusal
 
     # -- the answer ------------------------------------------------------------------------------
 
-    def headers(self, user: User | None, account: Account, accounts: Sequence[Account],
-                upstream: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-        """The response headers with the limit headers of this user's own standing (an open service's caller
-        of one credential is the subscription's only user: its headers pass as they are)."""
-        if user is None and len(accounts) <= 1:
-            return list(upstream)
+    def headers(self, admission: Admission | None, allow_external: bool, account: Account,
+                accounts: Sequence[Account]) -> list[tuple[str, str]] | None:
+        """The limit headers of this user's own standing, to send instead of the subscription's; None: the
+        subscription's pass as they are (an open service's caller of one credential is its only user)."""
+        if admission is None and len(accounts) <= 1:
+            return None
         now = self.clock()
-        windows = self._standing(user, account, accounts, now)
-        return rewrite(upstream, windows, self._budget_standing(user, now), now)
+        windows = self._standing(admission, allow_external, account, accounts, now)
+        return standing_headers(windows, self._budget_standing(admission, now), now)
 
-    def _standing(self, user: User | None, account: Account, accounts: Sequence[Account],
-                  now: float) -> dict[str, Standing]:
+    def _standing(self, admission: Admission | None, allow_external: bool, account: Account,
+                  accounts: Sequence[Account], now: float) -> dict[str, Standing]:
         five, week = account.quota.utilization(now)
         if len(accounts) > 1:
-            pooled = aggregate_status(accounts, now, allow_external=user.allow_external_usage if user else True)
+            pooled = aggregate_status(accounts, now, allow_external=allow_external)
             five, week = pooled["five_hour_utilization"], pooled["weekly_utilization"]
         standing = {"five_hour": Standing(five / 100, account.quota.five_hour_reset),
                     "weekly": Standing(week / 100, account.quota.weekly_reset)}
-        limits = self.cfg.limits_for(user) if user is not None else None
+        limits = admission.limits if admission is not None else None
         share = limits.window_share if limits is not None else None
-        if share is not None and user is not None and account.usage is not None:
-            ledger = account.usage.current_ledger()
+        if share is not None and admission is not None and account.usage is not None:
+            ledger = admission.ledger(account.usage)
             for window in WINDOWS:
                 percent = getattr(share, window)
-                mine = ledger.used(user.name, window, now) / percent if percent else 0.0
+                mine = ledger.used(admission.user, window, now) / percent if percent else 0.0
                 if mine > standing[window].utilization:
                     standing[window] = Standing(mine, ledger.reset(window) or standing[window].reset)
         return {w: s for w, s in standing.items() if s.reset > 0}
 
-    def _budget_standing(self, user: User | None, now: float) -> BudgetStanding | None:
-        limits = self.cfg.limits_for(user) if user is not None else None
-        if user is None or limits is None or not limits.budget:
+    @staticmethod
+    def _budget_standing(admission: Admission | None, now: float) -> BudgetStanding | None:
+        """The fullest budget, from what the admission read."""
+        if admission is None or admission.limits is None or not admission.limits.budget:
             return None
-        fullest = max(limits.budget, key=lambda b: self.spent(user.name, b.per, now) / b.usd)
-        return BudgetStanding(self.spent(user.name, fullest.per, now) / fullest.usd, ends(fullest.per, now),
-                              fullest.per)
+        spent = admission.spent
+        fullest = max(admission.limits.budget, key=lambda b: spent[b.per] / b.usd)
+        return BudgetStanding(spent[fullest.per] / fullest.usd, ends(fullest.per, now), fullest.per)
 
     # -- what users and admins see --------------------------------------------------------------
 
@@ -182,11 +195,20 @@ class Limits:
 
     def spent(self, user: str, per: str, now: float) -> float:
         """USD `user` spent in the current UTC `per` (day, week or month), over every usage ledger."""
-        first, _ = bounds(per, now)
-        return sum((store.current_ledger().spent(user, first) for _, store in self._ledgered()), 0.0)
+        return self._spending(user, [per], now, lambda store: store.current_ledger())[per]
+
+    def _spending(self, user: str, periods: list[str], now: float,
+                  ledger_of: Callable[[UsageStore], Ledger]) -> dict[str, float]:
+        firsts = [bounds(per, now)[0] for per in periods]
+        totals = [0.0] * len(periods)
+        for _, store in self._ledgered():
+            for i, usd in enumerate(ledger_of(store).spent(user, firsts)):
+                totals[i] += usd
+        return dict(zip(periods, totals, strict=True))
 
     def _ledgered(self) -> list[tuple[Account, UsageStore]]:
-        """Each usage store once (credentials may share one), with an account that records into it."""
+        """Each usage store once, with an account that records into it (with shared state, credentials
+        without a usage file share one)."""
         found: dict[int, tuple[Account, UsageStore]] = {}
         for account in self.accounts():
             if account.usage is not None:

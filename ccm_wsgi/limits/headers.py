@@ -3,7 +3,7 @@
 Claude Code warns its user from the `anthropic-ratelimit-unified-*` response headers ("You've used 95% of
 your 5-hour limit"), when its token is a gateway token (see `ccm-wsgi token`). Passed through as they come,
 they would describe the whole subscription (or, in a pool, one account of it) to every user. So they are
-always rewritten: the upstream's are dropped, and for each window (5-hour, weekly) the user's standing is
+always replaced: the upstream's are dropped, and for each window (5-hour, weekly) the user's standing is
 sent instead, the tighter of
 
 * their window share, when they have one: the points their requests consumed, as a part of their share;
@@ -19,7 +19,6 @@ the real subscription are never passed on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..anthropic import RATELIMIT_PREFIX as RL
@@ -59,10 +58,10 @@ def status(window: str, standing: Standing, now: float) -> tuple[str, float | No
     return "allowed", None
 
 
-def rewrite(upstream: Iterable[tuple[str, str]], windows: dict[str, Standing], budget: BudgetStanding | None,
-            now: float) -> list[tuple[str, str]]:
-    """The response headers with the subscription's limit headers replaced by the user's standing."""
-    headers = [(k, v) for k, v in upstream if not k.lower().startswith(RL)]
+def standing_headers(windows: dict[str, Standing], budget: BudgetStanding | None,
+                     now: float) -> list[tuple[str, str]]:
+    """The limit headers of the user's standing, in place of the subscription's (which the caller drops)."""
+    headers: list[tuple[str, str]] = []
     worst, worst_window = "allowed", ""
     order = {"allowed": 0, "allowed_warning": 1, "rejected": 2}
     for window, standing in windows.items():

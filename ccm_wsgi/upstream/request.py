@@ -23,7 +23,7 @@ from urllib3.exceptions import (
     ProxyError as UrllibProxyError,
 )
 
-from ..anthropic import OAUTH_BETA
+from ..anthropic import OAUTH_BETA, RATELIMIT_PREFIX
 from ..errors import ProxyError
 from ..names import HOP_BY_HOP
 from .outbounds import Route
@@ -72,10 +72,15 @@ def request_headers(environ: Mapping[str, Any], configured: Mapping[str, tuple[s
     return headers
 
 
-def response_headers(upstream: urllib3.BaseHTTPResponse, keep_length: bool) -> list[tuple[str, str]]:
-    """End-to-end upstream response headers, unchanged (request-id, retry-after, ratelimit, encoding...)."""
+def response_headers(upstream: urllib3.BaseHTTPResponse, keep_length: bool,
+                     keep_limits: bool = True) -> list[tuple[str, str]]:
+    """End-to-end upstream response headers, unchanged (request-id, retry-after, encoding...); the
+    subscription's limit headers (`anthropic-ratelimit-unified-*`) only with `keep_limits`."""
     drop = HOP_BY_HOP if keep_length else HOP_BY_HOP | {"content-length"}
-    return [(k, v) for k, v in upstream.headers.iteritems() if k.lower() not in drop]
+    if keep_limits:
+        return [(k, v) for k, v in upstream.headers.iteritems() if k.lower() not in drop]
+    return [(k, v) for k, v in upstream.headers.iteritems()
+            if (name := k.lower()) not in drop and not name.startswith(RATELIMIT_PREFIX)]
 
 
 _TIMEOUTS: dict[tuple[float, float], urllib3.Timeout] = {}

@@ -5,7 +5,7 @@
 
 Prints Markdown: the run's metadata, then one row per target with the measured values, the ratio
 and whether it is met. Target names are the ones tests/bench/run.sh gives: ccm-wsgi, gevent (the bare
-gevent + Flask + urllib3 proxy), ccm-nousage, ccm-limits, gunicorn-w1, gunicorn-w2.
+gevent + Flask + urllib3 proxy), ccm-nousage, ccm-limits, ccm-nometrics, gunicorn-w1, gunicorn-w2.
 """
 
 from __future__ import annotations
@@ -65,18 +65,18 @@ def main() -> None:
     c = 16 if 16 in levels_ns else (levels_ns[0] if levels_ns else None)
     n = 100 if 100 in levels_st else (levels_st[0] if levels_st else None)
 
+    def versus(label: str, phase: str, level: int, a_t: str, b_t: str, key: str, digits: int, most: float) -> None:
+        """One CPU ratio row: `a_t` against `b_t` in one phase and level, met when at most `most`."""
+        x, y = get(phase, level, a_t, key), get(phase, level, b_t, key)
+        q = div(x, y)
+        row(label, f"{fmt(x, digits)} vs {fmt(y, digits)}" + paired(phase, level, a_t, b_t, key), q,
+            f"≤ {most:.2f}", None if q is None else q <= most)
+
+    ms, us = "proxy_cpu_ms_per_req", "proxy_cpu_us_per_event"
     if c is not None:
-        x, y = get("nonstream", c, m, "proxy_cpu_ms_per_req"), get("nonstream", c, r, "proxy_cpu_ms_per_req")
-        q = div(x, y)
-        row(f"CPU ms per non-streaming request, c={c}",
-            f"{fmt(x, 3)} vs {fmt(y, 3)}" + paired("nonstream", c, m, r, "proxy_cpu_ms_per_req"), q, "≤ 1.00",
-            None if q is None else q <= 1.0)
+        versus(f"CPU ms per non-streaming request, c={c}", "nonstream", c, m, r, ms, 3, 1.0)
     if n is not None:
-        x, y = get("stream", n, m, "proxy_cpu_us_per_event"), get("stream", n, r, "proxy_cpu_us_per_event")
-        q = div(x, y)
-        row(f"CPU µs per SSE event, n={n}",
-            f"{fmt(x, 1)} vs {fmt(y, 1)}" + paired("stream", n, m, r, "proxy_cpu_us_per_event"), q, "≤ 1.00",
-            None if q is None else q <= 1.0)
+        versus(f"CPU µs per SSE event, n={n}", "stream", n, m, r, us, 1, 1.0)
         x, y = get("stream", n, m, "ttfb_p50_ms"), get("stream", n, r, "ttfb_p50_ms")
         d = None if x is None or y is None else x - y
         row(f"stream TTFB p50, n={n} (ms; difference)", f"{fmt(x)} vs {fmt(y)} ({d:+.2f} ms)" if d is not None else "-",
@@ -90,34 +90,14 @@ def main() -> None:
             f"{lv} complete, 0 errors", ok)
         row("KB RSS per open stream (vs the bare proxy)", f"{fmt(kb, 1)} vs {fmt(kb_ref, 1)}", div(kb, kb_ref),
             "≤ 45 KB", None if kb is None else kb <= 45.0)
-    if c is not None and ("nonstream", c, "ccm-nousage") in summary:
-        x = get("nonstream", c, m, "proxy_cpu_ms_per_req")
-        y = get("nonstream", c, "ccm-nousage", "proxy_cpu_ms_per_req")
-        q = div(x, y)
-        row(f"usage tracking on/off, CPU ms/request c={c}",
-            f"{fmt(x, 3)} vs {fmt(y, 3)}" + paired("nonstream", c, m, "ccm-nousage", "proxy_cpu_ms_per_req"), q,
-            "≤ 1.10", None if q is None else q <= 1.10)
-        if n is not None:
-            x = get("stream", n, m, "proxy_cpu_us_per_event")
-            y = get("stream", n, "ccm-nousage", "proxy_cpu_us_per_event")
-            q = div(x, y)
-            row(f"usage tracking on/off, CPU µs/event n={n}",
-                f"{fmt(x, 1)} vs {fmt(y, 1)}" + paired("stream", n, m, "ccm-nousage", "proxy_cpu_us_per_event"), q,
-                "≤ 1.10", None if q is None else q <= 1.10)
-    if c is not None and ("nonstream", c, "ccm-limits") in summary:
-        x = get("nonstream", c, "ccm-limits", "proxy_cpu_ms_per_req")
-        y = get("nonstream", c, m, "proxy_cpu_ms_per_req")
-        q = div(x, y)
-        row(f"limits on every user / none, CPU ms/request c={c}",
-            f"{fmt(x, 3)} vs {fmt(y, 3)}" + paired("nonstream", c, "ccm-limits", m, "proxy_cpu_ms_per_req"), q,
-            "≤ 1.05", None if q is None else q <= 1.05)
-        if n is not None:
-            x = get("stream", n, "ccm-limits", "proxy_cpu_us_per_event")
-            y = get("stream", n, m, "proxy_cpu_us_per_event")
-            q = div(x, y)
-            row(f"limits on every user / none, CPU µs/event n={n}",
-                f"{fmt(x, 1)} vs {fmt(y, 1)}" + paired("stream", n, "ccm-limits", m, "proxy_cpu_us_per_event"), q,
-                "≤ 1.05", None if q is None else q <= 1.05)
+    # the cost of a feature: the same config with it (first) and without it (second), in the same run
+    for with_it, without, what, most in ((m, "ccm-nousage", "usage tracking on/off", 1.10),
+                                         ("ccm-limits", m, "limits on every user / none", 1.05),
+                                         (m, "ccm-nometrics", "metrics on/off", 1.05)):
+        if c is not None and ("nonstream", c, with_it) in summary and ("nonstream", c, without) in summary:
+            versus(f"{what}, CPU ms/request c={c}", "nonstream", c, with_it, without, ms, 3, most)
+            if n is not None:
+                versus(f"{what}, CPU µs/event n={n}", "stream", n, with_it, without, us, 1, most)
     for lv in sorted(levels_ns):
         x, y = get("nonstream", lv, "gunicorn-w2", "rps"), get("nonstream", lv, "gunicorn-w1", "rps")
         if x is None or y is None:

@@ -5,7 +5,7 @@
 #   QUICK=1 sh tests/bench/run.sh         # a 1-2 minute smoke run (coarse numbers)
 #   sh tests/bench/run.sh soak            # the 10-minute streaming soak (RSS growth), see soak.py
 #   sh tests/bench/run.sh -- --phases stream --streams 100 --repeat 5   # replace the load.py options
-#   EXTRA=gevent sh tests/bench/run.sh -- ...   # only some of the extra targets (default: all five)
+#   EXTRA=gevent sh tests/bench/run.sh -- ...   # only some of the extra targets (default: all six)
 #   CCM_BASE=/tmp/old sh tests/bench/run.sh     # also "ccm-base": the ccm_wsgi package in /tmp/old (e.g.
 #                                               # `git archive OLD ccm_wsgi | tar -x -C /tmp/old`), same config
 #
@@ -18,6 +18,7 @@
 #   gevent        minimal_gevent_proxy.py, the bare gevent + Flask + urllib3 reference (ratios: --ref2)
 #   ccm-nousage   the same ccm-wsgi config without usages_path (usage tracking on/off ratio)
 #   ccm-limits    the same ccm-wsgi config with every limit on every user, none reached (limits on/off)
+#   ccm-nometrics the same ccm-wsgi config with CCM_METRICS=off (metrics on/off)
 #   gunicorn-w1   gunicorn -c conf/gunicorn.conf.py ccm_wsgi.wsgi:app, 1 gevent worker, usage on
 #   gunicorn-w2   the same with 2 workers (non-streaming scaling)
 #   ccm-redis     the ccm-wsgi config with shared state on a redis-server started here (when installed;
@@ -84,8 +85,9 @@ GUNI1_PORT="${GUNI1_PORT:-18085}"
 GUNI2_PORT="${GUNI2_PORT:-18086}"
 BASE_PORT="${BASE_PORT:-18087}"
 LIMITS_PORT="${LIMITS_PORT:-18088}"
-REDIS_TARGET_PORT="${REDIS_TARGET_PORT:-18089}"
-REDIS_PORT="${REDIS_PORT:-18090}"
+NOMETRICS_PORT="${NOMETRICS_PORT:-18089}"
+REDIS_TARGET_PORT="${REDIS_TARGET_PORT:-18090}"
+REDIS_PORT="${REDIS_PORT:-18091}"
 UPSTREAM_URL="http://127.0.0.1:$UPSTREAM_PORT"
 export UPSTREAM_PORT NGINX_PORT TARGET_PORT
 
@@ -104,12 +106,12 @@ install_tools
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in "$UPSTREAM_PORT" "$NGINX_PORT" "$TARGET_PORT" "$GEVENT_PORT" "$NOUSAGE_PORT" "$GUNI1_PORT" "$GUNI2_PORT" \
-    "$LIMITS_PORT" \
+    "$LIMITS_PORT" "$NOMETRICS_PORT" \
     $([ -n "${CCM_BASE:-}" ] && echo "$BASE_PORT") \
     $(case ",${EXTRA:-}," in *",ccm-redis,"*) echo "$REDIS_TARGET_PORT $REDIS_PORT" ;; esac); do
     if ! port_free "$p"; then
         echo "port $p is in use on 127.0.0.1 (set UPSTREAM_PORT, NGINX_PORT, TARGET_PORT, GEVENT_PORT," \
-            "NOUSAGE_PORT, GUNI1_PORT, GUNI2_PORT, BASE_PORT, LIMITS_PORT, REDIS_TARGET_PORT, REDIS_PORT)" >&2
+            "NOUSAGE_PORT, GUNI1_PORT, GUNI2_PORT, BASE_PORT, LIMITS_PORT, NOMETRICS_PORT, REDIS_TARGET_PORT, REDIS_PORT)" >&2
         exit 1
     fi
 done
@@ -120,6 +122,7 @@ gen() {  # gen NAME PORT [--no-usage]
 gen ccm "$TARGET_PORT"
 gen ccm-nousage "$NOUSAGE_PORT" --no-usage
 gen ccm-limits "$LIMITS_PORT" --limits
+gen ccm-nometrics "$NOMETRICS_PORT"
 gen gunicorn-w1 "$GUNI1_PORT"
 gen gunicorn-w2 "$GUNI2_PORT"
 [ -n "${CCM_BASE:-}" ] && gen ccm-base "$BASE_PORT"
@@ -148,7 +151,7 @@ trap 'exit 130' INT TERM
 # (ccm-wsgi's first token refresh, its quota poller) meets a closed port. `exec` keeps the PID.
 wait_upstream='for i in $(seq 1 600); do curl -s -o /dev/null --max-time 1 "$UPSTREAM_URL/health" && break; sleep 0.1; done'
 extra=()
-EXTRA="${EXTRA:-gevent,ccm-nousage,ccm-limits,gunicorn-w1,gunicorn-w2}"  # which extra targets to start
+EXTRA="${EXTRA:-gevent,ccm-nousage,ccm-limits,ccm-nometrics,gunicorn-w1,gunicorn-w2}"  # which extra targets to start
 start() {  # start NAME PORT COMMAND...
     local name="$1" port="$2"
     shift 2
@@ -161,6 +164,7 @@ start() {  # start NAME PORT COMMAND...
 start gevent "$GEVENT_PORT" "$PY" "$BENCH_DIR/minimal_gevent_proxy.py" --port "$GEVENT_PORT" --upstream "$UPSTREAM_URL"
 start ccm-nousage "$NOUSAGE_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-nousage.json"
 start ccm-limits "$LIMITS_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-limits.json"
+CCM_METRICS=off start ccm-nometrics "$NOMETRICS_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-nometrics.json"
 gunicorn_cmd=("$(dirname "$PY")/gunicorn" -c "$root/conf/gunicorn.conf.py" ccm_wsgi.wsgi:app)
 if [ -n "${CCM_BASE:-}" ]; then
     [ -d "$CCM_BASE/ccm_wsgi" ] || { echo "CCM_BASE=$CCM_BASE has no ccm_wsgi/ directory" >&2; exit 1; }

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import trustme
 import urllib3
 
 START_TIMEOUT = 20.0
@@ -74,6 +75,15 @@ def write_credentials(path: Path, access: str, refresh: str, expires_in: float =
     path.write_text(json.dumps(document, indent=2))
     os.chmod(path, 0o600)
     return path
+
+
+def write_pair(cert: trustme.LeafCert, directory: Path, stem: str) -> tuple[Path, Path]:
+    """A trustme certificate (with its chain) and its key as PEM files `<stem>.crt` and `<stem>.key`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key_path.write_bytes(cert.private_key_pem.bytes())
+    return cert_path, key_path
 
 
 def service_config(upstream_url: str, credential_path: Path | str, **fields: Any) -> dict[str, Any]:
@@ -168,12 +178,13 @@ class Proxy:
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=30))
 
 
-def request(method: str, url: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
-    """urllib3 request; the tokens it sends and the error bodies it gets are remembered (see SECRETS)."""
+def request(method: str, url: str, pool: urllib3.PoolManager = HTTP, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+    """urllib3 request (through `pool`: one that trusts a test CA, for https); the tokens it sends and the error
+    bodies it gets are remembered (see SECRETS)."""
     for name, value in (kwargs.get("headers") or {}).items():
         if name.lower() in ("authorization", "x-api-key"):
             remember_secrets(value.split(None, 1)[-1] if name.lower() == "authorization" else value)
-    r = HTTP.request(method, url, **kwargs)
+    r = pool.request(method, url, **kwargs)
     if r.status >= 400 and kwargs.get("preload_content", True):
         ERROR_BODIES.append((f"{method} {url}", r.data))
     return r
@@ -218,6 +229,12 @@ class Gunicorn(Proxy):
             self.scheme = listening.group(1)
             self.ports["gunicorn"] = int(listening.group(3))
         return bool(listening) and len(self.worker_pids()) >= n
+
+    def stop(self) -> int | None:
+        for pid in self.worker_pids():  # workers a test paused (see `only`) must be able to stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        return super().stop()
 
     def worker_pids(self) -> set[int]:
         """Workers that built their service (a worker replaced later adds its pid)."""

@@ -101,7 +101,7 @@ def test_same_message_as_the_email_parser(lines: list[str], end: str) -> None:
 # --- the usage journal line ----------------------------------------------------------------------
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(["", "alice", 'a"b\\c\n\x00é☃'])
-INT = st.integers(min_value=-(2**70), max_value=2**70)
+INT = st.integers(min_value=-(2**63), max_value=2**63 - 1)  # a journal line's integers are 64-bit
 
 
 FLOAT = st.floats(allow_nan=False, allow_infinity=False)
@@ -109,8 +109,8 @@ FLOAT = st.floats(allow_nan=False, allow_infinity=False)
 
 @settings(max_examples=300, deadline=None)
 @given(TEXT, TEXT, st.lists(INT, min_size=10, max_size=10), FLOAT, st.lists(FLOAT, max_size=6))
-def test_journal_line_is_what_json_dumps_gives(user: str, model: str, ints: list[int], cost: float,
-                                               readings: list[float]) -> None:
+def test_journal_line_is_the_entry_in_json(user: str, model: str, ints: list[int], cost: float,
+                                           readings: list[float]) -> None:
     import json
 
     from ccm_wsgi.accounting import journal
@@ -124,7 +124,8 @@ def test_journal_line_is_what_json_dumps_gives(user: str, model: str, ints: list
     if readings:
         entry["readings"] = readings
     line = journal.line(rec, t_ns)
-    assert line == b"\n" + json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
+    assert line.startswith(b"\n{") and b"\n" not in line[1:]  # one line, compact
+    assert list(json.loads(line).items()) == list(entry.items())  # the standard parser reads it, keys in order
     assert journal.decode(line.strip(b"\n")) == (rec, t_ns)
 
 

@@ -157,3 +157,15 @@ def test_newer_minor_versions_are_not_priced_as_the_4_0_rows():
     assert pricing.cost("claude-opus-4-1-20250805", 200_000, Tokens(1_000_000)) == 15.0
     assert pricing.cost("claude-sonnet-4-20250514", 200_000, Tokens(1_000_000)) == 3.0
     assert pricing.cost("claude-haiku-4-9", 200_000, Tokens(1_000_000)) == 1.0
+
+
+def test_metrics_labels_come_from_the_table_and_the_config_never_from_the_model_name() -> None:
+    pricing = Pricing((Price(model="^my-model$", input=1, output=2, cache_read=0, cache_write_5m=0, cache_write_1h=0),))
+    assert pricing.label("claude-sonnet-4-6") == pricing.label("claude-sonnet-4-6-20260101") == "Sonnet 4.6"
+    assert pricing.label("claude-haiku-4-5") == "Haiku 4.5"
+    assert pricing.label("my-model") == "^my-model$"
+    for unknown in ("claude-opus-9", "", "x" * 10_000, "<script>"):
+        assert pricing.label(unknown) == "other"
+    for n in range(5000):  # what is remembered stays bounded, whatever clients send
+        pricing.label(f"model-{n}")
+    assert len(pricing._labels) <= 1024

@@ -433,6 +433,9 @@ def test_parse_json_usage() -> None:
     assert parse_json_usage(json.dumps(body).encode()) == want
     for garbage in (b"", b"nope", b"[1,2]", b'"x"', b"\xff\xfe", b"{" * 50_000, b'{"usage": 5, "model": 3}'):
         assert parse_json_usage(garbage).tokens.input_tokens == 0
+    # what the fast parser refuses and the standard one reads (a 70-bit integer, NaN) still counts
+    for odd in (2**70, float("nan")):
+        assert parse_json_usage(json.dumps({**body, "extra": odd}).encode()) == want
 
 
 def test_request_facts() -> None:

@@ -17,6 +17,8 @@ import gevent
 import gevent.event
 import pytest
 
+from ccm_wsgi.accounting.ledger import Ledger
+from ccm_wsgi.accounting.periods import day_number
 from ccm_wsgi.accounting.pricing import Pricing
 from ccm_wsgi.accounting.records import Record, format_time, make_record, parse_time, render, week_key
 from ccm_wsgi.accounting.store import UsageFileError, load_totals
@@ -174,7 +176,12 @@ def test_records_fold_into_the_exact_schema(tmp_path: Path, tz: Any) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z", doc["last_updated"])
     assert '"bob": 0\n' in text and not re.search(r"\.0[,\n]", text)  # Go writes 0, not 0.0
     spend = {user: round(sum(days.values()), 6) for user, days in doc["ledger"]["spend"].items()}
-    assert spend == {"alice": 3.06525, "bob": 0.0018}  # unrounded, per record, as the file prices them
+    # unrounded, per record, as the file prices them; a record without a user under ""
+    assert spend == {"alice": 3.06525, "bob": 0.0018, "": 0.006}
+    counts = {user: [sum(n) for n in zip(*days.values(), strict=True)]
+              for user, days in doc["ledger"]["counts"].items()}
+    # requests, input, output, cache read, cache write per user (the page's today / this week / this month)
+    assert counts == {"alice": [2, 301_000, 1500, 20_000, 3000], "bob": [1, 100, 100, 0, 0], "": [1, 2000, 0, 0, 0]}
     snap = store.snapshot()
     assert "journal" not in snap and snap["combinations"] == doc["combinations"]
 
@@ -343,3 +350,16 @@ def test_waiting_for_the_lock_does_not_block_the_hub(tmp_path: Path) -> None:
     writer.join(timeout=20)
     ticker.kill()
     assert writer.dead and requests(path)[""] == 1
+
+
+def test_a_ledger_saved_before_counts_were_kept_still_loads() -> None:
+    old = {"spend": {"alice": {"2026-11-02": 1.5, "2026-11-03": 0.25}}, "windows": {}}
+    ledger = Ledger.from_json(old)
+    since = ledger.since("alice", day_number("2026-11-03"))
+    assert (since.requests, since.input, since.usd) == (0, 0, 0.25)  # spend only: those days have no counts
+    ledger.apply("alice", day_number("2026-11-03") * 86400 + 60, 0.5, {}, Tokens(10, 20, 30, 40))
+    since = ledger.since("alice", day_number("2026-11-03"))
+    assert (since.requests, since.input, since.output, since.cache_read, since.cache_write) == (1, 10, 20, 30, 40)
+    assert since.usd == 0.75
+    again = Ledger.from_json(json.loads(json.dumps(ledger.to_json(day_number("2026-11-03") * 86400.0))))
+    assert again.since("alice", 0) == ledger.since("alice", 0)
