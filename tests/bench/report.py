@@ -98,6 +98,12 @@ def main() -> None:
             versus(f"{what}, CPU ms/request c={c}", "nonstream", c, with_it, without, ms, 3, most)
             if n is not None:
                 versus(f"{what}, CPU µs/event n={n}", "stream", n, with_it, without, us, 1, most)
+    if c is not None and ("nonstream", c, "ccm-redis") in summary:  # shared state: an absolute goal, per request
+        x, y = get("nonstream", c, "ccm-redis", ms), get("nonstream", c, m, ms)
+        d = None if x is None or y is None else x - y
+        row(f"shared state on Redis / none, CPU ms/request c={c} (difference)",
+            f"{fmt(x, 3)} vs {fmt(y, 3)} ({d:+.3f} ms)" if d is not None else "-", div(x, y), "≤ +0.1 ms",
+            None if d is None else d <= 0.1)
     for lv in sorted(levels_ns):
         x, y = get("nonstream", lv, "gunicorn-w2", "rps"), get("nonstream", lv, "gunicorn-w1", "rps")
         if x is None or y is None:
