@@ -5,7 +5,7 @@
 #   QUICK=1 sh tests/bench/run.sh         # a 1-2 minute smoke run (coarse numbers)
 #   sh tests/bench/run.sh soak            # the 10-minute streaming soak (RSS growth), see soak.py
 #   sh tests/bench/run.sh -- --phases stream --streams 100 --repeat 5   # replace the load.py options
-#   EXTRA=gevent sh tests/bench/run.sh -- ...   # only some of the extra targets (default: all six)
+#   EXTRA=gevent sh tests/bench/run.sh -- ...   # only some of the extra targets (default: all seven)
 #   CCM_BASE=/tmp/old sh tests/bench/run.sh     # also "ccm-base": the ccm_wsgi package in /tmp/old (e.g.
 #                                               # `git archive OLD ccm_wsgi | tar -x -C /tmp/old`), same config
 #
@@ -21,9 +21,8 @@
 #   ccm-nometrics the same ccm-wsgi config with CCM_METRICS=off (metrics on/off)
 #   gunicorn-w1   gunicorn -c conf/gunicorn.conf.py ccm_wsgi.wsgi:app, 1 gevent worker, usage on
 #   gunicorn-w2   the same with 2 workers (non-streaming scaling)
-#   ccm-redis     the ccm-wsgi config with shared state on a redis-server started here (when installed;
-#                 not in the default EXTRA: `EXTRA=ccm-redis` or `EXTRA=...,ccm-redis`), to compare its CPU
-#                 per request with the ccm-wsgi column of the same run
+#   ccm-redis     the ccm-wsgi config with shared state on a redis-server started here (left out when
+#                 redis-server is not installed), to compare its CPU per request with the ccm-wsgi column
 #
 # The clients authenticate with `x-api-key: <user token>`: ccm-wsgi takes it as the user token and
 # sends its own refreshed OAuth token upstream, while direct, nginx and the bare proxy pass it through
@@ -64,6 +63,7 @@ install_tools() {
     local missing=""
     have nginx || missing="$missing nginx"
     have wrk || missing="$missing wrk"
+    case ",$EXTRA," in *",ccm-redis,"*) have redis-server || missing="$missing redis-server" ;; esac
     [ -z "$missing" ] && return 0
     if [ "${BENCH_NO_INSTALL:-}" = 1 ] || [ "$(id -u)" != 0 ] || ! have apt-get; then
         echo "missing:$missing (as root: apt-get update && apt-get install -y$missing); going on without" >&2
@@ -89,6 +89,7 @@ NOMETRICS_PORT="${NOMETRICS_PORT:-18089}"
 REDIS_TARGET_PORT="${REDIS_TARGET_PORT:-18090}"
 REDIS_PORT="${REDIS_PORT:-18091}"
 UPSTREAM_URL="http://127.0.0.1:$UPSTREAM_PORT"
+EXTRA="${EXTRA:-gevent,ccm-nousage,ccm-limits,ccm-nometrics,gunicorn-w1,gunicorn-w2,ccm-redis}"  # which extra targets to start
 export UPSTREAM_PORT NGINX_PORT TARGET_PORT
 
 OUT_DIR="${OUT_DIR:-$root/bench-results/$(date -u +%Y%m%dT%H%M%SZ)}"
@@ -108,7 +109,7 @@ port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in "$UPSTREAM_PORT" "$NGINX_PORT" "$TARGET_PORT" "$GEVENT_PORT" "$NOUSAGE_PORT" "$GUNI1_PORT" "$GUNI2_PORT" \
     "$LIMITS_PORT" "$NOMETRICS_PORT" \
     $([ -n "${CCM_BASE:-}" ] && echo "$BASE_PORT") \
-    $(case ",${EXTRA:-}," in *",ccm-redis,"*) echo "$REDIS_TARGET_PORT $REDIS_PORT" ;; esac); do
+    $(case ",$EXTRA," in *",ccm-redis,"*) echo "$REDIS_TARGET_PORT $REDIS_PORT" ;; esac); do
     if ! port_free "$p"; then
         echo "port $p is in use on 127.0.0.1 (set UPSTREAM_PORT, NGINX_PORT, TARGET_PORT, GEVENT_PORT," \
             "NOUSAGE_PORT, GUNI1_PORT, GUNI2_PORT, BASE_PORT, LIMITS_PORT, NOMETRICS_PORT, REDIS_TARGET_PORT, REDIS_PORT)" >&2
@@ -151,7 +152,6 @@ trap 'exit 130' INT TERM
 # (ccm-wsgi's first token refresh, its quota poller) meets a closed port. `exec` keeps the PID.
 wait_upstream='for i in $(seq 1 600); do curl -s -o /dev/null --max-time 1 "$UPSTREAM_URL/health" && break; sleep 0.1; done'
 extra=()
-EXTRA="${EXTRA:-gevent,ccm-nousage,ccm-limits,ccm-nometrics,gunicorn-w1,gunicorn-w2}"  # which extra targets to start
 start() {  # start NAME PORT COMMAND...
     local name="$1" port="$2"
     shift 2
@@ -172,7 +172,7 @@ if [ -n "${CCM_BASE:-}" ]; then
     EXTRA="$EXTRA,ccm-base" START_CWD="$(cd "$CCM_BASE" && pwd)" PYTHONPATH="$(cd "$CCM_BASE" && pwd)" \
         start ccm-base "$BASE_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-base.json"
 fi
-case ",${EXTRA:-}," in *",ccm-redis,"*)
+case ",$EXTRA," in *",ccm-redis,"*)
     if have redis-server; then
         mkdir -p "$OUT_DIR/redis"
         redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$OUT_DIR/redis" --save "" --appendonly yes \
