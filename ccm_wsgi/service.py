@@ -13,7 +13,8 @@ from typing import Any
 
 from . import config, files
 from .accounting.pricing import Pricing
-from .accounting.store import SAVE_INTERVAL, UsageStore, apply
+from .accounting.reading import apply
+from .accounting.store import SAVE_INTERVAL, UsageStore
 from .credentials.oauth import OAuthCredential
 from .credentials.peer import PeerCredential
 from .credentials.store import credential_store

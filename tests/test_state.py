@@ -47,6 +47,24 @@ def refusal(node: Proxy, token: str) -> tuple[int, str, dict[str, str]]:
     return r.status, kind, dict(r.headers)
 
 
+def test_three_nodes_refresh_once_and_count_every_record_once(
+        tmp_path: Path, fake: FakeUpstream, cluster: Cluster) -> None:
+    nodes = cluster(3, expires_in=60)  # inside the five-minute margin: every node wants a refresh
+    for i in range(9):
+        ask(nodes[i % 3], ALICE if i % 2 else BOB, stream=bool(i % 3 == 1))
+    assert token_posts(fake) == 1
+    assert fake.stats()["invalid_grant"] == 0
+    for node in nodes:  # every node wrote the refreshed login through to its own file
+        stored = json.loads((tmp_path / node.config_path.stem / ".credentials.json").read_text())["claudeAiOauth"]
+        assert stored["accessToken"] != ACCESS
+    for node in nodes:
+        node.stop()
+    for node in nodes:  # every node's file holds every node's records, each once
+        doc = json.loads((tmp_path / node.config_path.stem / "usage.json").read_text())
+        assert requests_by_user(doc) == {"alice": 4, "bob": 5}, node.config_path.stem
+    assert requests_by_user(usage_json(nodes[0].config_path)) == {"alice": 4, "bob": 5}
+
+
 def test_cluster_wide_concurrency_and_budget_and_a_killed_node(
         tmp_path: Path, fake: FakeUpstream, cluster: Cluster) -> None:
     users = [{"name": "alice", "token": ALICE, "limits": {"max_concurrent": 1}},

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from .ledger import Ledger
 from .periods import PERIODS, bounds
 from .pricing import LONG_CONTEXT, Pricing, sum_cents
+from .reading import Located, UsageFileError, dumps, load_ledger, load_totals, stream_cursor
 from .records import Bucket, Stats, Totals, format_time, render, week_key
-from .store import Located, UsageFileError, dumps, load_ledger, load_totals, stream_cursor
 
 if TYPE_CHECKING:
     from ..config import Service

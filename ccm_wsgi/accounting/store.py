@@ -38,11 +38,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -53,8 +52,23 @@ from ..state.connection import Unavailable
 from ..state.usage import decoded
 from . import journal
 from .follow import Follower
-from .ledger import Ledger, Reading
+from .ledger import Ledger
 from .pricing import Pricing
+from .reading import (
+    FILE_MODE,
+    FOLD_LOCK_TIMEOUT,
+    Located,
+    UsageFileError,
+    apply,
+    dumps,
+    file_mode,
+    head,
+    load_totals,
+    parse,
+    read_bytes,
+    stream_cursor,
+    unfolded,
+)
 from .records import Cursor, Marker, Record, Shape, Totals, render
 
 if TYPE_CHECKING:
@@ -64,137 +78,6 @@ UNAPPLIED_MAX = 512  # own records kept for the ledger before they are applied a
 SAVE_INTERVAL = 60.0
 APPEND_LOCK_TIMEOUT = 10.0
 LOCK_RECHECK = 1.0  # seconds between checks that the kept lock descriptor is still the lock file's
-FOLD_LOCK_TIMEOUT = 60.0
-FILE_MODE = 0o644
-
-
-class UsageFileError(Exception):
-    """The usage file, journal or lock cannot be used; the message says which and why."""
-
-
-def dumps(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
-
-
-def readings(rec: Record) -> dict[str, Reading]:
-    """The windows a record's response reported, for the ledger."""
-    r = rec.readings
-    found = {}
-    if len(r) >= 3 and r[1] > 0:
-        found["five_hour"] = Reading(r[0], r[1], r[2])
-    if len(r) >= 6 and r[4] > 0:
-        found["weekly"] = Reading(r[3], r[4], r[5])
-    return found
-
-
-def apply(ledger: Ledger, pricing: Pricing, rec: Record, t_ns: int) -> None:
-    cost = rec.cost or pricing.cost(rec.model, rec.context_window, rec.tokens)
-    ledger.apply(rec.user, t_ns / 1e9, cost, readings(rec), rec.tokens)
-
-
-def _read(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
-def _head(path: str) -> bytes:
-    """The first line (and a little more) of a journal, b"" when it is gone."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4096)
-    except OSError:
-        return b""
-
-
-def _file_mode(path: str) -> int:
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        return FILE_MODE
-
-
-def _parse(raw: bytes, now_ns: int) -> tuple[Totals, Marker | None, Ledger, Cursor | None]:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise Shape(f"not JSON ({exc})") from None
-    totals, marker = Totals.parse(doc, now_ns)
-    return totals, marker, Ledger.from_json(doc.get("ledger")), Cursor.parse(doc.get("shared"))
-
-
-Located = tuple[Record, int, str]  # a record, its time (ns) and its identity (`journal.ident`)
-
-
-def unfolded(path: str, marker: Marker | None, log: logging.Logger, cursor: Cursor | None = None,
-             sealed_only: bool = False, wanted: Callable[[str], bool] | None = None) -> list[Located]:
-    """The records of the sealed journals and the live one that a file with `marker` (and `cursor`) does not
-    hold, in order; with `wanted`, only those whose identity it accepts (the others are not even decoded)."""
-    entries: list[Located] = []
-    names = journal.sealed(path + ".journal")
-    for name in names if sealed_only else [*names, path + ".journal"]:
-        found = journal.read(name)
-        if found is None:
-            continue
-
-        def keep(offset: int, generation: str = found.generation) -> bool:
-            return (cursor is None or not cursor.holds(generation, offset)) and \
-                (wanted is None or wanted(journal.ident(generation, offset)))
-        entries += [(rec, t_ns, journal.ident(found.generation, offset))
-                    for rec, t_ns, offset in found.located(marker, log, name, keep)]
-    return entries
-
-
-def stream_cursor(path: str) -> Cursor | None:
-    """The shared-state cursor a usage file holds (None: none, or no readable file)."""
-    raw = _read(path)
-    try:
-        return _parse(raw, 0)[3] if raw is not None else None
-    except Shape:
-        return None
-
-
-def _load(path: str, log: logging.Logger, extra: Iterable[Located]) -> tuple[Totals, Ledger, list[Located]]:
-    """The file's totals and ledger, and the records it does not hold yet: the journals' and `extra` (records
-    the stream holds beyond the file; a journal record with the same identity is counted once). Read-only,
-    under the shared fold lock.
-
-    Raises FileNotFoundError when neither the file nor a journal exists, UsageFileError when the file is
-    corrupt. Never writes anything (the lock file is not even created)."""
-    with files.locked(path + ".fold.lock", fcntl.LOCK_SH, FOLD_LOCK_TIMEOUT, create=False):
-        raw = _read(path)
-        now = time.time_ns()
-        totals, marker, ledger, cursor = Totals(now), None, Ledger(), None
-        if raw is not None:
-            try:
-                totals, marker, ledger, cursor = _parse(raw, now)
-            except Shape as exc:
-                raise UsageFileError(f"usage file {path} is corrupt: {exc}") from None
-        entries = unfolded(path, marker, log, cursor)
-        if raw is None and not entries and not os.path.exists(path + ".journal"):
-            raise FileNotFoundError(errno.ENOENT, "no usage file", path)
-    extra = list(extra)
-    known = {identity for _, _, identity in extra}
-    return totals, ledger, [entry for entry in entries if entry[2] not in known] + extra
-
-
-def load_totals(path: str, log: logging.Logger, extra: Iterable[Located] = ()) -> Totals:
-    """Read-only view of file + journals (+ `extra`), for reports and snapshots (see `_load`)."""
-    totals, _, entries = _load(path, log, extra)
-    totals.add_all((rec, t_ns) for rec, t_ns, _ in entries)
-    return totals
-
-
-def load_ledger(path: str, log: logging.Logger, pricing: Pricing, extra: Iterable[Located] = ()) -> Ledger:
-    """Read-only: the ledger of file + journals (+ `extra`), as a running store would hold it (see `_load`)."""
-    _, ledger, entries = _load(path, log, extra)
-    for rec, t_ns, _ in entries:
-        apply(ledger, pricing, rec, t_ns)
-    return ledger
-
-
 class UsageStore:
     """One `usages_path`: durable `record()`, periodic `save()` (fold), read-only `snapshot()`, and a ledger."""
 
@@ -418,7 +301,7 @@ class UsageStore:
                 fd = None
             if fd is None:
                 if current is None:
-                    files.create_if_missing(self.journal_path, journal.header(), _file_mode(self.path))
+                    files.create_if_missing(self.journal_path, journal.header(), file_mode(self.path))
                 fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
                 st = os.fstat(fd)
                 self._journal_fd, self._journal_id = fd, (st.st_ino, st.st_dev)
@@ -441,7 +324,7 @@ class UsageStore:
     def _seal(self, start_following: bool) -> bool:
         """Rename the live journal aside (if it holds records) and start a fresh one, appends excluded; False
         when it cannot be renamed (an immutable file): it is then folded where it is, as it grows."""
-        with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT, mode_if_created=_file_mode(self.path)):
+        with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT, mode_if_created=file_mode(self.path)):
             self._remove_stale_temps()
             live = journal.read(self.journal_path)
             sealed = True
@@ -454,7 +337,7 @@ class UsageStore:
                                      exc.strerror)
                     sealed = False
             if live is None:
-                files.create_if_missing(self.journal_path, journal.header(), _file_mode(self.path))
+                files.create_if_missing(self.journal_path, journal.header(), file_mode(self.path))
             if start_following:
                 self._follower.start()
             return sealed
@@ -518,8 +401,8 @@ class UsageStore:
         except Unavailable:
             return ledger
         self.shared.absorb(pulled)  # the live ledger moves on with what the fold read anyway
-        live = journal.generation_of(_head(self.journal_path))
-        on_disk = {live} if sealed_all else {live, *(journal.generation_of(_head(name)) for name in sealed)}
+        live = journal.generation_of(head(self.journal_path))
+        on_disk = {live} if sealed_all else {live, *(journal.generation_of(head(name)) for name in sealed)}
         for stream_id, identity, rec, t_ns in decoded(pulled):
             totals.add(rec, t_ns)
             apply(ledger, self.pricing, rec, t_ns)
@@ -545,12 +428,12 @@ class UsageStore:
 
     def _load_for_fold(self) -> tuple[Totals, Marker | None, Ledger, int, bool, Cursor | None]:
         now = time.time_ns()
-        raw = _read(self.path)
-        mode = _file_mode(self.path)
+        raw = read_bytes(self.path)
+        mode = file_mode(self.path)
         if raw is None:
             return Totals(now), None, Ledger(), mode, False, None
         try:
-            totals, marker, ledger, cursor = _parse(raw, now)
+            totals, marker, ledger, cursor = parse(raw, now)
         except Shape as exc:
             self._set_aside(str(exc))
             return Totals(now), None, Ledger(), mode, False, None

@@ -34,8 +34,9 @@ from .. import config
 from ..anthropic import API_USER_AGENT, CLIENT_ID, LOGIN_SCOPES, OAUTH_BETA, PROFILE_PATH, REDIRECT_URI
 from ..upstream.outbounds import Outbounds, Route
 from .callback import CallbackServer
+from .endpoint import oauth_error, post_token, refusal, token_answer
 from .install import Installer, LoginError, Signals
-from .oauth import now_ms, oauth_error, post_token, refusal, token_answer
+from .oauth import now_ms
 from .pkce import PasteError, Pkce, Refused, authorize_url, read_pasted
 from .store import OAUTH_KEY, CredentialStore, credential_store, parse_document
 

@@ -18,7 +18,7 @@ only when the token that got the 401 is still the current one. A refresh whose a
 reply) is not sent again while the current access token still works: only when it is about to expire,
 when there is nothing left to lose.
 
-With shared state (several nodes on Redis, `state/credentials.py`), a refresh also needs the cluster's
+With shared state (several nodes on Redis: `cluster.py`, `state/credentials.py`), a refresh also needs the cluster's
 lock, taken first; Redis is re-read under it, a login another node refreshed is adopted (and written
 through to the file), and only nodes that hold the file ever refresh.
 
@@ -30,14 +30,11 @@ allowed to replace it, and the save is retried, with an error logged each time, 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
-import re
 import time
-from collections.abc import Callable, Iterator
-from email.utils import parsedate_to_datetime
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -45,22 +42,21 @@ import gevent.lock
 import urllib3
 
 from .. import files
-from ..anthropic import CLIENT_ID, TOKEN_USER_AGENT
-from ..state.connection import Unavailable
-from ..state.credentials import LockBusy, SharedCredential, digest, newer
+from ..anthropic import CLIENT_ID
+from ..state.credentials import SharedCredential
 from ..upstream.outbounds import Route
 from . import locks
+from .cluster import ClusterMember
+from .endpoint import post_token, refusal, retry_after_seconds, token_answer
 from .store import OAUTH_KEY, CredentialStore
 
 REFRESH_MARGIN_MS = 5 * 60_000  # refresh when less than this remains (Claude Code's own margin)
 RENEW_INTERVAL = 60.0  # an upstream 401 refreshes a credential at most this often
 LOCK_WAIT_SECONDS = 30.0  # for our flock and for Claude Code's lock
 BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
-RETRY_AFTER_DEFAULT, RETRY_AFTER_MAX = 60.0, 3600.0
 SAVE_RETRY_MIN, SAVE_RETRY_MAX = 5.0, 60.0
 # Failures that happen before the refresh request leaves: only these are retried at once.
 NOT_SENT = (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ProxyError)
-OAUTH_ERROR = re.compile(r"[a-z_]{1,40}")
 
 log = logging.getLogger("ccm_wsgi.credentials")
 
@@ -83,7 +79,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class OAuthCredential:
+class OAuthCredential(ClusterMember):
     """One subscription login. `access_token()` is cheap when the token is fresh (one stat call).
 
     `on_refresh(tag, result)` hears how each refresh that was needed ended: "success" (this process got a new
@@ -155,14 +151,6 @@ class OAuthCredential:
                         self.tag, self.store.describe())
         self._saved()
         return on_disk
-
-    def _with_cluster(self, on_disk: dict[str, Any] | None) -> dict[str, Any]:
-        """The newer of the file's login and the one Redis held (another node refreshed it)."""
-        assert self._cluster is not None
-        if on_disk is not None and not newer(self._cluster, on_disk[OAUTH_KEY]):
-            self._cluster = None
-            return on_disk
-        return {**(on_disk or {}), OAUTH_KEY: self._cluster}
 
     @property
     def oauth(self) -> dict[str, Any]:
@@ -379,119 +367,6 @@ class OAuthCredential:
             new["scopes"] = scope.split()
         return document
 
-    # -- several nodes (shared state) -------------------------------------------------------------
-
-    def join_cluster(self) -> None:
-        """At start and whenever Redis is back: count this node among the holders of the file if it has it,
-        then make this node and Redis agree on the newest login (adopt Redis's, or publish the file's)."""
-        assert self.shared is not None
-        with self._lock:
-            self.load(force=True)
-            self._holder = self.store.keychain is None and self.store.signature() is not None and \
-                self._document is not None
-            try:
-                if self._holder:
-                    self.shared.register()
-                self._sync_cluster(locked=False)
-            except Unavailable:
-                log.warning("credential %s: shared state unreachable; using this node's own login until it is back",
-                            self.tag)
-
-    def leave_cluster(self) -> None:
-        assert self.shared is not None
-        self.shared.stop()
-
-    def _sync_cluster(self, locked: bool) -> None:
-        """Take Redis's login when it is newer than ours (and write it through to our file, under the host's
-        locks: `locked` when the caller holds them already); publish ours when it is newer than Redis's (a
-        new `ccm-wsgi login`, a refresh made while Redis was unreachable, a local `claude` that refreshed).
-        Redis being unreachable changes nothing here."""
-        assert self.shared is not None
-        try:
-            remote = self.shared.read()
-        except Unavailable:
-            return
-        mine = self.oauth if self._document is not None else None
-        if newer(remote, mine):
-            assert remote is not None
-            self._cluster = remote
-            self._document, self._error = {**(self._document or {}), OAUTH_KEY: remote}, None
-            self._hold = None
-            log.info("credential %s: adopted the login another node refreshed", self.tag)
-            if self._holder:
-                self._write_through(locked)
-        elif mine is not None and self._holder and newer(mine, remote):
-            self._publish()
-
-    def _write_through(self, locked: bool) -> None:
-        """Save the login adopted from Redis to this node's file, so that a restart and a local `claude` find
-        it there; without the host's locks at hand, only if they are free right now (else the next refresh
-        does it)."""
-        if self._unsaved is not None or self._document is None:
-            return
-        try:
-            if locked:
-                self.store.write(self._document)
-            else:
-                with files.locked(self.store.lock_path(), fcntl.LOCK_EX, 1.0, mode_if_created=0o600):
-                    lock = locks.ClaudeLock(locks.lock_path(self.store.path))
-                    if not lock.try_acquire():
-                        return
-                    with lock:
-                        try:
-                            on_disk: dict[str, Any] | None = self.store.read()
-                        except ValueError:
-                            on_disk = None
-                        if on_disk is not None and not newer(self.oauth, on_disk[OAUTH_KEY]):
-                            return  # a local `claude` wrote a newer one meanwhile: the next look adopts it
-                        self.store.write(self._document)
-            self._signature = self.store.signature()
-            self._cluster = None
-        except (OSError, files.LockTimeout) as exc:
-            log.error("credential %s: cannot write the login another node refreshed to %s (%s); using it from "
-                      "memory", self.tag, self.store.describe(), exc)
-
-    def _publish(self) -> None:
-        assert self.shared is not None
-        try:
-            self.shared.publish(self.oauth)
-        except Unavailable:
-            log.error("credential %s: the refreshed login could not be published to the other nodes; it is "
-                      "published as soon as Redis is back", self.tag)
-
-    @contextlib.contextmanager
-    def _cluster_lock(self) -> Iterator[None]:
-        """The cluster's refresh lock; without Redis, nothing for a sole holder and a refusal for the others."""
-        if self.shared is None:
-            yield
-            return
-        with contextlib.ExitStack() as stack:
-            try:
-                stack.enter_context(self.shared.locked())
-            except LockBusy as exc:
-                raise self._fail(503, f"credential {self.tag}: not refreshing: {exc}") from None
-            except Unavailable:
-                if not self.shared.sole:
-                    raise self._fail(503, f"credential {self.tag}: not refreshing while the shared state is "
-                                          "unreachable (other nodes may refresh the same login)") from None
-                log.warning("credential %s: refreshing without the cluster's lock: Redis is unreachable and this "
-                            "node is the only one that holds the credential file", self.tag)
-            yield
-
-    def _declare_intent(self, refresh_token: str) -> None:
-        """Refuse to send a refresh token another node may have spent already (its answer lost) while the
-        current access token still works; otherwise say we are about to send it."""
-        assert self.shared is not None
-        try:
-            found = self.shared.intent()
-            if found is not None and found.get("sha256") == digest(refresh_token) and \
-                    found.get("node") != self.shared.state.node and self._remaining_ms() > 60_000:
-                raise self._fail(502, f"credential {self.tag}: another node sent this refresh token and its answer "
-                                      "was lost; it is not sent again while the current access token still works")
-            self.shared.intend(refresh_token)
-        except Unavailable:
-            pass  # a sole holder refreshing without Redis
-
     # -- a refreshed login that could not be saved ---------------------------------------------
 
     def _keep_unsaved(self, document: dict[str, Any], spent: str, exc: OSError) -> None:
@@ -628,53 +503,3 @@ class OAuthCredential:
         if self.store.signature() != self._hold_signature:
             return  # the file changed (a new login, or someone else refreshed): look again at once
         raise self._hold
-
-
-def post_token(route: Route, token_url: str, body: dict[str, Any]) -> urllib3.BaseHTTPResponse:
-    """One POST of `body` (JSON) to the token endpoint, dressed as Claude Code's; never retried here (a grant
-    can be spent only once: whether to send it again is the caller's decision)."""
-    headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": TOKEN_USER_AGENT}
-    return route.pool.request(
-        "POST", token_url, body=json.dumps(body).encode(), headers=headers,
-        timeout=urllib3.Timeout(connect=route.connect_timeout, read=30.0), retries=False, redirect=False,
-    )
-
-
-def token_answer(resp: urllib3.BaseHTTPResponse) -> dict[str, Any] | None:
-    """The decoded answer of a successful grant (it holds an `access_token`), None for anything else."""
-    try:
-        answer = json.loads(resp.data)
-    except ValueError:
-        return None
-    if resp.status == 200 and isinstance(answer, dict) and isinstance(answer.get("access_token"), str):
-        return answer
-    return None
-
-
-def oauth_error(resp: urllib3.BaseHTTPResponse) -> str:
-    """The OAuth error code of a refused grant (`invalid_grant`, ...), "" when it has none."""
-    try:
-        answer = json.loads(resp.data)
-    except ValueError:
-        return ""
-    code = answer.get("error") if isinstance(answer, dict) else None
-    return code if isinstance(code, str) and OAUTH_ERROR.fullmatch(code) else ""
-
-
-def refusal(resp: urllib3.BaseHTTPResponse) -> str:
-    """`HTTP <status>` and the OAuth error code: whatever else the endpoint says is never repeated."""
-    code = oauth_error(resp)
-    return f"HTTP {resp.status}" + (f" {code}" if code else "")
-
-
-def retry_after_seconds(value: str | None) -> float:
-    """`Retry-After` as seconds (delta-seconds or an HTTP date), within sane bounds."""
-    if value:
-        value = value.strip()
-        try:
-            seconds = float(value) if value.replace(".", "", 1).isdigit() else (
-                parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError, OverflowError):
-            seconds = RETRY_AFTER_DEFAULT
-        return min(max(seconds, 1.0), RETRY_AFTER_MAX)
-    return RETRY_AFTER_DEFAULT

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from ..anthropic import CLIENT_ID, LOGIN_SCOPES
-from .oauth import OAUTH_ERROR
+from .endpoint import OAUTH_ERROR
 
 # Codes and states are base64url-like; anything else was not copied right (or is not a code at all).
 CODE_CHARS = re.compile(r"[A-Za-z0-9._~-]{1,4096}")

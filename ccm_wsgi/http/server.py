@@ -23,7 +23,7 @@ from gevent.pywsgi import WSGIServer
 
 from .. import assemble, logs
 from .. import config as config_mod
-from ..accounting.store import UsageFileError
+from ..accounting.reading import UsageFileError
 from ..service import ReloadRefused, Service
 from ..upstream.outbounds import Outbounds
 from . import tls

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ccm_wsgi.accounting.pricing import Pricing
+from ccm_wsgi.accounting.reading import load_totals
 from ccm_wsgi.accounting.records import Record, render
 from ccm_wsgi.accounting.sse import Usage
-from ccm_wsgi.accounting.store import UsageStore, load_totals
+from ccm_wsgi.accounting.store import UsageStore
 from ccm_wsgi.accounting.tokens import NAMES, Tokens
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "singbox-usages.json"

@@ -20,8 +20,8 @@ import pytest
 from ccm_wsgi.accounting.ledger import Ledger
 from ccm_wsgi.accounting.periods import day_number
 from ccm_wsgi.accounting.pricing import Pricing
+from ccm_wsgi.accounting.reading import UsageFileError, load_totals
 from ccm_wsgi.accounting.records import Record, format_time, make_record, parse_time, render, week_key
-from ccm_wsgi.accounting.store import UsageFileError, load_totals
 from ccm_wsgi.accounting.tokens import Tokens
 from tests.support.usage_store import FIXTURE, W1, rec, requests, store_at, usage
 
