@@ -36,6 +36,7 @@ from tests.support.procs import (
     wait_for,
     write_credentials,
 )
+from tests.support.system import immutable
 
 
 def message(server: Gunicorn, token: str = ALICE) -> tuple[int, int]:
@@ -217,3 +218,21 @@ def test_bad_config_stops_gunicorn_with_the_check_lines(tmp_path):
                          timeout=30)
     assert out.returncode != 0
     assert any(line.startswith("services[0].detour: ") for line in out.stderr.splitlines()), out.stderr
+
+
+def test_records_kept_in_memory_are_folded_once(tmp_path, fake, creds, start_gunicorn):
+    usages = tmp_path / "usages.json"
+    server = start_gunicorn({"services": [service_config(fake.url, creds, usages_path=str(usages))]},
+                            workers=1, env={"CCM_USAGE_SAVE_INTERVAL": "0.5"})
+    message(server)
+    wait_for(lambda: file_requests(usages) == 1, 20, 0.05, what="the first fold")
+    with immutable(usages.with_name("usages.json.journal")):  # appends fail: the records are kept in memory
+        for _ in range(3):
+            message(server)
+        wait_for(lambda: file_requests(usages) == 4, 20, 0.05, what="the kept records to be folded")
+    assert "keeping the record in memory" in server.log()
+    for n in (5, 6):  # each new record makes the worker fold again
+        message(server)
+        wait_for(lambda n=n: file_requests(usages) >= n, 20, 0.05, what=f"fold number {n}")
+    server.stop()
+    assert file_requests(usages) == 6, "records kept in memory were folded more than once"

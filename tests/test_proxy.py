@@ -20,7 +20,7 @@ import pytest
 from tests.support.clients import ask, client, first_delta_only, messages_body, post_messages, stream_events
 from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH
 from tests.support.procs import request, service_config, wait_for, write_credentials
-from tests.support.system import require, unavailable
+from tests.support.system import immutable, require, unavailable
 
 
 def last_request(fake, path="/v1/messages"):
@@ -391,3 +391,59 @@ def test_token_command():
     assert claims["aud"] == "claude-gateway" and len(base64.urlsafe_b64decode(secret + "=")) == 32
     again = subprocess.run([sys.executable, "-m", "ccm_wsgi", "token"], capture_output=True, text=True, check=True)
     assert again.stdout.strip() != token
+
+
+def test_two_processes_refresh_once_without_claude_codes_lock(tmp_path, fake, start_proxy):
+    fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=30)
+    home = tmp_path / "home"
+    path = write_credentials(home / "claude" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
+    with immutable(home):  # `home/claude.lock` cannot be created: Claude Code's lock is unavailable
+        proxies = [start_proxy({"services": [service_config(fake.url, path)]}, name=f"p{i}") for i in range(2)]
+        fake.configure(token_endpoint={"hold": "refresh"})
+        errors = []
+
+        def hit(p):
+            try:
+                ask(p)
+            except Exception as exc:
+                errors.append(exc)
+
+        def token_posts():
+            return len(fake.requests(path="/v1/oauth/token"))
+
+        threads = [threading.Thread(target=hit, args=(p,)) for p in proxies]
+        threads[0].start()
+        wait_for(lambda: token_posts() == 1, 10, what="the first process's refresh at the token endpoint")
+        threads[1].start()
+        lock = Path(str(path) + ".lock")
+        # the second process waits for the flock the first holds or, were there none, reaches the token endpoint
+        wait_for(lambda: inside_refresh_lock(proxies[1], lock) or token_posts() > 1, 10,
+                 what="the second process inside its refresh")
+        fake.release("refresh")
+        for t in threads:
+            t.join(30)
+        assert not errors
+        stats = fake.stats()
+        assert token_posts() == 1 and stats["refreshes"] == 1 and stats["invalid_grant"] == 0, stats
+        assert "under ccm-wsgi's own lock only" in proxies[0].log()
+
+
+def test_client_disconnect_mid_json_closes_the_upstream_connection(proxy, fake):
+    # the proxy's first quota poll comes shortly after start, the next one minutes later: wait for it, so that
+    # no other request to the upstream host takes (and so discards) a half-read connection parked in the pool
+    wait_for(lambda: fake.requests(path="/api/oauth/usage"), 15, what="the first quota poll")
+    body = json.dumps({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ALICE.encode() +
+                 b"\r\nContent-Type: application/json\r\nx-fake-bytes: 8000000\r\nx-fake-wait-release: big2\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    received = b""
+    while b"\r\n\r\n" not in received or len(received) < 32 * 1024:
+        received += sock.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200 ")
+    wait_for(lambda: fake.sent_info("big2")["waiting"], 10, what="the upstream to hold the rest of the body")
+    sock.close()  # the client is gone; the upstream still has almost all of the 8 MB to send
+    fake.release("big2")
+    # the proxy notices at its next write to the client and must then close the upstream connection: the fake
+    # sees its writes fail. Released to the pool instead, the connection stays open and swallows the body.
+    wait_for(lambda: fake.stats()["closed_early"] >= 1, 20, what="the upstream to see its connection closed")

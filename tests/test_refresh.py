@@ -361,3 +361,21 @@ def test_a_refresh_as_root_keeps_owner_mode_and_symlink(tmp_path: Path, fake: Fa
     st = real.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (4242, 4243, 0o640)
     assert oauth(real)["accessToken"] == sent_with(fake) != ACCESS
+
+
+def test_requests_queued_behind_a_lost_refresh_answer_do_not_send_it_again(
+        tmp_path: Path, fake: FakeUpstream, start_proxy: Callable[..., Proxy]) -> None:
+    fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=3600)
+    path = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, REFRESH, expires_in=4 * 60)
+    proxy = serve(start_proxy, fake, path)
+    # the first refresh request is held at the token endpoint, then its connection is reset (answer lost)
+    fake.configure(token_endpoint={"hold": "lost", "reset": True, "times": 1})
+    first = in_background(lambda: post(proxy))
+    wait_for(lambda: token_posts(fake), 15, what="the first refresh request")
+    others = [in_background(lambda: post(proxy)) for _ in range(3)]  # they need the same refresh
+    time.sleep(2)  # settle: let them reach the credential (not an assertion; a slow machine only weakens the test)
+    fake.release("lost")
+    assert first().status == 200  # the token still works
+    assert [done().status for done in others] == [200] * 3
+    assert len(token_posts(fake)) == 1, "a refresh token whose answer was lost was sent again by a queued request"
+    assert fake.stats()["invalid_grant"] == 0

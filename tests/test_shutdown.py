@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,22 @@ def test_a_request_arriving_during_the_stop_is_refused_without_the_upstream(
     assert proxy.wait(30) == 0
     assert len(fake.requests(path="/v1/messages")) == seen
     assert '"usage"' not in running.text().split("message_stop", 1)[-1]  # the pipelined one was not answered
+
+
+def test_gunicorn_refuses_a_request_arriving_during_the_stop_without_the_upstream(tmp_path, fake, creds, readers):
+    server = Gunicorn(tmp_path, config(fake, creds, tmp_path / "usages.json", "30s"), workers=1).start()
+    try:
+        running = readers(server.port)
+        running.send(stream_request(server.port, key="held3", events=3, delay_ms=0))
+        wait_for(lambda: "content_block_delta" in running.text(), 10, what="the held stream to start")
+        running.send(small_request(server.port))  # pipelined behind the running stream
+        seen = len(fake.requests(path="/v1/messages"))
+        server.signal(signal.SIGTERM)
+        time.sleep(3)  # settle: the worker notices the stop (<= 1 s) and begins refusing (1.5 s later)
+        fake.release("held3")
+        assert running.closed.wait(15)
+        assert server.wait(40) == 0
+    finally:
+        server.stop()
+    assert len(fake.requests(path="/v1/messages")) == seen, "a request after SIGTERM reached the upstream"
+    assert '"usage"' not in running.text().split("message_stop", 1)[-1]
