@@ -17,7 +17,8 @@ import pytest
 from tests.support.clients import post_messages
 from tests.support.constants import ACCESS, ALICE, BOB
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.nodes import PREFIX, Cluster, ask, status
+from tests.support.nodes import ADMIN, PREFIX, Cluster, ask, status
+from tests.support.observe import scrape, total
 from tests.support.pools import ADMIN as POOL_ADMIN
 from tests.support.pools import accounts, pool_service
 from tests.support.procs import Proxy, wait_for
@@ -101,3 +102,7 @@ def test_status_agrees_across_nodes(fake: FakeUpstream, cluster: Cluster) -> Non
     views = [{name: status(node)["users"][name] for name in ("alice", "bob")} for node in nodes]
     assert views[0] == views[1], json.dumps(views, indent=1)
     assert views[0]["alice"]["spent"]["day"] > 0 and views[0]["bob"]["window_share"]
+    scrapes = [scrape(node.url, ADMIN) for node in nodes]  # /metrics: what is shared reads the same on both
+    budgets = [{k: v for k, v in s.items() if k[0] == "ccm_user_budget_remaining_usd"} for s in scrapes]
+    assert budgets[0] == budgets[1] and budgets[0]
+    assert sum(total(s, "ccm_requests_total") for s in scrapes) == 6  # each node counts the requests it served
