@@ -253,15 +253,26 @@ def inside_refresh_lock(proxy, lock: Path) -> bool:
     return False
 
 
-def test_two_processes_refresh_once(tmp_path, fake, start_proxy):
+@pytest.mark.parametrize("claude_lock", [True, False], ids=["both-locks", "flock-alone"])
+def test_two_processes_refresh_once(tmp_path, fake, start_proxy, claude_lock):
     """Two processes need the same refresh at the same moment: the token endpoint holds the first one's request
     until the second is inside its refresh too (waiting for the lock the first holds, or, were there no lock,
     at the token endpoint as well). Only one refresh token is ever spent. The second process makes one request:
     another request of its own arriving after the first process saved would read the new file anyway, and hide
-    a second process that does not re-read the file once it holds the lock."""
+    a second process that does not re-read the file once it holds the lock. Without Claude Code's lock (its
+    directory cannot be created: the home directory is immutable), ccm-wsgi's own flock alone must do it."""
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=30)
-    path = write_credentials(tmp_path / "c" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
-    proxies = [start_proxy({"services": [service_config(fake.url, path)]}, name=f"p{i}") for i in range(2)]
+    home = tmp_path / "home"
+    path = write_credentials(home / "claude" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
+    with contextlib.nullcontext() if claude_lock else immutable(home):
+        proxies = [start_proxy({"services": [service_config(fake.url, path)]}, name=f"p{i}") for i in range(2)]
+        refresh_once(fake, path, proxies)
+    if not claude_lock:
+        assert "under ccm-wsgi's own lock only" in proxies[0].log()
+
+
+def refresh_once(fake, path, proxies):
+    """Four requests through the first process and one through the second, all needing the same refresh."""
     fake.configure(token_endpoint={"hold": "refresh"})
     errors = []
 
@@ -391,41 +402,6 @@ def test_token_command():
     assert claims["aud"] == "claude-gateway" and len(base64.urlsafe_b64decode(secret + "=")) == 32
     again = subprocess.run([sys.executable, "-m", "ccm_wsgi", "token"], capture_output=True, text=True, check=True)
     assert again.stdout.strip() != token
-
-
-def test_two_processes_refresh_once_without_claude_codes_lock(tmp_path, fake, start_proxy):
-    fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=30)
-    home = tmp_path / "home"
-    path = write_credentials(home / "claude" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
-    with immutable(home):  # `home/claude.lock` cannot be created: Claude Code's lock is unavailable
-        proxies = [start_proxy({"services": [service_config(fake.url, path)]}, name=f"p{i}") for i in range(2)]
-        fake.configure(token_endpoint={"hold": "refresh"})
-        errors = []
-
-        def hit(p):
-            try:
-                ask(p)
-            except Exception as exc:
-                errors.append(exc)
-
-        def token_posts():
-            return len(fake.requests(path="/v1/oauth/token"))
-
-        threads = [threading.Thread(target=hit, args=(p,)) for p in proxies]
-        threads[0].start()
-        wait_for(lambda: token_posts() == 1, 10, what="the first process's refresh at the token endpoint")
-        threads[1].start()
-        lock = Path(str(path) + ".lock")
-        # the second process waits for the flock the first holds or, were there none, reaches the token endpoint
-        wait_for(lambda: inside_refresh_lock(proxies[1], lock) or token_posts() > 1, 10,
-                 what="the second process inside its refresh")
-        fake.release("refresh")
-        for t in threads:
-            t.join(30)
-        assert not errors
-        stats = fake.stats()
-        assert token_posts() == 1 and stats["refreshes"] == 1 and stats["invalid_grant"] == 0, stats
-        assert "under ccm-wsgi's own lock only" in proxies[0].log()
 
 
 def test_client_disconnect_mid_json_closes_the_upstream_connection(proxy, fake):

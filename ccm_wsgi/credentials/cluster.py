@@ -25,7 +25,7 @@ from .store import OAUTH_KEY, CredentialStore
 if TYPE_CHECKING:
     import gevent.lock
 
-    from .oauth import CredentialError
+    from .errors import CredentialError
 
 log = logging.getLogger("ccm_wsgi.credentials")
 

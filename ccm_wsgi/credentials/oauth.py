@@ -48,6 +48,7 @@ from ..upstream.outbounds import Route
 from . import locks
 from .cluster import ClusterMember
 from .endpoint import post_token, refusal, retry_after_seconds, token_answer
+from .errors import CredentialError, RefreshRejected
 from .store import OAUTH_KEY, CredentialStore
 
 REFRESH_MARGIN_MS = 5 * 60_000  # refresh when less than this remains (Claude Code's own margin)
@@ -59,20 +60,6 @@ SAVE_RETRY_MIN, SAVE_RETRY_MAX = 5.0, 60.0
 NOT_SENT = (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ProxyError)
 
 log = logging.getLogger("ccm_wsgi.credentials")
-
-
-class CredentialError(Exception):
-    """The credential cannot give a token. `status` is what the client gets; the message is safe to show."""
-
-    def __init__(self, status: int, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-
-
-class RefreshRejected(Exception):
-    """The token endpoint answered 4xx (e.g. invalid_grant): the refresh token is spent or revoked."""
 
 
 def now_ms() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .oauth import CredentialError
+from .errors import CredentialError
 
 
 class PeerCredential:

@@ -27,7 +27,7 @@ from ..accounting.pricing import Pricing
 from ..accounting.records import make_record
 from ..accounting.sse import SSETap, Usage
 from ..anthropic import RATELIMIT_PREFIX
-from ..credentials.oauth import CredentialError
+from ..credentials.errors import CredentialError
 from ..errors import JSON_HEADERS, ProxyError
 from ..limits.engine import Admission, Limits
 from ..limits.refusals import Refusal

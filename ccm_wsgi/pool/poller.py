@@ -17,7 +17,7 @@ import gevent
 import urllib3
 
 from ..anthropic import API_USER_AGENT, OAUTH_BETA, USAGE_PATH
-from ..credentials.oauth import CredentialError
+from ..credentials.errors import CredentialError
 
 if TYPE_CHECKING:
     from .providers import Account
