@@ -5,13 +5,12 @@ Without it, state lives in the process and in files on one host.
 
 from __future__ import annotations
 
-import urllib.parse
 from typing import Annotated
 
 from pydantic import Field
 
 from .base import REQUIRED, Section, fail
-from .values import Str, choice, plain, string
+from .values import Str, choice, plain, split_url, string
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -19,11 +18,7 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 def redis_url(value: object) -> str:
     """redis://HOST:PORT/DB, rediss:// (TLS) or unix:///path; never quoted back (it may hold a password)."""
     text = string(value)
-    try:
-        parts = urllib.parse.urlsplit(text)
-        _ = parts.port  # raises ValueError for a port that is not a number 0-65535
-    except ValueError:
-        parts = None
+    parts = split_url(text)
     if parts is None or parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.scheme == "unix"):
         fail("must be a redis://, rediss:// or unix:// URL")
     if parts.scheme == "unix" and not parts.path:

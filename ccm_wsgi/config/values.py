@@ -244,17 +244,23 @@ def ip_address(value: object) -> str:
     return text
 
 
+def split_url(text: str) -> urllib.parse.SplitResult | None:
+    """`text` split as a URL; None when it is none (a port that is not a number 0-65535 included)."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        _ = parts.port  # raises ValueError for a port that is not a number 0-65535
+    except ValueError:
+        return None
+    return parts
+
+
 def url(*, base: bool = False) -> PlainValidator:
     """An absolute http(s) URL with a host, without query, fragment or user info; never quoted back (it may
     hold a secret). `base` drops trailing slashes (a prefix that paths are appended to)."""
 
     def check(value: object) -> str:
         text = string(value)
-        try:
-            parts = urllib.parse.urlsplit(text)
-            _ = parts.port  # raises ValueError for a port that is not a number 0-65535
-        except ValueError:
-            parts = None
+        parts = split_url(text)
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             fail("must be an http:// or https:// URL with a host")
         if parts.query or parts.fragment or "?" in text or "#" in text:
