@@ -7,8 +7,9 @@ sing-box's blanket "Sonnet 4" fallback, a model whose name says opus/sonnet/haik
 newest known price of that family, and each such guess is logged once per model so the operator
 knows to add a config price. Anything else still falls back to Sonnet 4 standard, as sing-box does.
 
-Arithmetic is exact (Decimal) and rounding is Go's `math.Round(x*100)/100` on the decimal value
-(half away from zero), so `0.125` becomes `0.13` and float noise never flips a cent.
+Arithmetic is exact (prices as integers over a power of ten, one correctly rounded division) and rounding
+is Go's `math.Round(x*100)/100` on the decimal value (half away from zero), so `0.125` becomes `0.13` and
+float noise never flips a cent.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from ..config import Rates as PriceRates
 from .tokens import Tokens
 
 LONG_CONTEXT = 1_000_000
-_MILLION = Decimal(1_000_000)
 _CENT = Decimal("0.01")
 _FAMILIES = ("opus", "sonnet", "haiku")
 _RATE_KEYS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
@@ -38,13 +38,12 @@ _LABELS_KEPT = 1024  # model names whose label is remembered (clients choose the
 
 @dataclass(frozen=True, slots=True)
 class Rates:
-    """USD per million tokens."""
+    """USD per million tokens (input, output, cache read, 5-minute and 1-hour cache writes), each held as an
+    integer over one common divisor: a cost is then integer arithmetic, exact, with one correctly rounded
+    division at the end (the same float the exact decimal value rounds to, several times faster)."""
 
-    input: Decimal
-    output: Decimal
-    cache_read: Decimal
-    cache_write_5m: Decimal
-    cache_write_1h: Decimal
+    scaled: tuple[int, int, int, int, int]
+    divisor: int  # 10**decimals * 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +71,13 @@ def _dec(value: Any) -> Decimal:
 def _rates(source: dict[str, Any] | PriceRates) -> Rates:
     """Rates from a pricing.json mapping or from the config's prices."""
     get = source.get if isinstance(source, dict) else functools.partial(getattr, source)
-    return Rates(*(_dec(get(key)) for key in _RATE_KEYS))
+    values = [_dec(get(key)) for key in _RATE_KEYS]
+    if not all(v.is_finite() for v in values):
+        raise ValueError(f"prices must be finite numbers, not {values}")
+    decimals = max(0, *(-int(v.as_tuple().exponent) for v in values))
+    scale = 10**decimals
+    input_, output, cache_read, write_5m, write_1h = (int(v * scale) for v in values)
+    return Rates((input_, output, cache_read, write_5m, write_1h), scale * 1_000_000)
 
 
 @functools.cache
@@ -150,14 +155,10 @@ class Pricing:
         r = self.rates(model, context_window)
         c5m, c1h = tokens.cache_creation_5m_input_tokens, tokens.cache_creation_1h_input_tokens
         unsplit = max(0, tokens.cache_creation - c5m - c1h)
-        total = (
-            tokens.input_tokens * r.input
-            + tokens.output_tokens * r.output
-            + tokens.cache_read_input_tokens * r.cache_read
-            + (c5m + unsplit) * r.cache_write_5m
-            + c1h * r.cache_write_1h
-        )
-        return float(total / _MILLION)
+        input_, output, cache_read, write_5m, write_1h = r.scaled
+        total = (tokens.input_tokens * input_ + tokens.output_tokens * output
+                 + tokens.cache_read_input_tokens * cache_read + (c5m + unsplit) * write_5m + c1h * write_1h)
+        return total / r.divisor
 
 
 def round_cents(x: float) -> float:
