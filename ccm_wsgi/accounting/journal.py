@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import secrets
 import time
@@ -39,25 +40,29 @@ def line(rec: Record, t_ns: int) -> bytes:
 
 
 def decode(raw: bytes) -> tuple[Record, int] | None:
+    """The record and time of one line's JSON, None when it is not a record (a cut or damaged line). Run on
+    every line a fold or a follower reads: a missing key or a value of the wrong type fails one lookup or
+    one type test, not a series of them."""
     try:
         entry: Any = fastjson.loads(raw)
-    except (ValueError, RecursionError):
+        t, user, model, cost = entry["t"], entry["user"], entry["model"], entry.get("cost", 0.0)
+        ints = _ints(entry)
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        return None  # not JSON, not an object, or a key missing
+    if type(t) is not int or type(user) is not str or type(model) is not str or \
+            not _INT_TYPES.issuperset(map(type, ints)) or type(cost) not in _NUMBER_TYPES:
         return None
-    if not isinstance(entry, dict) or type(entry.get("t")) is not int:
-        return None
-    user, model = entry.get("user"), entry.get("model")
-    found = [entry.get(name) for name in _INT_FIELDS]
-    ints = [v for v in found if type(v) is int]
-    if type(user) is not str or type(model) is not str or len(ints) != len(found):
-        return None
-    cost = entry.get("cost", 0.0)
     readings = entry.get("readings", ())
-    if not isinstance(cost, (int, float)) or isinstance(cost, bool) or not isinstance(readings, (list, tuple)):
-        return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in readings):
-        return None
-    return Record(user, model, ints[0], ints[1], ints[2], Tokens(*ints[3:]), float(cost),
-                  tuple(float(v) for v in readings)), entry["t"]
+    if readings:
+        if type(readings) is not list or not _NUMBER_TYPES.issuperset(map(type, readings)):
+            return None
+        readings = tuple(map(float, readings))
+    return Record(user, model, ints[0], ints[1], ints[2], Tokens(*ints[3:]), float(cost), readings), t
+
+
+_ints = operator.itemgetter(*_INT_FIELDS)
+_INT_TYPES = frozenset({int})
+_NUMBER_TYPES = frozenset({int, float})
 
 
 def generation_of(head: bytes) -> str:
