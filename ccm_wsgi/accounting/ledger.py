@@ -32,16 +32,6 @@ COUNTS = ("requests", "input", "output", "cache_read", "cache_write")
 RESET_JITTER = 60.0  # resets from different sources differ by seconds; a new window moves by hours
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
-    """One window as a response reported it: utilisation (points), its reset (epoch seconds), and the
-    utilisation the proxy knew for the same window before the request was sent."""
-
-    utilization: float
-    reset: float
-    before: float = 0.0
-
-
 @dataclass(slots=True)
 class Window:
     reset: float = 0.0
@@ -49,23 +39,25 @@ class Window:
     points: dict[str, float] = field(default_factory=dict)
     pending: dict[str, float] = field(default_factory=dict)  # cost since the utilisation last rose
 
-    def observe(self, user: str, weight: float, reading: Reading) -> None:
-        if reading.reset > self.reset + RESET_JITTER:
-            self.reset, self.seen = reading.reset, reading.before
+    def observe(self, user: str, weight: float, utilization: float, reset: float, before: float) -> None:
+        """One response's reading of this window: its utilisation (points), its reset (epoch seconds), and the
+        utilisation the proxy knew for the window before the request was sent."""
+        if reset > self.reset + RESET_JITTER:
+            self.reset, self.seen = reset, before
             self.points.clear()
             self.pending.clear()
-        elif reading.reset < self.reset - RESET_JITTER:
+        elif reset < self.reset - RESET_JITTER:
             return  # a reading from a window already over
         self.pending[user] = self.pending.get(user, 0.0) + weight
-        if reading.utilization <= self.seen:
+        if utilization <= self.seen:
             return
-        rise = reading.utilization - self.seen
+        rise = utilization - self.seen
         total = sum(self.pending.values())
         for name, part in self.pending.items():
             share = rise * part / total if total > 0 else (rise if name == user else 0.0)
             self.points[name] = self.points.get(name, 0.0) + share
         self.pending.clear()
-        self.seen = reading.utilization
+        self.seen = utilization
 
     def used(self, user: str, now: float) -> float:
         return 0.0 if 0 < self.reset <= now else self.points.get(user, 0.0)
@@ -109,19 +101,32 @@ class Ledger:
         self.counts: dict[str, dict[int, list[int]]] = {}  # user -> UTC day number -> COUNTS
         self.windows = {name: Window() for name in WINDOWS}
 
-    def apply(self, user: str, when: float, cost: float, readings: dict[str, Reading], tokens: Tokens) -> None:
-        """Add one usage record (its user, time, cost, tokens and what its response reported)."""
+    def apply(self, user: str, when: float, cost: float, readings: Sequence[float], tokens: Tokens) -> None:
+        """Add one usage record: its user, time, cost, tokens and what its response reported (a record's
+        `readings`: the 5-hour window's utilisation, reset and utilisation before, then the weekly window's;
+        a window with no reset was not reported)."""
         day = day_of(when)
-        days = self.spend.setdefault(user, {})
+        days = self.spend.get(user)
+        if days is None:
+            days = self.spend[user] = {}
         days[day] = days.get(day, 0.0) + cost
-        counts = self.counts.setdefault(user, {}).setdefault(day, [0] * len(COUNTS))
-        for i, n in enumerate((1, tokens.input_tokens, tokens.output_tokens, tokens.cache_read_input_tokens,
-                               tokens.cache_creation)):
-            counts[i] += n
-        if not user:
+        by_day = self.counts.get(user)
+        if by_day is None:
+            by_day = self.counts[user] = {}
+        counts = by_day.get(day)
+        if counts is None:
+            counts = by_day[day] = [0] * len(COUNTS)
+        counts[0] += 1
+        counts[1] += tokens.input_tokens
+        counts[2] += tokens.output_tokens
+        counts[3] += tokens.cache_read_input_tokens
+        counts[4] += tokens.cache_creation
+        if not user or len(readings) < 3:
             return
-        for name, reading in readings.items():
-            self.windows[name].observe(user, cost, reading)
+        if readings[1] > 0:
+            self.windows["five_hour"].observe(user, cost, readings[0], readings[1], readings[2])
+        if len(readings) >= 6 and readings[4] > 0:
+            self.windows["weekly"].observe(user, cost, readings[3], readings[4], readings[5])
 
     def copy(self) -> Ledger:
         """An independent copy (a few small dicts: far cheaper than `copy.deepcopy`)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import files
 from . import journal
-from .ledger import Ledger, Reading
+from .ledger import Ledger
 from .pricing import Pricing
 from .records import Cursor, Marker, Record, Shape, Totals
 
@@ -35,20 +35,9 @@ def dumps(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
-def readings(rec: Record) -> dict[str, Reading]:
-    """The windows a record's response reported, for the ledger."""
-    r = rec.readings
-    found = {}
-    if len(r) >= 3 and r[1] > 0:
-        found["five_hour"] = Reading(r[0], r[1], r[2])
-    if len(r) >= 6 and r[4] > 0:
-        found["weekly"] = Reading(r[3], r[4], r[5])
-    return found
-
-
 def apply(ledger: Ledger, pricing: Pricing, rec: Record, t_ns: int) -> None:
     cost = rec.cost or pricing.cost(rec.model, rec.context_window, rec.tokens)
-    ledger.apply(rec.user, t_ns / 1e9, cost, readings(rec), rec.tokens)
+    ledger.apply(rec.user, t_ns / 1e9, cost, rec.readings, rec.tokens)
 
 
 def read_bytes(path: str) -> bytes | None:

@@ -34,6 +34,14 @@ class Tokens:
 
     def add(self, other: Tokens, sign: int = 1) -> None:
         """Add (or with sign -1 subtract) `other`, counter by counter, its cache writes as their total."""
+        if sign == 1:  # every record added to a bucket: no multiplications
+            self.input_tokens += other.input_tokens
+            self.output_tokens += other.output_tokens
+            self.cache_read_input_tokens += other.cache_read_input_tokens
+            self.cache_creation_input_tokens += other.cache_creation
+            self.cache_creation_5m_input_tokens += other.cache_creation_5m_input_tokens
+            self.cache_creation_1h_input_tokens += other.cache_creation_1h_input_tokens
+            return
         self.input_tokens += sign * other.input_tokens
         self.output_tokens += sign * other.output_tokens
         self.cache_read_input_tokens += sign * other.cache_read_input_tokens

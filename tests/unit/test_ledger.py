@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ccm_wsgi.accounting.ledger import Ledger, Reading
+from ccm_wsgi.accounting.ledger import Ledger
 from ccm_wsgi.accounting.tokens import Tokens
 
 NOW = 1_790_000_000.0
@@ -11,10 +11,10 @@ TEN_IN = Tokens(input_tokens=10, output_tokens=5)
 
 def test_a_copy_counts_on_without_changing_the_original() -> None:
     ledger = Ledger()
-    ledger.apply("alice", NOW, 1.0, {"five_hour": Reading(10.0, NOW + 3600, 8.0)}, TEN_IN)
+    ledger.apply("alice", NOW, 1.0, (10.0, NOW + 3600, 8.0), TEN_IN)
     copy = ledger.copy()
-    copy.apply("alice", NOW, 2.0, {"five_hour": Reading(12.0, NOW + 3600)}, TEN_IN)
-    copy.apply("bob", NOW, 4.0, {}, TEN_IN)
+    copy.apply("alice", NOW, 2.0, (12.0, NOW + 3600, 0.0), TEN_IN)
+    copy.apply("bob", NOW, 4.0, (), TEN_IN)
     assert ledger.spent("alice", [0]) == [1.0] and ledger.spent("bob", [0]) == [0.0]
     assert ledger.used("alice", "five_hour", NOW) == 2.0
     assert ledger.since("alice", 0).requests == 1 and ledger.since("bob", 0).requests == 0
