@@ -44,19 +44,20 @@ def acquire(fd: int, mode: int, timeout: float) -> bool:
 @contextlib.contextmanager
 def locked(
     lock_path: str, mode: int, timeout: float, create: bool = True, mode_if_created: int = 0o644
-) -> Iterator[None]:
-    """Hold `mode` on a fresh descriptor of the lock file; read-only users skip a missing lock file."""
+) -> Iterator[int | None]:
+    """Hold `mode` on a fresh descriptor of the lock file, yielded (None: a read-only user found no lock file,
+    and skips it)."""
     try:
         fd = os.open(lock_path, (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC, mode_if_created)
     except FileNotFoundError:
         if create:
             raise
-        yield  # nobody has ever written here with this program: there is no one to exclude
+        yield None  # nobody has ever written here with this program: there is no one to exclude
         return
     try:
         if not acquire(fd, mode, timeout):
             raise LockTimeout(f"timed out after {timeout:g}s waiting for the lock {lock_path}")
-        yield
+        yield fd
     finally:
         close(fd)
 

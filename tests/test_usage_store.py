@@ -165,6 +165,48 @@ def test_two_processes_sharing_one_file_are_exact(tmp_path: Path) -> None:
     assert doc["combinations"][0]["total"]["input_tokens"] == 2 * input_tokens(500)
 
 
+def test_a_fold_from_the_live_state_writes_what_a_fold_from_the_journal_writes(tmp_path: Path) -> None:
+    """A store that holds every record since its last fold writes the file from memory; the file must be the
+    one a fresh store folding the same file and journal writes, byte for byte (totals, ledger with spend,
+    counts and window shares, marker), also after another process has folded in between, records it could
+    not journal included."""
+    path = tmp_path / "live" / "u.json"
+    body = """
+        import shutil
+        from ccm_wsgi.accounting.store import UsageStore
+        store.open()
+        def mixed(i):
+            r = Record(("alice", "bob", "carol")[i % 3], ("claude-sonnet-4-5", "claude-opus-4-1")[i % 2], 200000,
+                       1766620800 + 604800 * (i % 2), 1 + i % 4, Tokens(10 + i, 3 + i % 5, i % 7, i % 3))
+            r.cost = 0.001 * (1 + i % 9)
+            r.readings = (1.0 * i, 1766700000.0, 1.0 * i - 1, 0.5 * i, 1767000000.0, 0.5 * i - 0.5)
+            return r
+        for i in range(40): store.record(mixed(i))
+        store.save()
+        other = UsageStore(path, Pricing(), logging.getLogger("other"))  # another process's fold, of records
+        for i in range(40, 45): other.record(mixed(i))                       # journaled and of records it
+        def full(line): raise OSError(28, "No space left on device")          # kept in memory, which only
+        other._appender.append = full                                        # the file will hold
+        for i in range(45, 50): other.record(mixed(i))
+        other.save()
+        for i in range(50, 90): store.record(mixed(i))
+        store.save()  # after the other fold: from the journal
+        for i in range(90, 130): store.record(mixed(i))
+        shutil.copytree(os.path.dirname(path), sys.argv[2])  # file + journal, before the fold below
+        store.save()  # from the live state again
+    """
+    copy = tmp_path / "copy"
+    path.parent.mkdir()
+    done = child(path, body, str(copy))
+    assert done.returncode == 0, done.stderr
+    fresh = store_at(copy / "u.json")
+    fresh.open()  # folds the copied journal into the copied file
+    live, folded = json.loads(path.read_text()), json.loads((copy / "u.json").read_text())
+    assert live["combinations"][0]["total"]["request_count"] + live["combinations"][1]["total"]["request_count"] == 130
+    assert live["ledger"]["windows"]["five_hour"]["points"]
+    assert path.read_bytes() == (copy / "u.json").read_bytes(), (live, folded)
+
+
 # --- the report ----------------------------------------------------------------------------------
 
 

@@ -36,12 +36,12 @@ file format (key for key, plus two keys of its own, `journal` and `ledger`) and 
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -50,12 +50,12 @@ from gevent.event import Event
 from .. import files
 from ..state.connection import Unavailable
 from ..state.usage import decoded
-from . import journal
+from . import journal, seals
+from .appender import Appender
 from .follow import Follower
 from .ledger import Ledger
 from .pricing import Pricing
 from .reading import (
-    FILE_MODE,
     FOLD_LOCK_TIMEOUT,
     Located,
     UsageFileError,
@@ -76,8 +76,25 @@ if TYPE_CHECKING:
 
 UNAPPLIED_MAX = 512  # own records kept for the ledger before they are applied anyway
 SAVE_INTERVAL = 60.0
-APPEND_LOCK_TIMEOUT = 10.0
-LOCK_RECHECK = 1.0  # seconds between checks that the kept lock descriptor is still the lock file's
+@dataclass(slots=True)
+class _Seal:
+    """What a seal did: whether it renamed the live journal aside (`all`, False when the journal is folded
+    where it is); the count of records applied to the live state when the live state was exactly "every
+    record journaled up to the seal" (None when it cannot be: shared state, no follower, the open); and the
+    file to write from the live state (`_quick_document`), when it can."""
+
+    all: bool = True
+    applied: int | None = None
+    quick: _Quick | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Quick:
+    doc: dict[str, Any]  # the usage file to write
+    sealed_name: str  # the sealed journal it holds, removed once it is written
+    pending: int  # how many of the records kept in memory it holds (the first ones)
+
+
 class UsageStore:
     """One `usages_path`: durable `record()`, periodic `save()` (fold), read-only `snapshot()`, and a ledger."""
 
@@ -93,6 +110,9 @@ class UsageStore:
         self.lock_path = path + ".lock"
         self.fold_lock_path = path + ".fold.lock"
         self.ledger = Ledger()
+        self.totals = Totals(0)  # with the ledger, the live state: the file as folded + every record since
+        self._file_bytes: bytes | None = None  # the file when it held exactly the live state (see _quick_document)
+        self._applied = 0  # records applied to the live state so far
         self._follower = Follower(self.journal_path, self._apply, log)
         self._pending: list[Located] = []  # records the journal refused, folded at the next save
         self._kept = 0  # how many records were kept in memory (their identities)
@@ -101,14 +121,7 @@ class UsageStore:
         self._saved_changes = 0
         self._stop = Event()
         self._saver: gevent.Greenlet | None = None
-        # descriptors kept open from one record() to the next (see _append_shared)
-        self._lock_fd: int | None = None
-        self._journal_fd: int | None = None
-        self._journal_id: tuple[int, int] | None = None
-        self._generation = ""  # of the journal `_journal_fd` appends to
-        self._lock_id: tuple[int, int] | None = None
-        self._lock_checked = 0.0
-        self._fds_pid = 0
+        self._appender = Appender(self.journal_path, self.lock_path, path)
 
     # public API
 
@@ -118,7 +131,7 @@ class UsageStore:
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             with files.locked(self.fold_lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT):
-                self.ledger = self._fold(start_following=True)
+                self.totals, self.ledger = self._fold(start_following=True)
         except OSError as exc:
             raise UsageFileError(f"usage file {self.path}: {exc.strerror or exc}") from exc
         if self.shared is not None:
@@ -138,9 +151,9 @@ class UsageStore:
             return
         self._changes += 1
         try:
-            end = self._append_shared(line)
+            end = self._appender.append(line)
         except Exception as exc:
-            self._close_fds()  # start from fresh descriptors next time
+            self._appender.close()  # start from fresh descriptors next time
             self._kept += 1
             identity = journal.ident(f"kept-{os.getpid()}-{id(self):x}", self._kept)
             self._pending.append((rec, t_ns, identity))
@@ -154,10 +167,11 @@ class UsageStore:
                 exc,
             )
             return
-        identity = journal.ident(self._generation, end - len(line))
+        appender = self._appender
+        identity = journal.ident(appender.generation, end - len(line))
         follower = self._follower
         if follower.fd is not None:
-            if follower.at(self._journal_id, end - len(line)):  # nothing else was appended since
+            if follower.at(appender.journal_id, end - len(line)):  # nothing else was appended since
                 follower.advance(end)
                 if self.shared is None:  # (with shared state, `local` below counts it)
                     self._unapplied.append((rec, t_ns, identity))
@@ -214,7 +228,7 @@ class UsageStore:
             saver.join(timeout=FOLD_LOCK_TIMEOUT + 5)
         if not self.save():
             self._flush_pending()
-        self._close_fds()
+        self._appender.close()
         self._follower.stop()
         if self.shared is not None:
             self.shared.stop()
@@ -232,6 +246,8 @@ class UsageStore:
     def _apply(self, rec: Record, t_ns: int, identity: str) -> None:
         if self.shared is None:
             apply(self.ledger, self.pricing, rec, t_ns)
+            self.totals.add(rec, t_ns)
+            self._applied += 1
         else:  # the shared ledger counts it when the stream shows it
             self.shared.local(rec, t_ns, identity)
 
@@ -254,100 +270,70 @@ class UsageStore:
         for rec, t_ns, _ in pending:
             line = journal.line(rec, t_ns)
             try:
-                self._append_shared(line)
+                self._appender.append(line)
             except Exception as exc:
                 self.log.error(
                     "usage: a record cannot be saved (%s); add this as a line of its own to %s to keep it: %s",
                     exc, self.journal_path, line.decode("utf-8").strip(),
                 )
 
-    def _append_shared(self, line: bytes) -> int:
-        """Append `line` to the live journal under the shared lock; returns where the journal now ends.
-
-        The lock file and journal descriptors are kept open between records (two opens and two closes per
-        record saved): the lock is taken and released on the kept descriptor (no greenlet switch can happen
-        while it is held, so greenlets sharing it never overlap), and the journal descriptor is used only
-        while the journal path still names the same file, checked under the shared lock, so a seal (here or
-        in another process) cannot move it between the check and the write. Should someone delete or
-        replace the lock file, that is noticed within LOCK_RECHECK seconds. After a fork, everything is
-        re-opened."""
-        now = time.monotonic()
-        if self._fds_pid != os.getpid():
-            self._lock_fd = self._journal_fd = None  # the parent's: never unlock or close those
-            self._fds_pid = os.getpid()
-        lock_fd = self._lock_fd
-        if lock_fd is not None and now - self._lock_checked >= LOCK_RECHECK:
-            self._lock_checked = now
-            if files.identity(self.lock_path) != self._lock_id:
-                self._close_fds()
-                lock_fd = None
-        if lock_fd is None:
-            lock_fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-            st = os.fstat(lock_fd)
-            self._lock_id, self._lock_checked = (st.st_ino, st.st_dev), now
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the usual case: no seal in progress
-            locked = True
-        except OSError:
-            locked = False
-        if not locked and not files.acquire(lock_fd, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
-            raise UsageFileError(f"timed out after {APPEND_LOCK_TIMEOUT:g}s waiting for the lock {self.lock_path}")
-        try:
-            current = files.identity(self.journal_path)
-            fd = self._journal_fd
-            if fd is not None and current != self._journal_id:
-                self._journal_fd = None  # sealed (or removed) since the last record
-                files.close(fd)
-                fd = None
-            if fd is None:
-                if current is None:
-                    files.create_if_missing(self.journal_path, journal.header(), file_mode(self.path))
-                fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-                st = os.fstat(fd)
-                self._journal_fd, self._journal_id = fd, (st.st_ino, st.st_dev)
-                self._generation = journal.generation_of(os.pread(fd, 4096, 0))
-            written = os.write(fd, line)
-            if written != len(line):  # the cut line is skipped when folding; the record is kept in memory
-                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
-            return os.lseek(fd, 0, os.SEEK_CUR)
-        finally:
-            fcntl.flock(lock_fd, fcntl.LOCK_UN)
-
-    def _close_fds(self) -> None:
-        lock_fd, journal_fd = self._lock_fd, self._journal_fd
-        self._lock_fd = self._journal_fd = None
-        if self._fds_pid == os.getpid():
-            for fd in (journal_fd, lock_fd):
-                if fd is not None:
-                    files.close(fd)
-
-    def _seal(self, start_following: bool) -> bool:
-        """Rename the live journal aside (if it holds records) and start a fresh one, appends excluded; False
-        when it cannot be renamed (an immutable file): it is then folded where it is, as it grows."""
-        with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT, mode_if_created=file_mode(self.path)):
+    def _seal(self, start_following: bool) -> _Seal:
+        """Rename the live journal aside (if it holds records) and start a fresh one, appends excluded (`all`
+        False when it cannot be renamed, an immutable file: it is then folded where it is, as it grows). The
+        live state is brought to this instant (see `_Seal`)."""
+        with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT,
+                          mode_if_created=file_mode(self.path)) as lock_fd:
+            assert lock_fd is not None
             self._remove_stale_temps()
             live = journal.read(self.journal_path)
-            sealed = True
+            seal, renamed = _Seal(), None
             if live is not None and len(live.data) > live.body:
+                name = journal.sealed_name(self.journal_path, live.generation)
                 try:
-                    os.rename(self.journal_path, journal.sealed_name(self.journal_path, live.generation))
-                    live = None
+                    os.rename(self.journal_path, name)
+                    renamed, live = (name, Marker(live.generation, len(live.data))), None
                 except OSError as exc:
                     self.log.warning("usage: cannot seal %s (%s); folding it where it is", self.journal_path,
                                      exc.strerror)
-                    sealed = False
+                    seal.all = False
             if live is None:
                 files.create_if_missing(self.journal_path, journal.header(), file_mode(self.path))
+                seals.bump(lock_fd)  # appenders move to the new journal
             if start_following:
                 self._follower.start()
-            return sealed
+                if seal.all:
+                    seal.applied = self._applied  # the live state starts as what this fold writes
+            elif self.shared is None and seal.all and self._follower.fd is not None:
+                self._apply_unapplied()
+                self._follower.catch_up()  # the sealed journal to its end (nobody appends to it), then the new one
+                if self._follower.fd is not None:
+                    seal.applied = self._applied
+                    if renamed is not None and self._file_bytes is not None:
+                        seal.quick = self._quick_document(*renamed)
+            return seal
 
-    def _fold(self, start_following: bool = False) -> Ledger:
+    def _quick_document(self, sealed_name: str, marker: Marker) -> _Quick | None:
+        """The usage file as folded up to the seal just made, from the live state instead of the journals,
+        when the live state is exactly that: the file is still what this store last wrote or read (had
+        another process folded since, the file would differ, and could hold records that process kept in
+        memory) and the one journal sealed is the one just sealed (what was journaled since). The `journal`
+        marker names the sealed journal, so a crash before it is removed never counts it twice."""
+        if journal.sealed(self.journal_path) != [sealed_name]:
+            return None
+        doc = render(self.totals, self.pricing, marker, {"ledger": self.ledger.to_json(time.time())})
+        return _Quick(doc, sealed_name, len(self._pending))
+
+    def _fold(self, start_following: bool = False) -> tuple[Totals, Ledger]:
         """Under the fold lock: seal the journal, then add each sealed journal (and the records kept in memory)
-        to the file, writing it atomically after each; returns the ledger the file now holds."""
-        sealed_all = self._seal(start_following)
+        to the file, writing it atomically after each; returns the totals and ledger the file now holds."""
+        if self._file_bytes is not None and read_bytes(self.path) != self._file_bytes:
+            self._file_bytes = None  # another process folded: the live state no longer tells what the file holds
+        seal = self._seal(start_following)
         if self.shared is not None:
-            return self._fold_stream(sealed_all)
+            return self._fold_stream(seal.all)
+        if seal.quick is not None:
+            return self._quick_fold(seal.quick)
+        self._file_bytes = None
         totals, marker, ledger, mode, exists, _ = self._load_for_fold()
         sealed = journal.sealed(self.journal_path)
         for name in sealed:
@@ -362,7 +348,7 @@ class UsageStore:
                 exists = True
             files.unlink(name)
         pending = [(rec, t_ns) for rec, t_ns, _ in self._pending]
-        if not sealed_all:
+        if not seal.all:
             with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT):
                 live = journal.read(self.journal_path)
                 if live is not None:
@@ -371,7 +357,20 @@ class UsageStore:
                 self._fold_rest(totals, marker, ledger, mode, exists, pending)
         else:
             self._fold_rest(totals, marker, ledger, mode, exists, pending)
-        return ledger
+        if seal.applied is not None and seal.applied == self._applied:
+            # nothing was applied since the seal: the file now holds exactly the live state; go on from it
+            self.totals, self.ledger, self._file_bytes = totals, ledger, read_bytes(self.path)
+        return totals, ledger
+
+    def _quick_fold(self, quick: _Quick) -> tuple[Totals, Ledger]:
+        """Write the file `_quick_document` made, then remove the sealed journal: a fold without reading the
+        journal back (every record is in the live state already)."""
+        data = dumps(quick.doc).encode()
+        files.replace_atomically(self.path, data, file_mode(self.path))
+        self._file_bytes = data
+        files.unlink(quick.sealed_name)
+        del self._pending[:quick.pending]
+        return self.totals, self.ledger
 
     def _fold_rest(self, totals: Totals, marker: Marker | None, ledger: Ledger, mode: int, exists: bool,
                    entries: list[tuple[Record, int]]) -> None:
@@ -384,7 +383,7 @@ class UsageStore:
         kept = {(id(rec), t_ns) for rec, t_ns in entries}
         self._pending[:] = [entry for entry in self._pending if (id(entry[0]), entry[1]) not in kept]
 
-    def _fold_stream(self, sealed_all: bool) -> Ledger:
+    def _fold_stream(self, sealed_all: bool) -> tuple[Totals, Ledger]:
         """Shared state: push the sealed journals' records (and those kept in memory) to the usage stream,
         add the stream's entries after the file's cursor, write the file, and only then remove the sealed
         journals. With Redis unreachable nothing changes: the journals wait for the next fold."""
@@ -399,7 +398,7 @@ class UsageStore:
                               if self.shared.unconfirmed(identity)])
             pulled = self.shared.pull(cursor.stream)
         except Unavailable:
-            return ledger
+            return totals, ledger
         self.shared.absorb(pulled)  # the live ledger moves on with what the fold read anyway
         live = journal.generation_of(head(self.journal_path))
         on_disk = {live} if sealed_all else {live, *(journal.generation_of(head(name)) for name in sealed)}
@@ -416,15 +415,17 @@ class UsageStore:
             files.unlink(name)
         self.shared.forget(on_disk)
         self._pending[:] = [entry for entry in self._pending if entry not in pending]
-        return ledger
+        return totals, ledger
 
     def _write(self, totals: Totals, marker: Marker | None, ledger: Ledger, mode: int,
                cursor: Cursor | None = None) -> None:
         extra: dict[str, Any] = {"ledger": ledger.to_json(time.time())}
         if cursor is not None:
             extra["shared"] = cursor.to_json()
-        doc = render(totals, self.pricing, marker, extra)
-        files.replace_atomically(self.path, dumps(doc).encode(), mode)
+        data = dumps(render(totals, self.pricing, marker, extra)).encode()
+        files.replace_atomically(self.path, data, mode)
+        if self._file_bytes is not None:
+            self._file_bytes = data  # what the live state (exact until now) was folded into
 
     def _load_for_fold(self) -> tuple[Totals, Marker | None, Ledger, int, bool, Cursor | None]:
         now = time.time_ns()

@@ -157,18 +157,18 @@ def _users(path) -> dict[str, int]:
 
 
 def test_kept_journal_follows_rotation_by_another_store(tmp_path, monkeypatch) -> None:
-    from ccm_wsgi.accounting import store
+    from ccm_wsgi.accounting import appender
 
-    monkeypatch.setattr(store, "LOCK_RECHECK", 0.0)  # notice a deleted lock file at once
     path = tmp_path / "u.json"
     a, b = _store(path), _store(path)
     a.open()
     a.record(_record("alice"))  # opens and keeps the journal
-    b.save()  # another process folds: the journal is replaced
-    a.record(_record("bob"))  # must go to the new journal, not the replaced one
+    b.save()  # another process folds: the journal is replaced (and the seal count in the lock file changes)
+    a.record(_record("bob"))  # must go to the new journal, not the replaced one, without a recheck due
     a.record(_record("bob"))
     b.save()
     assert _users(path) == {"alice": 1, "bob": 2}
+    monkeypatch.setattr(appender, "LOCK_RECHECK", 0.0)  # notice files removed by hand at once
     (tmp_path / "u.json.journal").unlink()  # removed: re-created on the next record
     a.record(_record("carol"))
     (tmp_path / "u.json.lock").unlink()  # a deleted lock file: the kept descriptor is dropped

@@ -1,0 +1,129 @@
+"""Appending records to the live usage journal, shared by every process on one usage file.
+
+A record is one `os.write` of one line on an `O_APPEND` descriptor, under a shared `flock` on the lock
+file that a seal (`store.py`) takes exclusively for its renames. This runs at the end of every response, so
+it is kept to the system calls it needs (lock, write, where the journal now ends, unlock):
+
+* The lock file and journal descriptors stay open from one record to the next. The lock is taken and
+  released on the kept descriptor; no greenlet switch can happen while it is held, so greenlets sharing it
+  never overlap.
+* The journal descriptor is used only while the seal count (`seals.py`) is the one seen when it was checked,
+  read under the shared lock, so a seal (here or in another process) cannot move the journal between the
+  check and the write. Reading the count is a memory read, not a `stat`.
+* Should someone delete or replace the lock file or the journal by hand, that is noticed within
+  LOCK_RECHECK seconds. After a fork (gunicorn's workers), everything is re-opened.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+
+from .. import files
+from . import journal, seals
+from .reading import FILE_MODE, UsageFileError, file_mode
+
+APPEND_LOCK_TIMEOUT = 10.0
+LOCK_RECHECK = 1.0  # seconds between checks that the kept descriptors are still the lock file's and journal's
+
+
+class _Pid:
+    """This process's id, kept current across forks without a system call per record."""
+
+    value = os.getpid()
+
+
+os.register_at_fork(after_in_child=lambda: setattr(_Pid, "value", os.getpid()))
+
+
+class Appender:
+    def __init__(self, journal_path: str, lock_path: str, usage_path: str) -> None:
+        self.journal_path = journal_path
+        self.lock_path = lock_path
+        self.usage_path = usage_path  # new journals get its mode
+        self.journal_id: tuple[int, int] | None = None  # (inode, device) of the journal appended to
+        self.generation = ""  # of that journal
+        self._lock_fd: int | None = None
+        self._journal_fd: int | None = None
+        self._lock_id: tuple[int, int] | None = None
+        self._lock_checked = -LOCK_RECHECK
+        self._seals: seals.SealView | None = None
+        self._seals_seen = b""
+        self._pid = 0
+
+    def append(self, line: bytes) -> int:
+        """Append `line` to the live journal under the shared lock; returns where the journal now ends."""
+        now = time.monotonic()
+        if self._pid != _Pid.value:
+            self._lock_fd = self._journal_fd = self._seals = None  # the parent's: never unlock or close those
+            self._pid = _Pid.value
+        lock_fd = self._lock_fd
+        recheck = now - self._lock_checked >= LOCK_RECHECK
+        if recheck:
+            self._lock_checked = now
+            if lock_fd is not None and files.identity(self.lock_path) != self._lock_id:
+                self.close()
+                lock_fd = None
+        view = self._seals
+        if lock_fd is None or view is None:
+            lock_fd, view = self._open_lock()
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the usual case: no seal in progress
+            locked = True
+        except OSError:
+            locked = False
+        if not locked and not files.acquire(lock_fd, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
+            raise UsageFileError(f"timed out after {APPEND_LOCK_TIMEOUT:g}s waiting for the lock {self.lock_path}")
+        try:
+            fd = self._journal_fd
+            if fd is None or recheck or view.read() != self._seals_seen:
+                fd = self._live_journal(lock_fd, view)
+            written = os.write(fd, line)
+            if written != len(line):  # the cut line is skipped when folding; the record is kept in memory
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+            return os.lseek(fd, 0, os.SEEK_CUR)
+        finally:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close the kept descriptors (the next append opens fresh ones)."""
+        lock_fd, journal_fd, view = self._lock_fd, self._journal_fd, self._seals
+        self._lock_fd = self._journal_fd = self._seals = None
+        if self._pid == _Pid.value:
+            if view is not None:
+                view.close()
+            for fd in (journal_fd, lock_fd):
+                if fd is not None:
+                    files.close(fd)
+
+    def _open_lock(self) -> tuple[int, seals.SealView]:
+        self.close()
+        lock_fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        view = self._seals = seals.SealView(lock_fd)
+        st = os.fstat(lock_fd)
+        self._lock_id = (st.st_ino, st.st_dev)
+        return lock_fd, view
+
+    def _live_journal(self, lock_fd: int, view: seals.SealView) -> int:
+        """The descriptor of the file the journal path names now (creating it if missing), under the shared
+        lock; remembers the seal count it is valid for."""
+        seen = view.read()
+        current = files.identity(self.journal_path)
+        fd = self._journal_fd
+        if fd is not None and current != self.journal_id:
+            self._journal_fd = None  # sealed (or removed) since the last record
+            files.close(fd)
+            fd = None
+        if fd is None:
+            if current is None:
+                files.create_if_missing(self.journal_path, journal.header(), file_mode(self.usage_path))
+                seals.bump(lock_fd)  # others' kept descriptors may name a removed journal
+                seen = view.read()
+            fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            self._journal_fd, self.journal_id = fd, (st.st_ino, st.st_dev)
+            self.generation = journal.generation_of(os.pread(fd, 4096, 0))
+        self._seals_seen = seen
+        return fd
