@@ -11,10 +11,17 @@ file format (key for key, plus two keys of its own, `journal` and `ledger`) and 
 * **Fold.** `save()` (every 60 s when something was recorded, at shutdown, and in `open()`) first *seals*
   the journal: under an exclusive `flock` on `<path>.lock`, held for two renames, the journal becomes
   `<path>.journal.<sequence>-<generation>` and a fresh one takes its place. Appenders hold the same lock
-  shared for one write, so they never wait for more than that. Then, under `<path>.fold.lock` (one fold at
-  a time; readers hold it shared), each sealed journal in turn is added to the file, which is written
-  atomically (unique temp name, fsync, rename, fsync of the directory) with `"journal": {"generation": G,
-  "offset": N}` ("journal G is folded up to byte N"), and the sealed journal is removed.
+  shared for one write (`appender.py`), so they never wait for more than that. Then, under
+  `<path>.fold.lock` (one fold at a time; readers hold it shared), each sealed journal in turn is added
+  to the file, which is written atomically (unique temp name, fsync, rename, fsync of the directory)
+  with `"journal": {"generation": G, "offset": N}` ("journal G is folded up to byte N"), and the sealed
+  journal is removed.
+* **Fold from memory.** Each store keeps a live state, the file's totals and ledger plus every record
+  journaled since (its own, and other processes' through the follower). When the file is still exactly
+  what this store last wrote, and the one sealed journal is the one it just sealed, the live state at the
+  seal *is* the folded file: it is written without reading the journal back (a single `ccm-wsgi serve`,
+  every minute). Otherwise (another process folded, perhaps with records it kept in memory) the journals
+  are folded as described, and the live state goes on from what that fold wrote.
 * **Crash points.** Killed before the file rename: the old file plus the sealed journal, folded again
   later. Killed after it: the file's marker names the sealed journal, which is then removed unread. Every
   state on disk is "old file + journals" or "new file + a marker that says what it holds": none counts a
