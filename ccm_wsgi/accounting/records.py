@@ -10,6 +10,7 @@ token counters, so a price change reprices history the way sing-box does.
 from __future__ import annotations
 
 import calendar
+import functools
 import math
 import re
 import time
@@ -53,6 +54,7 @@ def has_context_1m(anthropic_beta: str | None) -> bool:
     return any(item.strip().startswith("context-1m") for item in (anthropic_beta or "").split(","))
 
 
+@functools.lru_cache(maxsize=16)  # the same reset header on every response of a week
 def week_start(ratelimit_7d_reset: str | None) -> int:
     """The week a record belongs to: the weekly window's reset minus 7 days; 0 (no week) when unusable."""
     text = (ratelimit_7d_reset or "").strip()
