@@ -13,6 +13,10 @@ library versions it was checked against. Nothing here acts on import: `install()
   head and a small first body part in one system call, with a plain send() instead of gevent's sendall.
 * pywsgi's `Input._chunked_input_error` (gevent 24-26): `abandon()` makes pywsgi skip draining a request
   body ccm-wsgi gave up on, so a slow client cannot hold the connection while it is "discarded".
+* prometheus_client's `values.Lock` (prometheus_client 0.2x, single-process values): each counter value
+  takes a lock around every increment. Under gevent's monkey-patching that is gevent's lock, a Python-level
+  acquire and release per increment, several per request; greenlets on one thread can never contend for a
+  lock held across `+=` (no switch can happen inside it), so values get the thread module's own lock.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import http.client
 import re
 from typing import Any
 
+import gevent.monkey
+import prometheus_client.values
+
 COALESCE = 16 * 1024  # first body bytes sent in one write with the response head up to this size
 
 _HEADER_LINE = re.compile(rb"([!-9;-~]+):[ \t]*([^\r\n\x0b\x0c\x1c-\x1e\x85]*)\r?\n")
@@ -32,6 +39,7 @@ _original_parse_headers = http.client.parse_headers
 
 def install() -> None:
     http.client.parse_headers = parse_headers  # type: ignore[assignment]
+    prometheus_client.values.Lock = gevent.monkey.get_original("threading", "Lock")
 
 
 def _email_parse(lines: list[bytes], message_class: type) -> http.client.HTTPMessage:
