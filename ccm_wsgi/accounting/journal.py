@@ -25,18 +25,19 @@ from .tokens import NAMES as TOKEN_NAMES
 from .tokens import Tokens
 
 FORMAT = "ccm-wsgi usage journal v1"
-_FIELDS = ("user", "model", "context_window", "week_start_unix", "messages_count")
 _INT_FIELDS = ("context_window", "week_start_unix", "messages_count", *TOKEN_NAMES)
-_KEYS = ("t", *_FIELDS, *TOKEN_NAMES, "cost")  # a line's keys, in order
+# a line's keys, in order: t, user, model, the integers, cost (and readings when the response had them)
+_LINE = b'\n{"t":%d,"user":%b,"model":%b,' + b",".join(b'"%b":%%d' % k.encode() for k in _INT_FIELDS) + b',"cost":%b'
 
 
 def line(rec: Record, t_ns: int) -> bytes:
-    """The journal line of a record: "\n" and its JSON object (on the path of every response)."""
-    entry = dict(zip(_KEYS, (t_ns, rec.user, rec.model, rec.context_window, rec.week_start_unix,
-                             rec.messages_count, *rec.tokens.values(), float(rec.cost)), strict=True))
+    """The journal line of a record: "\n" and its JSON object, filled into a template (on the path of every
+    response: no dictionary is built for it)."""
+    text = _LINE % (t_ns, fastjson.dumps(rec.user), fastjson.dumps(rec.model), rec.context_window,
+                    rec.week_start_unix, rec.messages_count, *rec.tokens.values(), fastjson.dumps(float(rec.cost)))
     if rec.readings:
-        entry["readings"] = [float(v) for v in rec.readings]
-    return b"\n" + fastjson.dumps(entry)
+        text += b',"readings":' + fastjson.dumps([float(v) for v in rec.readings])
+    return text + b"}"
 
 
 def decode(raw: bytes) -> tuple[Record, int] | None:
