@@ -11,7 +11,9 @@ it is kept to the system calls it needs (lock, write, where the journal now ends
   read under the shared lock, so a seal (here or in another process) cannot move the journal between the
   check and the write. Reading the count is a memory read, not a `stat`.
 * Should someone delete or replace the lock file or the journal by hand, that is noticed within
-  LOCK_RECHECK seconds. After a fork (gunicorn's workers), everything is re-opened.
+  LOCK_RECHECK seconds (a record appended meanwhile may go to the removed file, or to a journal that a
+  fold under the new lock file has sealed, and be lost with it). After a fork (gunicorn's workers),
+  everything is re-opened.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ class UsageStore:
         self.totals = Totals(0)  # with the ledger, the live state: the file as folded + every record since
         self._file_bytes: bytes | None = None  # the file when it held exactly the live state (see _quick_document)
         self._applied = 0  # records applied to the live state so far
-        self._follower = Follower(self.journal_path, self._apply, log)
+        self._follower = Follower(self.journal_path, self.lock_path, self._apply, log)
         self._pending: list[Located] = []  # records the journal refused, folded at the next save
         self._kept = 0  # how many records were kept in memory (their identities)
         self._unapplied: list[Located] = []  # own records in the journal, not in the ledger yet
@@ -236,7 +236,7 @@ class UsageStore:
         if not self.save():
             self._flush_pending()
         self._appender.close()
-        self._follower.stop()
+        self._follower.close()
         if self.shared is not None:
             self.shared.stop()
 

@@ -176,3 +176,46 @@ def test_kept_journal_follows_rotation_by_another_store(tmp_path, monkeypatch) -
     assert (tmp_path / "u.json.lock").exists()  # re-created: the file a fold would lock
     a.close()
     assert _users(path) == {"alice": 1, "bob": 2, "carol": 2}
+
+
+def _bob_today(store) -> int:
+    import time
+
+    from ccm_wsgi.accounting.periods import day_of
+
+    return store.current_ledger().since("bob", day_of(time.time())).requests
+
+
+def test_follower_sees_another_store_s_records_across_its_folds(tmp_path) -> None:
+    path = tmp_path / "u.json"
+    a, b = _store(path), _store(path)
+    a.open()
+    b.open()
+    b.record(_record("bob"))
+    assert _bob_today(a) == 1
+    b.save()  # another process's fold seals the journal A follows (the seal count changes)
+    b.record(_record("bob"))
+    b.record(_record("bob"))
+    assert _bob_today(a) == 3  # read on in the new journal at once, without waiting for a recheck
+    a.close()
+    b.close()
+
+
+def test_follower_finds_the_journal_after_the_lock_file_was_replaced(tmp_path, monkeypatch) -> None:
+    from ccm_wsgi.accounting import appender, follow
+
+    monkeypatch.setattr(follow, "RECHECK", 0.0)  # look at the paths on every read and append
+    monkeypatch.setattr(appender, "LOCK_RECHECK", 0.0)
+    path = tmp_path / "u.json"
+    a, b = _store(path), _store(path)
+    a.open()
+    b.record(_record("bob"))
+    (tmp_path / "u.json.lock").unlink()  # replaced by hand: its count starts again in a new file
+    b.save()  # sealed under the new lock file, whose count A does not map
+    b.record(_record("bob"))
+    assert _bob_today(a) == 2
+    b.save()
+    b.record(_record("bob"))
+    assert _bob_today(a) == 3  # and it maps the new lock file's count
+    a.close()
+    b.close()
