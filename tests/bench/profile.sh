@@ -11,10 +11,7 @@
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -uo pipefail
 set -m
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-BENCH_DIR="${BENCH_DIR:-$root/../shared/bench}"
-PY="${PY:-$root/.venv/bin/python}"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 secs="${1:-12}"
 OUT_DIR="${OUT_DIR:-$root/bench-results/profile-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$OUT_DIR"
@@ -24,19 +21,7 @@ command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; e
 UP="${UPSTREAM_PORT:-18180}"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done; wait 2>/dev/null; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-declare -A pid port cost
-start() {  # start NAME PORT COMMAND...: in its own process group, from the repository root
-    local name="$1"
-    port[$name]="$2"
-    shift 2
-    (cd "$root" && exec "$@") >"$OUT_DIR/$name.log" 2>&1 &
-    pids+=("$!")
-    pid[$name]="$!"
-}
+declare -A cost
 
 start upstream "$UP" "$PY" "$BENCH_DIR/fake_upstream.py" --port "$UP" --strict-tokens
 sleep 1
@@ -47,17 +32,7 @@ start on $((UP + 1)) "$PY" -m ccm_wsgi serve -c "$OUT_DIR/on.json"
 start off $((UP + 2)) "$PY" -m ccm_wsgi serve -c "$OUT_DIR/off.json"
 start min $((UP + 3)) "$PY" "$BENCH_DIR/minimal_gevent_proxy.py" --port $((UP + 3)) --upstream "http://127.0.0.1:$UP"
 sleep 2
-token="$("$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); import genconfig; print(genconfig.USER_TOKENS["alice"])' "$here")"
-"$PY" - "$BENCH_DIR" "$token" "$OUT_DIR/wrk.lua" <<'LUA'
-import sys
-sys.path.insert(0, sys.argv[1])
-import load
-body = load.messages_body(1000, False).decode()
-with open(sys.argv[3], "w") as f:
-    f.write('wrk.method = "POST"\nwrk.body = [==[%s]==]\n' % body)
-    f.write('wrk.headers["Content-Type"] = "application/json"\nwrk.headers["anthropic-version"] = "2023-06-01"\n')
-    f.write('wrk.headers["x-api-key"] = "%s"\n' % sys.argv[2])
-LUA
+wrk_script "$OUT_DIR/wrk.lua"
 
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for name in on off min; do

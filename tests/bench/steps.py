@@ -41,13 +41,19 @@ def main() -> None:
     from ccm_wsgi.observe import rundir
 
     rundir.forget()
-    from ccm_wsgi.accounting import appender, store
+    from ccm_wsgi.accounting import store
     from ccm_wsgi.http import proxy, relay, server
     from ccm_wsgi.observe import metrics
 
-    for owner, name in ((proxy.Proxy, "_whole"), (proxy.Proxy, "_finish"), (proxy.Proxy, "_tap"),
-                        (relay.JSONTap, "finish"), (store.UsageStore, "record"), (appender.Appender, "append"),
-                        (store.UsageStore, "save"), (metrics.Metrics, "finished")):
+    steps = [(proxy.Proxy, "_whole"), (proxy.Proxy, "_finish"), (proxy.Proxy, "_tap"), (relay.JSONTap, "finish"),
+             (store.UsageStore, "record"), (store.UsageStore, "save"), (metrics.Metrics, "finished")]
+    try:
+        from ccm_wsgi.accounting import appender
+
+        steps.append((appender.Appender, "append"))
+    except ImportError:  # older code (CCM_BASE): the append was a method of the store
+        steps.append((store.UsageStore, "_append_shared"))
+    for owner, name in steps:
         setattr(owner, name, timed(f"{owner.__name__}.{name}", getattr(owner, name)))
     for name in ("make_record", "access_line"):
         setattr(proxy, name, timed(name, getattr(proxy, name)))

@@ -10,58 +10,30 @@
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -uo pipefail
 set -m
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-BENCH_DIR="${BENCH_DIR:-$root/../shared/bench}"
-PY="${PY:-$root/.venv/bin/python}"
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 secs="${1:-8}"
 OUT_DIR="${OUT_DIR:-$root/bench-results/steps-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$OUT_DIR"
 command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
 UP="${UPSTREAM_PORT:-18280}"
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done; wait 2>/dev/null; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-start() {  # start NAME COMMAND...: in its own process group, from the repository root
-    local name="$1"
-    shift
-    (cd "$root" && exec "$@") >"$OUT_DIR/$name.log" 2>&1 &
-    pids+=("$!")
-}
-
-start upstream "$PY" "$BENCH_DIR/fake_upstream.py" --port "$UP" --strict-tokens
+start upstream "$UP" "$PY" "$BENCH_DIR/fake_upstream.py" --port "$UP" --strict-tokens
 sleep 1
 "$PY" "$here/genconfig.py" --dir "$OUT_DIR" --name on --port $((UP + 1)) --upstream "http://127.0.0.1:$UP" >/dev/null
 "$PY" "$here/genconfig.py" --dir "$OUT_DIR" --name off --port $((UP + 2)) --upstream "http://127.0.0.1:$UP" \
     --no-usage >/dev/null
-start on "$PY" "$here/steps.py" "$OUT_DIR/on.json" "$OUT_DIR/steps-on.jsonl"
-pid_on=$!
-start off "$PY" "$here/steps.py" "$OUT_DIR/off.json" "$OUT_DIR/steps-off.jsonl"
-pid_off=$!
+start on $((UP + 1)) "$PY" "$here/steps.py" "$OUT_DIR/on.json" "$OUT_DIR/steps-on.jsonl"
+start off $((UP + 2)) "$PY" "$here/steps.py" "$OUT_DIR/off.json" "$OUT_DIR/steps-off.jsonl"
 sleep 2
-token="$("$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); import genconfig; print(genconfig.USER_TOKENS["alice"])' "$here")"
-"$PY" - "$BENCH_DIR" "$token" "$OUT_DIR/wrk.lua" <<'LUA'
-import sys
-sys.path.insert(0, sys.argv[1])
-import load
-body = load.messages_body(1000, False).decode()
-with open(sys.argv[3], "w") as f:
-    f.write('wrk.method = "POST"\nwrk.body = [==[%s]==]\n' % body)
-    f.write('wrk.headers["Content-Type"] = "application/json"\nwrk.headers["anthropic-version"] = "2023-06-01"\n')
-    f.write('wrk.headers["x-api-key"] = "%s"\n' % sys.argv[2])
-LUA
+wrk_script "$OUT_DIR/wrk.lua"
 
 for name in on off; do
-    pid=$pid_on port=$((UP + 1))
-    [ $name = off ] && pid=$pid_off port=$((UP + 2))
-    url="http://127.0.0.1:$port/v1/messages"
+    url="http://127.0.0.1:${port[$name]}/v1/messages"
     wrk -t1 -c16 -d2s -s "$OUT_DIR/wrk.lua" "$url" >/dev/null  # warm-up (and the first token refresh)
-    kill -USR1 "$pid"
+    kill -USR1 "${pid[$name]}"
     sleep 0.5
     wrk -t1 -c16 -d"${secs}s" -s "$OUT_DIR/wrk.lua" "$url" >"$OUT_DIR/wrk-$name.txt"
-    kill -USR1 "$pid"
+    kill -USR1 "${pid[$name]}"
     sleep 0.5
 done
 "$PY" - "$OUT_DIR" <<'EOF' | tee "$OUT_DIR/steps.md"
