@@ -1,7 +1,7 @@
 #!/bin/sh
 # `make bench`: ccm-wsgi against direct, nginx and the bare gevent proxy, in one interleaved run.
 #
-#   sh tests/bench/run.sh                 # the full run (about 6 minutes), table + targets in bench-results/
+#   sh tests/bench/run.sh                 # the full run (about 15 minutes), table + targets in bench-results/
 #   QUICK=1 sh tests/bench/run.sh         # a 1-2 minute smoke run (coarse numbers)
 #   sh tests/bench/run.sh soak            # the 10-minute streaming soak (RSS growth), see soak.py
 #   sh tests/bench/run.sh -- --phases stream --streams 100 --repeat 5   # replace the load.py options
@@ -197,7 +197,7 @@ elif [ "${QUICK:-}" = 1 ]; then
                --hold-streams 500 --hold-ramp 1 --hold-seconds 4 --warmup 1 --repeat 1)
 else
     load_args=(--phases nonstream,stream,hold --concurrency 16,64 --duration 4 --streams 100 --stream-rounds 3
-               --hold-streams 2000 --hold-ramp 4 --hold-seconds 10 --warmup 2 --repeat 3)
+               --hold-streams 2000 --hold-ramp 4 --hold-seconds 10 --warmup 2 --repeat 5)
 fi
 
 echo "results: $OUT_DIR" >&2
