@@ -83,12 +83,14 @@ if TYPE_CHECKING:
 
 UNAPPLIED_MAX = 512  # own records kept for the ledger before they are applied anyway
 SAVE_INTERVAL = 60.0
+
+
 @dataclass(slots=True)
 class _Seal:
     """What a seal did: whether it renamed the live journal aside (`all`, False when the journal is folded
     where it is); the count of records applied to the live state when the live state was exactly "every
-    record journaled up to the seal" (None when it cannot be: shared state, no follower, the open); and the
-    file to write from the live state (`_quick_document`), when it can."""
+    record journaled up to the seal" (None when it cannot be: shared state, a journal folded where it is, no
+    follower); and the file to write from the live state (`_quick_document`), when it can."""
 
     all: bool = True
     applied: int | None = None
