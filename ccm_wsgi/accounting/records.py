@@ -75,22 +75,17 @@ def make_record(
     ratelimit_7d_reset: str | None,
 ) -> Record | None:
     """The record for one response, or None when sing-box would not count it (no model, or no input and no
-    output tokens). A request over 200K input tokens with a `context-1m` beta is a 1M-window request."""
+    output tokens). A request over 200K input tokens with a `context-1m` beta is a 1M-window request. The
+    record takes the usage's tokens (their cache writes as a total) rather than a copy: a usage is read once."""
     model = usage.model or request_model or ""
-    if not model or not usage.tokens.any:
+    tokens = usage.tokens
+    if not model or not tokens.any:
         return None
-    tokens = Tokens(*usage.tokens.values())
     tokens.cache_creation_input_tokens = tokens.cache_creation
     total_input = tokens.input_tokens + tokens.cache_creation_input_tokens + tokens.cache_read_input_tokens
     long = total_input > STANDARD_CONTEXT and has_context_1m(anthropic_beta)
-    return Record(
-        user=user or "",
-        model=model,
-        context_window=LONG_CONTEXT if long else STANDARD_CONTEXT,
-        week_start_unix=week_start(ratelimit_7d_reset),
-        messages_count=max(messages_count, 0),
-        tokens=tokens,
-    )
+    return Record(user or "", model, LONG_CONTEXT if long else STANDARD_CONTEXT, week_start(ratelimit_7d_reset),
+                  max(messages_count, 0), tokens)
 
 
 # --- the totals (what the file holds) --------------------------------------------------------

@@ -45,25 +45,22 @@ class Usage:
     stopped: bool = False  # message_stop seen (SSE), or a complete JSON message (non-streaming)
 
 
-def _count(value: Any) -> bool:
-    """A token count: an integer from 0 below 2**63 (what a journal line holds; more is no real answer)."""
-    return type(value) is int and 0 <= value < MAX_COUNT
-
-
 def _merge_usage(usage: Usage, raw: Any) -> None:
-    """Every well-formed counter present in `raw` (a Messages `usage` object) overrides `usage`."""
+    """Every well-formed counter present in `raw` (a Messages `usage` object) overrides `usage`. A counter is
+    an integer from 0 below 2**63 (what a journal line holds; more is no real answer)."""
     if not isinstance(raw, dict):
         return
     tokens = usage.tokens
+    get = raw.get
     for key in _COUNTERS:
-        value = raw.get(key)
-        if _count(value):
+        value = get(key)
+        if type(value) is int and 0 <= value < MAX_COUNT:
             setattr(tokens, key, value)
-    split = raw.get("cache_creation")
+    split = get("cache_creation")
     if isinstance(split, dict):
         for key, attr in _SPLIT:
             value = split.get(key)
-            if _count(value):
+            if type(value) is int and 0 <= value < MAX_COUNT:
                 setattr(tokens, attr, value)
 
 

@@ -22,10 +22,9 @@ import urllib3
 from gevent import GreenletExit
 from urllib3.exceptions import HTTPError
 
-from ..accounting.decoding import decoder_for
 from ..accounting.pricing import Pricing
 from ..accounting.records import make_record
-from ..accounting.sse import SSETap, Usage
+from ..accounting.sse import Usage
 from ..anthropic import RATELIMIT_PREFIX
 from ..credentials.errors import CredentialError
 from ..errors import JSON_HEADERS, ProxyError
@@ -38,7 +37,7 @@ from ..pool.quota import is_quota_429
 from ..upstream.request import request_headers, response_headers, send
 from .auth import Authenticator
 from .drain import SHUTDOWN, Drain
-from .relay import DecodingTap, JSONTap, Relay, Tap
+from .relay import Relay, body_usage, usage_tap
 from .request import Facts, facts, session_header
 
 if TYPE_CHECKING:
@@ -204,8 +203,8 @@ class Proxy:
         ex.beta = environ.get("HTTP_ANTHROPIC_BETA", "")
         headers = upstream.headers
         sse = headers.get("content-type", "").startswith("text/event-stream")
-        tap = self._tap(account, upstream, sse)
-        if tap is not None:
+        counted = account.usage is not None and upstream.status == 200  # its usage is recorded
+        if counted:
             ex.week_reset = headers.get(WEEK_RESET)
         extra: list[tuple[str, str]] = CLOSE if self.drain.draining else []
         length = headers.get("content-length")
@@ -215,9 +214,10 @@ class Proxy:
         if standing:
             answer += standing
         if whole:
-            return self._whole(upstream, ex, tap, start_response, answer + extra)
+            return self._whole(upstream, ex, counted, start_response, answer + extra)
         ex.streamed = True
         start_response(status_line(upstream.status, upstream.reason), answer + extra)
+        tap = usage_tap(sse, headers.get("content-encoding")) if counted else None
         relay = Relay(upstream, sse, tap, lambda relay: self._finish_relay(ex, relay), self.settings.idle_timeout)
         self.drain.track(relay)
         return relay
@@ -322,14 +322,7 @@ class Proxy:
             token = renewed
         raise AssertionError("unreachable")
 
-    def _tap(self, account: Account, upstream: urllib3.BaseHTTPResponse, sse: bool) -> Tap | None:
-        if account.usage is None or upstream.status != 200:
-            return None
-        tap: Tap = SSETap() if sse else JSONTap()
-        decoder = decoder_for(upstream.headers.get("content-encoding"))
-        return DecodingTap(tap, decoder) if decoder is not None else tap
-
-    def _whole(self, upstream: urllib3.BaseHTTPResponse, ex: Exchange, tap: Tap | None, start_response: Any,
+    def _whole(self, upstream: urllib3.BaseHTTPResponse, ex: Exchange, counted: bool, start_response: Any,
                headers: list[tuple[str, str]]) -> Any:
         try:
             data = upstream.read(decode_content=False)
@@ -338,9 +331,8 @@ class Proxy:
             upstream.release_conn()
             raise ProxyError(502, "api_error", "the upstream connection was lost while reading the response") from None
         upstream.release_conn()
-        if tap is not None:
-            tap.feed(data)
-            ex.usage = tap.finish()
+        if counted:
+            ex.usage = body_usage(data, upstream.headers.get("content-encoding"))
         ex.sent = len(data)
         start_response(status_line(upstream.status, upstream.reason), [*headers, ("Content-Length", str(len(data)))])
         self._finish(ex)

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 import urllib3
 from urllib3.exceptions import HTTPError, ReadTimeoutError
 
-from ..accounting.decoding import Decoder
-from ..accounting.sse import Usage, parse_json_usage
+from ..accounting.decoding import Decoder, decoder_for
+from ..accounting.sse import SSETap, Usage, parse_json_usage
 from ..errors import sse_error_event
 
 log = logging.getLogger("ccm_wsgi.relay")
@@ -106,6 +106,22 @@ class DecodingTap:
 
     def finish(self) -> Usage:
         return self.inner.finish()
+
+
+def usage_tap(sse: bool, encoding: str | None) -> Tap:
+    """The tap for a relayed body: SSE events, or a copy of a JSON body, decompressed first if need be."""
+    tap: Tap = SSETap() if sse else JSONTap()
+    decoder = decoder_for(encoding)
+    return DecodingTap(tap, decoder) if decoder is not None else tap
+
+
+def body_usage(data: bytes, encoding: str | None) -> Usage:
+    """The usage of a whole JSON body read at once (the usual case needs no copy and no decoder)."""
+    if not encoding and len(data) <= JSON_TAP_LIMIT:
+        return parse_json_usage(data)
+    tap = usage_tap(False, encoding)
+    tap.feed(data)
+    return tap.finish()
 
 
 class Relay:

@@ -45,8 +45,10 @@ def main() -> None:
     from ccm_wsgi.http import proxy, relay, server
     from ccm_wsgi.observe import metrics
 
-    steps = [(proxy.Proxy, "_whole"), (proxy.Proxy, "_finish"), (proxy.Proxy, "_tap"), (relay.JSONTap, "finish"),
+    steps = [(proxy.Proxy, "_whole"), (proxy.Proxy, "_finish"), (relay.JSONTap, "finish"),
              (store.UsageStore, "record"), (store.UsageStore, "save"), (metrics.Metrics, "finished")]
+    if hasattr(proxy.Proxy, "_tap"):  # older code: a tap for every counted response
+        steps.append((proxy.Proxy, "_tap"))
     try:
         from ccm_wsgi.accounting import appender
 
@@ -55,8 +57,9 @@ def main() -> None:
         steps.append((store.UsageStore, "_append_shared"))
     for owner, name in steps:
         setattr(owner, name, timed(f"{owner.__name__}.{name}", getattr(owner, name)))
-    for name in ("make_record", "access_line"):
-        setattr(proxy, name, timed(name, getattr(proxy, name)))
+    for name in ("make_record", "access_line", "body_usage"):
+        if hasattr(proxy, name):
+            setattr(proxy, name, timed(name, getattr(proxy, name)))
 
     def dump(*_: Any) -> None:
         with open(out, "a") as f:
