@@ -2,7 +2,7 @@
 
 A record is one `os.write` of one line on an `O_APPEND` descriptor, under a shared `flock` on the lock
 file that a seal (`store.py`) takes exclusively for its renames. This runs at the end of every response, so
-it is kept to the system calls it needs (lock, write, where the journal now ends, unlock):
+it is kept to the system calls it needs (lock, write, unlock; with shared state, also where the line landed):
 
 * The lock file and journal descriptors stay open from one record to the next. The lock is taken and
   released on the kept descriptor; no greenlet switch can happen while it is held, so greenlets sharing it
@@ -55,8 +55,16 @@ class Appender:
         self._seals_seen = b""
         self._pid = 0
 
-    def append(self, line: bytes) -> int:
-        """Append `line` to the live journal under the shared lock; returns where the journal now ends."""
+    def append(self, line: bytes) -> None:
+        """Append `line` to the live journal under the shared lock."""
+        self._write(line)
+
+    def append_at(self, line: bytes) -> int:
+        """Append `line` like `append`; returns where it starts in the journal (its identity across nodes)."""
+        return os.lseek(self._write(line), 0, os.SEEK_CUR) - len(line)
+
+    def _write(self, line: bytes) -> int:
+        """Write `line` under the shared lock; returns the journal's descriptor (its offset is the line's end)."""
         now = time.monotonic()
         if self._pid != _Pid.value:
             self._lock_fd = self._journal_fd = self._seals = None  # the parent's: never unlock or close those
@@ -85,7 +93,7 @@ class Appender:
             written = os.write(fd, line)
             if written != len(line):  # the cut line is skipped when folding; the record is kept in memory
                 raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
-            return os.lseek(fd, 0, os.SEEK_CUR)
+            return fd
         finally:
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
 

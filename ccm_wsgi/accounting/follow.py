@@ -8,6 +8,13 @@ fresh one created), the follower finishes the old file to its end - appenders ne
 once it is sealed - and moves on to the new one. Whether the journal path still names the followed file is
 asked of the file system when the seal count in the lock file (`seals.py`) has changed, and once every
 RECHECK seconds in case the lock file itself was replaced by hand.
+
+A process reads its own records back too, so that every record reaches its ledger in journal order; its
+store lists the lines it appended (`mine`, in the order it wrote them), and a line read that is the next of
+those is taken as the record it was written from, without decoding it. (Two processes writing byte-identical
+lines is harmless: the record taken is the same either way.) A store thus never asks where its line landed
+(no `lseek` per record) and reads its own records in batches. Lines it appended that never show up (the
+journal removed by hand) are forgotten when the follower stops, or by the store once too many are unread.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 
 from .. import files
@@ -22,10 +30,12 @@ from . import journal, seals
 from .records import Record
 
 RECHECK = 1.0
+Mine = deque[tuple[bytes, Record, int]]  # lines this process appended and has not read back: line, record, time
 
 
 class Follower:
-    def __init__(self, path: str, lock_path: str, apply: Callable[[Record, int, str], None], log: logging.Logger):
+    def __init__(self, path: str, lock_path: str, apply: Callable[[Record, int, str], None], log: logging.Logger,
+                 shared: bool = False):
         self.path = path
         self.lock_path = lock_path
         self.apply = apply
@@ -37,6 +47,10 @@ class Follower:
         self._seals: seals.SealView | None = None
         self._seen = b""  # the seal count when the followed file was last checked against the path
         self._recheck = 0.0  # when to check the path whatever the count says (monotonic)
+        self.mine: Mine = deque()
+        # With shared state, records are applied with their identity, and this process's own were counted
+        # when they were appended (their lines are only skipped here); without, identities are not needed.
+        self.shared = shared
 
     def start(self) -> None:
         """Follow the journal as it is now, from its first record (call with appends excluded)."""
@@ -57,6 +71,8 @@ class Follower:
         self.generation = journal.generation_of(first)
 
     def stop(self) -> None:
+        """Stop reading; lines of this process not read back yet are forgotten (nothing will read them)."""
+        self.mine.clear()
         fd, self.fd = self.fd, None
         if fd is not None:
             files.close(fd)
@@ -67,18 +83,18 @@ class Follower:
         if view is not None:
             view.close()
 
-    def at(self, identity: tuple[int, int] | None, end: int) -> bool:
-        """Whether this follower has read everything up to `end` of the journal `identity` (a record just
-        appended there starts at `end`: it can be applied directly, no other process wrote in between)."""
-        return self.fd is not None and self.identity == identity and self.position == end
-
-    def advance(self, end: int) -> None:
-        self.position = end
-
     def catch_up(self) -> None:
         """Apply every complete record appended since the last look, following a sealed journal onto the new."""
         if self.fd is None:
             return
+        try:
+            self._catch_up()
+        except OSError as exc:  # the journal cannot be read: a fold reads it instead
+            self.log.error("usage: cannot follow %s: %s", self.path, exc.strerror or exc)
+            self.stop()
+
+    def _catch_up(self) -> None:
+        assert self.fd is not None
         self._read_to_end()
         assert self._seals is not None
         seen, now = self._seals.read(), time.monotonic()
@@ -111,27 +127,33 @@ class Follower:
         if not chunks:
             return
         data = b"".join(chunks)
-        done = 0
-        for raw in _complete_lines(data):
-            offset = self.position + done
-            done += len(raw)
-            line = raw.strip(b"\n")
-            if line:
-                entry = journal.decode(line)
+        parts = data.split(b"\n")  # records are "\n{...}": parts[0] is empty, what precedes the first record
+        mine = self.mine
+        count = len(parts)
+        last = parts[-1]
+        if not (mine and _is(mine[-1][0], last)) and journal.decode(last) is None:
+            count -= 1  # still being written, or damaged at the very end: looked at again next time
+        offset = self.position
+        for i in range(count):
+            raw = parts[i]
+            start = offset
+            offset += len(raw) + (i > 0)  # (with the line break before it)
+            if mine and _is(mine[0][0], raw):
+                _, rec, t_ns = mine.popleft()
+                if not self.shared:
+                    self.apply(rec, t_ns, "")
+            elif raw.strip():
+                entry = journal.decode(raw)
                 if entry is None:
                     self.log.warning("usage journal %s: skipped a damaged line (a write cut short)", self.path)
                 else:
-                    self.apply(*entry, journal.ident(self.generation, offset))
-        self.position += done
+                    self.apply(*entry, self._ident(start))
+        self.position = offset
+
+    def _ident(self, offset: int) -> str:
+        return journal.ident(self.generation, offset) if self.shared else ""
 
 
-def _complete_lines(data: bytes) -> list[bytes]:
-    """The complete records in `data` (each `\\n{...}`); the last one only if it already decodes, since an
-    append may be under way."""
-    parts = data.split(b"\n")
-    lines = [b"\n" + p for p in parts[1:]]
-    if parts[0]:
-        lines.insert(0, parts[0])  # the rest of a line started before (never happens: we stop on boundaries)
-    if lines and journal.decode(lines[-1].strip(b"\n")) is None:
-        lines.pop()  # still being written, or damaged at the very end: looked at again next time
-    return lines
+def _is(line: bytes, raw: bytes) -> bool:
+    """Whether `raw` (a record read, without its line break) is the appended `line` (with it), without a copy."""
+    return len(line) == len(raw) + 1 and line.endswith(raw)

@@ -81,7 +81,7 @@ from .records import Cursor, Marker, Record, Shape, Totals, render
 if TYPE_CHECKING:
     from ..state.usage import SharedUsage
 
-UNAPPLIED_MAX = 512  # own records kept for the ledger before they are applied anyway
+UNAPPLIED_MAX = 512  # own records appended before they are read back anyway (else when the ledger is read)
 SAVE_INTERVAL = 60.0
 
 
@@ -122,10 +122,9 @@ class UsageStore:
         self.totals = Totals(0)  # with the ledger, the live state: the file as folded + every record since
         self._file_bytes: bytes | None = None  # the file when it held exactly the live state (see _quick_document)
         self._applied = 0  # records applied to the live state so far
-        self._follower = Follower(self.journal_path, self.lock_path, self._apply, log)
+        self._follower = Follower(self.journal_path, self.lock_path, self._apply, log, shared=shared is not None)
         self._pending: list[Located] = []  # records the journal refused, folded at the next save
         self._kept = 0  # how many records were kept in memory (their identities)
-        self._unapplied: list[Located] = []  # own records in the journal, not in the ledger yet
         self._changes = 0
         self._saved_changes = 0
         self._stop = Event()
@@ -159,44 +158,46 @@ class UsageStore:
             self.log.error("usage: dropping a malformed record %r: %s", rec, exc)
             return
         self._changes += 1
+        shared = self.shared
+        identity = ""  # a record's identity is needed with shared state only (it costs an `lseek`)
         try:
-            end = self._appender.append(line)
+            if shared is None:
+                self._appender.append(line)
+            else:
+                start = self._appender.append_at(line)
+                identity = journal.ident(self._appender.generation, start)  # (of the journal appended to)
         except Exception as exc:
             self._appender.close()  # start from fresh descriptors next time
             self._kept += 1
             identity = journal.ident(f"kept-{os.getpid()}-{id(self):x}", self._kept)
             self._pending.append((rec, t_ns, identity))
-            self._apply_unapplied()
+            self._follower.catch_up()  # what was journaled before it comes first
             self._apply(rec, t_ns, identity)  # this process counts it now; the others once it is folded
-            if self.shared is not None:
-                self.shared.push_later(identity, line[1:])
+            if shared is not None:
+                shared.push_later(identity, line[1:])
             self.log.error(
                 "usage: cannot append to %s (%s); keeping the record in memory until the next save",
                 self.journal_path,
                 exc,
             )
             return
-        appender = self._appender
-        identity = journal.ident(appender.generation, end - len(line))
         follower = self._follower
-        if follower.fd is not None:
-            if follower.at(appender.journal_id, end - len(line)):  # nothing else was appended since
-                follower.advance(end)
-                if self.shared is None:  # (with shared state, `local` below counts it)
-                    self._unapplied.append((rec, t_ns, identity))
-                    if len(self._unapplied) >= UNAPPLIED_MAX:
-                        self._apply_unapplied()
-            else:
-                self._apply_unapplied()  # they come before what the follower reads next
+        if follower.fd is not None:  # read back (in journal order, with other processes' records) in batches
+            mine = follower.mine
+            mine.append((line, rec, t_ns))
+            if len(mine) >= UNAPPLIED_MAX:
                 follower.catch_up()
-        if self.shared is not None:
-            self.shared.local(rec, t_ns, identity)
-            self.shared.push_later(identity, line[1:])
+                if len(mine) >= UNAPPLIED_MAX:  # not in the journal followed (it was removed or replaced by hand)
+                    self.log.warning("usage: %d records appended to %s are not in it any more", len(mine),
+                                     self.journal_path)
+                    mine.clear()
+        if shared is not None:
+            shared.local(rec, t_ns, identity)
+            shared.push_later(identity, line[1:])
 
     def current_ledger(self) -> Ledger:
         """The ledger with every record appended so far, by any process (and with shared state, every
         record the usage stream has shown, by any node)."""
-        self._apply_unapplied()
         self._follower.catch_up()
         return self.ledger if self.shared is None else self.shared.view()
 
@@ -260,14 +261,6 @@ class UsageStore:
         else:  # the shared ledger counts it when the stream shows it
             self.shared.local(rec, t_ns, identity)
 
-    def _apply_unapplied(self) -> None:
-        """This process's own records go into its ledger when the ledger is read (or a few hundred of them
-        wait), in journal order: a service without limits never spends time on it."""
-        if self._unapplied:
-            unapplied, self._unapplied = self._unapplied, []
-            for rec, t_ns, identity in unapplied:
-                self._apply(rec, t_ns, identity)
-
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             if self.dirty:
@@ -313,7 +306,6 @@ class UsageStore:
                 if seal.all:
                     seal.applied = self._applied  # the live state starts as what this fold writes
             elif self.shared is None and seal.all and self._follower.fd is not None:
-                self._apply_unapplied()
                 self._follower.catch_up()  # the sealed journal to its end (nobody appends to it), then the new one
                 if self._follower.fd is not None:
                     seal.applied = self._applied

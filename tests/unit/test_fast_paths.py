@@ -219,3 +219,52 @@ def test_follower_finds_the_journal_after_the_lock_file_was_replaced(tmp_path, m
     assert _bob_today(a) == 3  # and it maps the new lock file's count
     a.close()
     b.close()
+
+
+def test_own_records_are_read_back_once_among_byte_identical_lines(tmp_path, monkeypatch, caplog) -> None:
+    import time
+
+    from ccm_wsgi.accounting import store as store_module
+    from ccm_wsgi.accounting.periods import day_of
+
+    now = time.time_ns()
+    monkeypatch.setattr(store_module.time, "time_ns", lambda: now)  # same record, same bytes, in both stores
+    monkeypatch.setattr(store_module, "UNAPPLIED_MAX", 3)  # own records read back in small batches
+    path = tmp_path / "u.json"
+    a, b = _store(path), _store(path)
+    a.open()
+    b.open()
+    for i in range(4):
+        a.record(_record("bob"))
+        b.record(_record("bob"))
+        b.record(_record("carol"))
+        if i % 2:
+            a.record(_record("eve"))  # as long as bob's line: told apart by its bytes
+    journal = (tmp_path / "u.json.journal").read_bytes()
+    assert [journal.count(b'"user":"%s"' % u) for u in (b"bob", b"carol", b"eve")] == [8, 4, 2]
+    for store in (a, b):
+        ledger = store.current_ledger()
+        assert [ledger.since(u, day_of(now / 1e9)).requests for u in ("bob", "carol", "eve")] == [8, 4, 2]
+    assert "not in it any more" not in caplog.text  # every own line was found
+    a.save()
+    assert _users(path) == {"bob": 8, "carol": 4, "eve": 2}
+    a.close()
+    b.close()
+
+
+def test_own_records_count_in_the_ledger_after_the_journal_was_removed_by_hand(tmp_path, monkeypatch) -> None:
+    from ccm_wsgi.accounting import appender
+
+    monkeypatch.setattr(appender, "LOCK_RECHECK", 0.0)
+    path = tmp_path / "u.json"
+    a = _store(path)
+    a.open()
+    a.record(_record("bob"))
+    assert _bob_today(a) == 1
+    (tmp_path / "u.json.journal").unlink()  # the appender re-creates it; the follower moves on to it
+    a.record(_record("bob"))
+    a.record(_record("bob"))
+    assert _bob_today(a) == 3
+    a.save()
+    assert _users(path) == {"bob": 3}  # folded from the live state, which still holds the removed journal's record
+    a.close()
