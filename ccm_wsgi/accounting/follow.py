@@ -30,6 +30,7 @@ from . import journal, seals
 from .records import Record
 
 RECHECK = 1.0
+READ_SIZE = 1 << 20
 Mine = deque[tuple[bytes, Record, int]]  # lines this process appended and has not read back: line, record, time
 
 
@@ -119,12 +120,12 @@ class Follower:
         chunks: list[bytes] = []
         read = 0
         while True:
-            chunk = os.pread(self.fd, 1 << 20, self.position + read)
-            if not chunk:
-                break
+            chunk = os.pread(self.fd, READ_SIZE, self.position + read)
             chunks.append(chunk)
             read += len(chunk)
-        if not chunks:
+            if len(chunk) < READ_SIZE:  # the end of the file as it is now (a later append is read next time)
+                break
+        if not read:
             return
         data = b"".join(chunks)
         parts = data.split(b"\n")  # records are "\n{...}": parts[0] is empty, what precedes the first record
