@@ -45,7 +45,7 @@ class Appender:
         self.journal_path = journal_path
         self.lock_path = lock_path
         self.usage_path = usage_path  # new journals get its mode
-        self.journal_id: tuple[int, int] | None = None  # (inode, device) of the journal appended to
+        self._journal_id: tuple[int, int] | None = None  # (inode, device) of the journal appended to
         self.generation = ""  # of that journal
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
@@ -122,7 +122,7 @@ class Appender:
         seen = view.read()
         current = files.identity(self.journal_path)
         fd = self._journal_fd
-        if fd is not None and current != self.journal_id:
+        if fd is not None and current != self._journal_id:
             self._journal_fd = None  # sealed (or removed) since the last record
             files.close(fd)
             fd = None
@@ -133,7 +133,7 @@ class Appender:
                 seen = view.read()
             fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
             st = os.fstat(fd)
-            self._journal_fd, self.journal_id = fd, (st.st_ino, st.st_dev)
+            self._journal_fd, self._journal_id = fd, (st.st_ino, st.st_dev)
             self.generation = journal.generation_of(os.pread(fd, 4096, 0))
         self._seals_seen = seen
         return fd

@@ -81,7 +81,7 @@ from .records import Cursor, Marker, Record, Shape, Totals, render
 if TYPE_CHECKING:
     from ..state.usage import SharedUsage
 
-UNAPPLIED_MAX = 512  # own records appended before they are read back anyway (else when the ledger is read)
+READ_BACK_MAX = 512  # own records appended before they are read back anyway (else when the ledger is read)
 SAVE_INTERVAL = 60.0
 
 
@@ -185,9 +185,9 @@ class UsageStore:
         if follower.fd is not None:  # read back (in journal order, with other processes' records) in batches
             mine = follower.mine
             mine.append((line, rec, t_ns))
-            if len(mine) >= UNAPPLIED_MAX:
+            if len(mine) >= READ_BACK_MAX:
                 follower.catch_up()
-                if len(mine) >= UNAPPLIED_MAX:  # not in the journal followed (it was removed or replaced by hand)
+                if len(mine) >= READ_BACK_MAX:  # not in the journal followed (it was removed or replaced by hand)
                     self.log.warning("usage: %d records appended to %s are not in it any more", len(mine),
                                      self.journal_path)
                     mine.clear()

@@ -229,7 +229,7 @@ def test_own_records_are_read_back_once_among_byte_identical_lines(tmp_path, mon
 
     now = time.time_ns()
     monkeypatch.setattr(store_module.time, "time_ns", lambda: now)  # same record, same bytes, in both stores
-    monkeypatch.setattr(store_module, "UNAPPLIED_MAX", 3)  # own records read back in small batches
+    monkeypatch.setattr(store_module, "READ_BACK_MAX", 3)  # own records read back in small batches
     path = tmp_path / "u.json"
     a, b = _store(path), _store(path)
     a.open()
