@@ -1,9 +1,12 @@
-# Sourced by profile.sh and steps.sh (bash): where things are, starting processes that are stopped on exit,
-# and the wrk script of the non-streaming load (the load.py request body, user alice's token).
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-BENCH_DIR="${BENCH_DIR:-$root/../shared/bench}"
-PY="${PY:-$root/.venv/bin/python}"
+# Sourced by profile.sh and steps.sh (bash): paths.sh, the results directory, starting processes that are
+# stopped on exit, and the wrk script of the non-streaming load (the load.py request body, user alice's token).
+. "$(dirname "${BASH_SOURCE[0]}")/paths.sh"
+
+results_dir() {  # results_dir KIND: OUT_DIR (default bench-results/KIND-<stamp>), created; wrk must be there
+    OUT_DIR="${OUT_DIR:-$root/bench-results/$1-$(date -u +%Y%m%dT%H%M%SZ)}"
+    mkdir -p "$OUT_DIR"
+    command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
+}
 
 pids=()
 declare -A pid port

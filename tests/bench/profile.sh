@@ -9,15 +9,11 @@
 # request or per event) against usage off and against the bare proxy. The CPU figures here are taken
 # with py-spy attached (a few % higher than in run.sh); compare them with each other only.
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
-set -uo pipefail
-set -m
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 secs="${1:-12}"
-OUT_DIR="${OUT_DIR:-$root/bench-results/profile-$(date -u +%Y%m%dT%H%M%SZ)}"
-mkdir -p "$OUT_DIR"
+results_dir profile
 SPY="$(dirname "$PY")/py-spy"
 [ -x "$SPY" ] || "$PY" -m pip install -q py-spy || { echo "py-spy is needed (pip install py-spy)" >&2; exit 1; }
-command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
 UP="${UPSTREAM_PORT:-18180}"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 

@@ -33,14 +33,7 @@
 # Results: OUT_DIR (default bench-results/<UTC stamp>): table-*.txt, results-*.json, summary.md (the
 # targets), every process's log. Only the processes started here are stopped (by process group).
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
-set -uo pipefail
-set -m
-
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-BENCH_DIR="${BENCH_DIR:-$root/../shared/bench}"
-PY="${PY:-$root/.venv/bin/python}"
-[ -x "$PY" ] || PY="$(command -v python3)"
+. "$(dirname "${BASH_SOURCE[0]}")/paths.sh"
 
 mode=compare
 if [ "${1:-}" = soak ]; then

@@ -8,13 +8,9 @@
 # figures (the whole process's CPU over a window), these count only the steps' own work, so they do not move
 # with the other processes on the machine; compare them with each other.
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
-set -uo pipefail
-set -m
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 secs="${1:-8}"
-OUT_DIR="${OUT_DIR:-$root/bench-results/steps-$(date -u +%Y%m%dT%H%M%SZ)}"
-mkdir -p "$OUT_DIR"
-command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
+results_dir steps
 UP="${UPSTREAM_PORT:-18280}"
 
 start upstream "$UP" "$PY" "$BENCH_DIR/fake_upstream.py" --port "$UP" --strict-tokens
