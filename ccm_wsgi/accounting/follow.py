@@ -30,7 +30,9 @@ from . import journal, seals
 from .records import Record
 
 RECHECK = 1.0
-READ_SIZE = 1 << 20
+# bytes asked for per `pread`: the buffer is allocated whole for every call, and a ledger read (every limited
+# request) usually finds one line, so it is kept well under the size where the allocator maps fresh pages
+READ_SIZE = 1 << 16
 Mine = deque[tuple[bytes, Record, int]]  # lines this process appended and has not read back: line, record, time
 
 
@@ -128,8 +130,19 @@ class Follower:
         if not read:
             return
         data = b"".join(chunks)
-        parts = data.split(b"\n")  # records are "\n{...}": parts[0] is empty, what precedes the first record
         mine = self.mine
+        if mine:  # the usual case: the next lines are this process's own, in the order it wrote them
+            at = 0
+            while mine and data.startswith(mine[0][0], at):
+                line, rec, t_ns = mine.popleft()
+                at += len(line)
+                if not self.shared:
+                    self.apply(rec, t_ns, "")
+            self.position += at
+            if at == read:
+                return
+            data = data[at:]
+        parts = data.split(b"\n")  # records are "\n{...}": parts[0] is empty, what precedes the first record
         count = len(parts)
         last = parts[-1]
         if not (mine and _is(mine[-1][0], last)) and journal.decode(last) is None:

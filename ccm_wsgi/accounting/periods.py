@@ -39,6 +39,12 @@ def _bounds(per: str, today: int) -> tuple[int, int]:
     return start, start + calendar.monthrange(date.year, date.month)[1]
 
 
+@functools.lru_cache(maxsize=64)  # a limited request's budgets, for today
+def first_days(periods: tuple[str, ...], today: int) -> list[int]:
+    """The first day of each period in `periods` that contains day `today` (a list, never changed)."""
+    return [_bounds(per, today)[0] for per in periods]
+
+
 def day_name(day: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(day * DAY))
 

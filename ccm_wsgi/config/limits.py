@@ -7,6 +7,9 @@ records, so they need a usage ledger (the service checks that one exists).
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import re
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -57,7 +60,26 @@ class Limits(Section):
         if "models" in read.given and read.valid("models") and not self.models:
             yield Problem(("models",), "must name at least one model pattern")
 
-    @property
+    # -- what every limited request asks (worked out once per config) --------------------------------
+
+    @functools.cached_property
     def needs_ledger(self) -> bool:
         """Whether enforcing these limits needs the usage records (budget or window share)."""
         return bool(self.budget) or self.window_share is not None
+
+    @functools.cached_property
+    def periods(self) -> tuple[str, ...]:
+        """The budgets' periods, in the budgets' order."""
+        return tuple(budget.per for budget in self.budget)
+
+    @functools.cached_property
+    def _models(self) -> re.Pattern[str] | None:
+        """The `models` patterns as one regular expression (fnmatch's own translation, case-sensitive)."""
+        if not self.models:
+            return None
+        return re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in self.models))
+
+    def allows(self, model: str) -> bool:
+        """Whether the user may ask for `model`: it matches one of the `models` patterns (none: any model)."""
+        models = self._models
+        return models is None or models.match(model) is not None

@@ -16,18 +16,17 @@ pool moves on to another credential, a single credential refuses. Open services 
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..accounting.periods import ADJECTIVE, bounds, ends
+from ..accounting.periods import ADJECTIVE, day_of, ends, first_days
 from ..pool.balancer import aggregate_status
 from . import refusals
 from .counters import Counters, Lease
-from .headers import BudgetStanding, Standing, standing_headers
+from .headers import BUDGET_WARNINGS, BudgetStanding, Standing, standing_headers
 from .refusals import Refusal
 
 if TYPE_CHECKING:
@@ -70,6 +69,16 @@ class Admission:
                 self.counters.release(self.lease)
 
 
+@dataclass(frozen=True, slots=True)
+class Ledgered:
+    """The usage stores that limits read, for one list of accounts."""
+
+    accounts: Sequence[Account]
+    pairs: list[tuple[Account, UsageStore]]  # each store once, with an account that records into it
+    stores: list[UsageStore]
+    shared: list[UsageStore]  # those with shared state (they read other nodes' records before a check)
+
+
 class Limits:
     def __init__(self, cfg: ServiceConfig, counters: Counters, accounts: Callable[[], Sequence[Account]],
                  clock: Callable[[], float] = time.time):
@@ -78,6 +87,7 @@ class Limits:
         self.accounts = accounts
         self.clock = clock
         self.queue_wait = float(os.environ.get(QUEUE_WAIT_ENV) or QUEUE_WAIT)
+        self._known: Ledgered | None = None
 
     def reload(self, cfg: ServiceConfig) -> None:
         """New limits for new requests; requests already admitted keep what they hold."""
@@ -98,14 +108,14 @@ class Limits:
         admission = Admission(user.name, limits, self.counters)
         if limits is None:
             return admission
-        if limits.models and not any(fnmatch.fnmatchcase(model, pattern) for pattern in limits.models):
+        if not limits.allows(model):
             raise refusals.model(model, limits.models)
         if limits.needs_ledger:  # with shared state: what other nodes recorded up to now, in the one trip
             self.sync()
 
         def check_budgets() -> None:
             if limits.budget:
-                admission.spent = self._spending(user.name, [b.per for b in limits.budget], now, admission.ledger)
+                admission.spent = self._spending(user.name, limits.periods, now, admission.ledger)
                 for budget in limits.budget:
                     if admission.spent[budget.per] >= budget.usd:
                         raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
@@ -178,42 +188,54 @@ class Limits:
 
     @staticmethod
     def _budget_standing(admission: Admission | None, now: float) -> BudgetStanding | None:
-        """The fullest budget, from what the admission read."""
+        """The fullest budget, from what the admission read, when it is close enough to its end to be reported."""
         if admission is None or admission.limits is None or not admission.limits.budget:
             return None
         spent = admission.spent
         fullest = max(admission.limits.budget, key=lambda b: spent[b.per] / b.usd)
-        return BudgetStanding(spent[fullest.per] / fullest.usd, ends(fullest.per, now), fullest.per)
+        utilization = spent[fullest.per] / fullest.usd
+        if utilization < BUDGET_WARNINGS[-1]:
+            return None  # nothing to report (and no period end to work out)
+        return BudgetStanding(utilization, ends(fullest.per, now), fullest.per)
 
     # -- what users and admins see --------------------------------------------------------------
 
     def sync(self) -> None:
         """With shared state, let every usage ledger read what other nodes recorded: inside a request's batch,
         with its one round trip before forwarding; else at once (status views)."""
-        for _, store in self._ledgered():
+        for store in self._ledgered().shared:
             store.sync()
 
     def spent(self, user: str, per: str, now: float) -> float:
         """USD `user` spent in the current UTC `per` (day, week or month), over every usage ledger."""
-        return self._spending(user, [per], now, lambda store: store.current_ledger())[per]
+        return self._spending(user, (per,), now, lambda store: store.current_ledger())[per]
 
-    def _spending(self, user: str, periods: list[str], now: float,
+    def _spending(self, user: str, periods: tuple[str, ...], now: float,
                   ledger_of: Callable[[UsageStore], Ledger]) -> dict[str, float]:
-        firsts = [bounds(per, now)[0] for per in periods]
+        firsts = first_days(periods, day_of(now))
+        stores = self._ledgered().stores
+        if len(stores) == 1:  # the usual case: one usage file
+            return dict(zip(periods, ledger_of(stores[0]).spent(user, firsts), strict=True))
         totals = [0.0] * len(periods)
-        for _, store in self._ledgered():
+        for store in stores:
             for i, usd in enumerate(ledger_of(store).spent(user, firsts)):
                 totals[i] += usd
         return dict(zip(periods, totals, strict=True))
 
-    def _ledgered(self) -> list[tuple[Account, UsageStore]]:
+    def _ledgered(self) -> Ledgered:
         """Each usage store once, with an account that records into it (with shared state, credentials
-        without a usage file share one)."""
-        found: dict[int, tuple[Account, UsageStore]] = {}
-        for account in self.accounts():
-            if account.usage is not None:
-                found.setdefault(id(account.usage), (account, account.usage))
-        return list(found.values())
+        without a usage file share one); worked out again only when the list of accounts is another."""
+        accounts = self.accounts()
+        known = self._known
+        if known is None or known.accounts is not accounts:
+            found: dict[int, tuple[Account, UsageStore]] = {}
+            for account in accounts:
+                if account.usage is not None:
+                    found.setdefault(id(account.usage), (account, account.usage))
+            pairs = list(found.values())
+            stores = [store for _, store in pairs]
+            known = self._known = Ledgered(accounts, pairs, stores, [s for s in stores if s.shared is not None])
+        return known
 
     def view(self, user: User) -> dict[str, Any]:
         """A user's limits and what is left of each, for the status endpoint and page."""
@@ -240,7 +262,7 @@ class Limits:
         share = limits.window_share
         assert share is not None
         found: dict[str, Any] = {}
-        for account, store in self._ledgered():
+        for account, store in self._ledgered().pairs:
             ledger = store.current_ledger()
             found[account.tag] = {w: {"share": getattr(share, w), "used": round(ledger.used(user.name, w, now), 4),
                                       "resets": ledger.reset(w) or None}

@@ -3,8 +3,9 @@
 
     steps.py CONFIG OUT      # serves CONFIG; each SIGUSR1 appends the counts so far to OUT as one JSON line
 
-The steps are the functions that usage tracking adds to a request (reading the response's usage, the
-record, the journal append, the metrics) and the ones around them, each wrapped to add its thread CPU time
+The steps are the functions that usage tracking and limits add to a request (reading the response's usage,
+the record, the journal append, the metrics; the limits' checks before forwarding, the per-user headers and
+the lease's release) and the ones around them, each wrapped to add its thread CPU time
 (`time.thread_time_ns`, the kernel's part included) and calls to a table. None of them switches greenlets, so
 the time counted is that step's own. The wrapper costs well under a microsecond per call.
 """
@@ -55,6 +56,13 @@ def main() -> None:
         steps.append((appender.Appender, "append"))
     except ImportError:  # older code (CCM_BASE): the append was a method of the store
         steps.append((store.UsageStore, "_append_shared"))
+    try:
+        from ccm_wsgi.limits import engine
+
+        steps += [(engine.Limits, "admit"), (engine.Limits, "screen"), (engine.Limits, "headers"),
+                  (engine.Admission, "release")]
+    except ImportError:  # older code: no limits
+        pass
     for owner, name in steps:
         setattr(owner, name, timed(f"{owner.__name__}.{name}", getattr(owner, name)))
     for name in ("make_record", "access_line", "body_usage"):

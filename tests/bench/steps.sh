@@ -1,6 +1,7 @@
 #!/bin/sh
-# What usage tracking costs per request, step by step: CPU time counted inside two running `ccm-wsgi serve`
-# (usage on and off, steps.py) under the same non-streaming load (wrk c=16), against the strict fake upstream.
+# What usage tracking and limits cost per request, step by step: CPU time counted inside three running
+# `ccm-wsgi serve` (usage on, usage off, usage on with every limit on every user; steps.py) under the same
+# non-streaming load (wrk c=16), against the strict fake upstream.
 #
 #   sh tests/bench/steps.sh [SECONDS]      # default 8 s per server; results in OUT_DIR (bench-results/steps-*)
 #
@@ -18,12 +19,15 @@ sleep 1
 "$PY" "$here/genconfig.py" --dir "$OUT_DIR" --name on --port $((UP + 1)) --upstream "http://127.0.0.1:$UP" >/dev/null
 "$PY" "$here/genconfig.py" --dir "$OUT_DIR" --name off --port $((UP + 2)) --upstream "http://127.0.0.1:$UP" \
     --no-usage >/dev/null
+"$PY" "$here/genconfig.py" --dir "$OUT_DIR" --name limits --port $((UP + 3)) --upstream "http://127.0.0.1:$UP" \
+    --limits >/dev/null
 start on $((UP + 1)) "$PY" "$here/steps.py" "$OUT_DIR/on.json" "$OUT_DIR/steps-on.jsonl"
 start off $((UP + 2)) "$PY" "$here/steps.py" "$OUT_DIR/off.json" "$OUT_DIR/steps-off.jsonl"
+start limits $((UP + 3)) "$PY" "$here/steps.py" "$OUT_DIR/limits.json" "$OUT_DIR/steps-limits.jsonl"
 sleep 2
 wrk_script "$OUT_DIR/wrk.lua"
 
-for name in on off; do
+for name in on off limits; do
     url="http://127.0.0.1:${port[$name]}/v1/messages"
     wrk -t1 -c16 -d2s -s "$OUT_DIR/wrk.lua" "$url" >/dev/null  # warm-up (and the first token refresh)
     kill -USR1 "${pid[$name]}"
@@ -35,10 +39,10 @@ done
 "$PY" - "$OUT_DIR" <<'EOF' | tee "$OUT_DIR/steps.md"
 import json, sys
 out = sys.argv[1]
-for name in ("on", "off"):
+for name in ("on", "off", "limits"):
     before, after = [json.loads(line) for line in open(f"{out}/steps-{name}.jsonl")][:2]
     requests = after["Proxy._finish"][1] - before["Proxy._finish"][1]
-    print(f"usage tracking {name}: {requests} requests")
+    print(f"{'limits on, usage tracking on' if name == 'limits' else 'usage tracking ' + name}: {requests} requests")
     for step in sorted(after):
         ns = after[step][0] - before.get(step, [0, 0])[0]
         calls = after[step][1] - before.get(step, [0, 0])[1]
