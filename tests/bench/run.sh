@@ -190,7 +190,7 @@ elif [ "${QUICK:-}" = 1 ]; then
                --hold-streams 500 --hold-ramp 1 --hold-seconds 4 --warmup 1 --repeat 1)
 else
     load_args=(--phases nonstream,stream,hold --concurrency 16,64 --duration 4 --streams 100 --stream-rounds 3
-               --hold-streams 2000 --hold-ramp 4 --hold-seconds 10 --warmup 2 --repeat 5)
+               --hold-streams 2000 --hold-ramp 4 --hold-seconds 10 --warmup 2 --repeat 7)
 fi
 
 echo "results: $OUT_DIR" >&2
