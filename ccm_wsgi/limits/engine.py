@@ -213,11 +213,8 @@ class Limits:
     def _spending(self, user: str, periods: tuple[str, ...], now: float,
                   ledger_of: Callable[[UsageStore], Ledger]) -> dict[str, float]:
         firsts = first_days(periods, day_of(now))
-        stores = self._ledgered().stores
-        if len(stores) == 1:  # the usual case: one usage file
-            return dict(zip(periods, ledger_of(stores[0]).spent(user, firsts), strict=True))
         totals = [0.0] * len(periods)
-        for store in stores:
+        for store in self._ledgered().stores:
             for i, usd in enumerate(ledger_of(store).spent(user, firsts)):
                 totals[i] += usd
         return dict(zip(periods, totals, strict=True))
