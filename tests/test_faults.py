@@ -400,12 +400,13 @@ def test_local_claude_rotates_the_token_while_requests_are_in_flight(
 def test_refresh_racing_a_local_claude_never_spends_a_token_twice(expiring: tuple[Proxy, Path],
                                                                   fake: FakeUpstream) -> None:
     proxy, path = expiring
-    fake.configure(token_endpoint={"delay_ms": 1000, "times": 1})  # the proxy's refresh is slow...
+    fake.configure(token_endpoint={"hold": "proxy", "times": 1})  # the proxy's refresh is answered last...
     result: list[int] = []
     racer = threading.Thread(target=lambda: result.append(post_messages(proxy).status))
     racer.start()
     wait_for(lambda: len(token_posts(fake)) == 1, 10, what="the proxy's refresh to reach the endpoint")
-    access, refresh, written = claude_refreshes(fake, path, REFRESH)  # ...and claude is faster
+    access, refresh, written = claude_refreshes(fake, path, REFRESH)  # ...claude's is answered first
+    fake.release("proxy")
     racer.join(20)
     assert result == [200]  # the proxy's refresh was refused, it adopted claude's login
     assert bearer_of(fake.requests(path="/v1/messages")[-1]) == access

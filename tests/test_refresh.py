@@ -325,10 +325,11 @@ def test_a_refreshed_login_that_cannot_be_saved_is_kept_and_never_replaced(
     env = {"XDG_RUNTIME_DIR": str(run)}
     first = serve(start_proxy, fake, expired, name="first", env=env)
     second = serve(start_proxy, fake, expired, name="second", env=env)  # another process on the same file
-    fake.configure(token_endpoint={"delay_ms": 1500, "times": 1})
+    fake.configure(token_endpoint={"hold": "answer", "times": 1})
     done = in_background(lambda: post(first))
     wait_for(lambda: token_posts(fake), 15, what="the refresh request")
     with immutable(expired):  # the save fails (as on EIO or a read-only remount) after the token was spent
+        fake.release("answer")  # the new login arrives only now that the file cannot be written
         assert done().status == 200
         new_access = sent_with(fake)
         assert new_access != ACCESS and oauth(expired)["accessToken"] == ACCESS
