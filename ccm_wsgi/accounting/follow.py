@@ -131,43 +131,27 @@ class Follower:
             return
         data = b"".join(chunks)
         mine = self.mine
-        if mine:  # the usual case: the next lines are this process's own, in the order it wrote them
-            at = 0
-            while mine and data.startswith(mine[0][0], at):
+        at = 0  # records are "\n{...}": each starts with its line break
+        while at < read:
+            if mine and data.startswith(mine[0][0], at):  # the next line this process wrote: taken as it is
                 line, rec, t_ns = mine.popleft()
                 at += len(line)
                 if not self.shared:
                     self.apply(rec, t_ns, "")
-            self.position += at
-            if at == read:
-                return
-            data = data[at:]
-        parts = data.split(b"\n")  # records are "\n{...}": parts[0] is empty, what precedes the first record
-        count = len(parts)
-        last = parts[-1]
-        if not (mine and _is(mine[-1][0], last)) and journal.decode(last) is None:
-            count -= 1  # still being written, or damaged at the very end: looked at again next time
-        offset = self.position
-        for i in range(count):
-            raw = parts[i]
-            start = offset
-            offset += len(raw) + (i > 0)  # (with the line break before it)
-            if mine and _is(mine[0][0], raw):
-                _, rec, t_ns = mine.popleft()
-                if not self.shared:
-                    self.apply(rec, t_ns, "")
-            elif raw.strip():
-                entry = journal.decode(raw)
-                if entry is None:
-                    self.log.warning("usage journal %s: skipped a damaged line (a write cut short)", self.path)
-                else:
-                    self.apply(*entry, self._ident(start))
-        self.position = offset
+                continue
+            end = data.find(b"\n", at + 1)
+            raw = data[at:end if end >= 0 else read]
+            blank = raw.isspace()
+            entry = None if blank else journal.decode(raw)
+            if end < 0 and entry is None:
+                break  # still being written, or damaged at the very end: looked at again next time
+            if entry is not None:
+                self.apply(*entry, self._ident(self.position + at))
+            elif not blank:
+                self.log.warning("usage journal %s: skipped a damaged line (a write cut short)", self.path)
+            at = end if end >= 0 else read
+        self.position += at
 
     def _ident(self, offset: int) -> str:
         return journal.ident(self.generation, offset) if self.shared else ""
 
-
-def _is(line: bytes, raw: bytes) -> bool:
-    """Whether `raw` (a record read, without its line break) is the appended `line` (with it), without a copy."""
-    return len(line) == len(raw) + 1 and line.endswith(raw)
