@@ -213,7 +213,8 @@ class Totals:
             if user is None:
                 user = bucket.by_user[rec.user] = Stats()
             user.add(rec)
-        self.last_updated_ns = max(self.last_updated_ns, t_ns)
+        if t_ns > self.last_updated_ns:
+            self.last_updated_ns = t_ns
 
     def add_all(self, entries: Iterable[tuple[Record, int]]) -> None:
         for rec, t_ns in entries:

@@ -30,6 +30,7 @@ MAX_COUNT = 1 << 63
 _MARK = b'"message_'
 _BOUNDARY = b"\n\n"
 _COUNTERS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+_INTS = frozenset({int})
 _SPLIT = (
     ("ephemeral_5m_input_tokens", "cache_creation_5m_input_tokens"),
     ("ephemeral_1h_input_tokens", "cache_creation_1h_input_tokens"),
@@ -52,10 +53,14 @@ def _merge_usage(usage: Usage, raw: Any) -> None:
         return
     tokens = usage.tokens
     get = raw.get
-    for key in _COUNTERS:
-        value = get(key)
-        if type(value) is int and 0 <= value < MAX_COUNT:
-            setattr(tokens, key, value)
+    values: tuple[Any, ...] = tuple(map(get, _COUNTERS))
+    if _INTS.issuperset(map(type, values)) and min(values) >= 0 and max(values) < MAX_COUNT:  # all four, as usual
+        tokens.input_tokens, tokens.output_tokens, tokens.cache_read_input_tokens, \
+            tokens.cache_creation_input_tokens = values
+    else:
+        for key, value in zip(_COUNTERS, values, strict=True):
+            if type(value) is int and 0 <= value < MAX_COUNT:
+                setattr(tokens, key, value)
     split = get("cache_creation")
     if isinstance(split, dict):
         for key, attr in _SPLIT:

@@ -156,6 +156,24 @@ def test_bad_values_are_ignored() -> None:
     assert got == usage("claude-sonnet-4-5")
 
 
+COUNTER_VALUES = st.one_of(st.integers(0, 2**63 - 1), st.integers(-5, -1), st.integers(2**63, 2**64),
+                           st.booleans(), st.floats(allow_nan=False), st.text(max_size=3), st.none())
+
+
+@settings(max_examples=300)
+@given(raw=st.dictionaries(st.sampled_from(COUNTERS), COUNTER_VALUES), before=st.integers(0, 9))
+def test_each_counter_is_taken_when_it_is_a_count(raw: dict[str, Any], before: int) -> None:
+    """All four counters at once (the usual answer) or any mix of missing and bad ones: each well-formed
+    counter overrides, anything else leaves what was there."""
+    body = json.dumps({"type": "message", "model": "m", "usage": raw}).encode()
+    got = tap(sse(start(**dict.fromkeys(COUNTERS, before))), sse({"type": "message_delta", "usage": raw}))
+    for key in COUNTERS:
+        value = raw.get(key)
+        good = type(value) is int and 0 <= value < 2**63
+        assert getattr(got.tokens, key) == (value if good else before)
+        assert getattr(parse_json_usage(body).tokens, key) == (value if good else 0)
+
+
 def test_garbage_json_and_done() -> None:
     data = (
         b'data: {"type":"message_start", broken\n\n'
