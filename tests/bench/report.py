@@ -5,7 +5,10 @@
 
 Prints Markdown: the run's metadata, then one row per target with the measured values, the ratio
 and whether it is met. Target names are the ones tests/bench/run.sh gives: ccm-wsgi, gevent (the bare
-gevent + Flask + urllib3 proxy), ccm-nousage, ccm-limits, ccm-nometrics, gunicorn-w1, gunicorn-w2.
+gevent + Flask + urllib3 proxy), ccm-nousage, ccm-limits, ccm-nometrics, gunicorn-w1, gunicorn-w2, and the
+twins ccm-twin and ccm-nousage-twin. A config measured in two processes (ccm-wsgi and ccm-twin; ccm-nousage
+and ccm-nousage-twin) is one sample of twice the points: its figure is the median over both processes'
+points, not one process's; each twin against its first is shown as the run's noise floor.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 
 
 def fmt(v: float | None, digits: int = 2) -> str:
@@ -26,23 +30,39 @@ def main() -> None:
     p.add_argument("--out-dir", default="")
     p.add_argument("--main", default="ccm-wsgi")
     p.add_argument("--ref", default="gevent")
+    p.add_argument("--twin", action="append", default=["ccm-wsgi=ccm-twin", "ccm-nousage=ccm-nousage-twin"],
+                   help="FIRST=SECOND: two processes of one config, pooled under FIRST's name")
     a = p.parse_args()
     with open(a.json) as f:
         doc = json.load(f)
     summary = {(s["phase"], s["level"], s["target"]): s for s in doc["summary"]}
     cfg, meta = doc["config"], doc["meta"]
 
-    def get(phase: str, level: int, target: str, key: str) -> float | None:
-        return summary.get((phase, level, target), {}).get(key)
-
+    twins = dict(pair.split("=", 1) for pair in a.twin)
     repeats: dict[tuple[str, int, int], dict[str, dict]] = {}
     for point in doc["points"]:
         repeats.setdefault((point["phase"], point["level"], point["repeat"]), {})[point["target"]] = point["metrics"]
 
-    def paired(phase: str, level: int, a: str, b: str, key: str) -> str:
-        """Median over repeats of a/b within each repeat (targets of one repeat run back to back)."""
-        ratios = sorted(m[a][key] / m[b][key] for (ph, lv, _), m in repeats.items()
-                        if ph == phase and lv == level and m.get(a, {}).get(key) and m.get(b, {}).get(key))
+    def processes(target: str) -> list[str]:
+        """The processes measured as `target`: it, and its twin when the run has one."""
+        twin = twins.get(target)
+        return [target, twin] if twin and any(twin in m for m in repeats.values()) else [target]
+
+    def get(phase: str, level: int, target: str, key: str) -> float | None:
+        """A figure of `target`: load.py's median, or with a twin the median over both processes' points."""
+        if len(processes(target)) == 1 or key not in ("proxy_cpu_ms_per_req", "proxy_cpu_us_per_event"):
+            return summary.get((phase, level, target), {}).get(key)
+        values = [m[t][key] for (ph, lv, _), m in repeats.items() if ph == phase and lv == level
+                  for t in processes(target) if m.get(t, {}).get(key)]
+        return statistics.median(values) if values else None
+
+    def paired(phase: str, level: int, a: str, b: str, key: str, pool: bool = True) -> str:
+        """Median over repeats of a/b within each repeat (targets of one repeat run back to back); with twins
+        (`pool`), each process of `a` against each process of `b` (first with first, twin with twin)."""
+        pa, pb = (processes(a), processes(b)) if pool else ([a], [b])
+        pairs = list(zip(pa, pb, strict=True)) if len(pa) == len(pb) else [(x, y) for x in pa for y in pb]
+        ratios = sorted(m[x][key] / m[y][key] for (ph, lv, _), m in repeats.items() if ph == phase and lv == level
+                        for x, y in pairs if m.get(x, {}).get(key) and m.get(y, {}).get(key))
         if len(ratios) < 2:
             return ""
         mid = len(ratios) // 2
@@ -98,6 +118,12 @@ def main() -> None:
             versus(f"{what}, CPU ms/request c={c}", "nonstream", c, with_it, without, ms, 3, most)
             if n is not None:
                 versus(f"{what}, CPU µs/event n={n}", "stream", n, with_it, without, us, 1, most)
+    for first, twin in twins.items():  # two processes of one config: how far apart this run measures them
+        if c is not None and ("nonstream", c, twin) in summary:
+            x, y = summary[("nonstream", c, first)].get(ms), summary[("nonstream", c, twin)].get(ms)
+            row(f"{first} / {twin} (one config, two processes), CPU ms/request c={c}",
+                f"{fmt(x, 3)} vs {fmt(y, 3)}" + paired("nonstream", c, first, twin, ms, pool=False), div(x, y),
+                "-", None)
     if c is not None and ("nonstream", c, "ccm-redis") in summary:  # shared state: an absolute goal, per request
         x, y = get("nonstream", c, "ccm-redis", ms), get("nonstream", c, m, ms)
         d = None if x is None or y is None else x - y

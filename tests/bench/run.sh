@@ -1,11 +1,11 @@
 #!/bin/sh
 # `make bench`: ccm-wsgi against direct, nginx and the bare gevent proxy, in one interleaved run.
 #
-#   sh tests/bench/run.sh                 # the full run (about 15 minutes), table + targets in bench-results/
+#   sh tests/bench/run.sh                 # the full run (about 30 minutes), table + targets in bench-results/
 #   QUICK=1 sh tests/bench/run.sh         # a 1-2 minute smoke run (coarse numbers)
 #   sh tests/bench/run.sh soak            # the 10-minute streaming soak (RSS growth), see soak.py
 #   sh tests/bench/run.sh -- --phases stream --streams 100 --repeat 5   # replace the load.py options
-#   EXTRA=gevent sh tests/bench/run.sh -- ...   # only some of the extra targets (default: all seven)
+#   EXTRA=gevent sh tests/bench/run.sh -- ...   # only some of the extra targets (default: all nine)
 #   CCM_BASE=/tmp/old sh tests/bench/run.sh     # also "ccm-base": the ccm_wsgi package in /tmp/old (e.g.
 #                                               # `git archive OLD ccm_wsgi | tar -x -C /tmp/old`), same config
 #
@@ -17,12 +17,18 @@
 #   ccm-wsgi      `ccm-wsgi serve`, two users, usage tracking, access log at level info (to a file)
 #   gevent        minimal_gevent_proxy.py, the bare gevent + Flask + urllib3 reference (ratios: --ref2)
 #   ccm-nousage   the same ccm-wsgi config without usages_path (usage tracking on/off ratio)
+#   ccm-twin, ccm-nousage-twin   second processes of the ccm-wsgi and ccm-nousage configs: the figures of
+#                 the usage-on and usage-off configs are the medians over both processes' points, and the
+#                 twins against their firsts show how far two processes of one config differ in this run
 #   ccm-limits    the same ccm-wsgi config with every limit on every user, none reached (limits on/off)
 #   ccm-nometrics the same ccm-wsgi config with CCM_METRICS=off (metrics on/off)
 #   gunicorn-w1   gunicorn -c conf/gunicorn.conf.py ccm_wsgi.wsgi:app, 1 gevent worker, usage on
 #   gunicorn-w2   the same with 2 workers (non-streaming scaling)
 #   ccm-redis     the ccm-wsgi config with shared state on a redis-server started here (left out when
 #                 redis-server is not installed), to compare its CPU per request with the ccm-wsgi column
+#
+# Targets run one after another in this order, rotated each repeat, so that the compared configs sit
+# next to each other in time (ccm-wsgi, ccm-nousage, ccm-limits, ccm-twin, ccm-nousage-twin, ccm-nometrics).
 #
 # The clients authenticate with `x-api-key: <user token>`: ccm-wsgi takes it as the user token and
 # sends its own refreshed OAuth token upstream, while direct, nginx and the bare proxy pass it through
@@ -81,8 +87,10 @@ LIMITS_PORT="${LIMITS_PORT:-18088}"
 NOMETRICS_PORT="${NOMETRICS_PORT:-18089}"
 REDIS_TARGET_PORT="${REDIS_TARGET_PORT:-18090}"
 REDIS_PORT="${REDIS_PORT:-18091}"
+TWIN_PORT="${TWIN_PORT:-18092}"
+NOUSAGE_TWIN_PORT="${NOUSAGE_TWIN_PORT:-18093}"
 UPSTREAM_URL="http://127.0.0.1:$UPSTREAM_PORT"
-EXTRA="${EXTRA:-gevent,ccm-nousage,ccm-limits,ccm-nometrics,gunicorn-w1,gunicorn-w2,ccm-redis}"  # which extra targets to start
+EXTRA="${EXTRA:-gevent,ccm-nousage,ccm-limits,ccm-twin,ccm-nousage-twin,ccm-nometrics,gunicorn-w1,gunicorn-w2,ccm-redis}"
 export UPSTREAM_PORT NGINX_PORT TARGET_PORT
 
 OUT_DIR="${OUT_DIR:-$root/bench-results/$(date -u +%Y%m%dT%H%M%SZ)}"
@@ -100,12 +108,13 @@ install_tools
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in "$UPSTREAM_PORT" "$NGINX_PORT" "$TARGET_PORT" "$GEVENT_PORT" "$NOUSAGE_PORT" "$GUNI1_PORT" "$GUNI2_PORT" \
-    "$LIMITS_PORT" "$NOMETRICS_PORT" \
+    "$LIMITS_PORT" "$NOMETRICS_PORT" "$TWIN_PORT" "$NOUSAGE_TWIN_PORT" \
     $([ -n "${CCM_BASE:-}" ] && echo "$BASE_PORT") \
     $(case ",$EXTRA," in *",ccm-redis,"*) echo "$REDIS_TARGET_PORT $REDIS_PORT" ;; esac); do
     if ! port_free "$p"; then
         echo "port $p is in use on 127.0.0.1 (set UPSTREAM_PORT, NGINX_PORT, TARGET_PORT, GEVENT_PORT," \
-            "NOUSAGE_PORT, GUNI1_PORT, GUNI2_PORT, BASE_PORT, LIMITS_PORT, NOMETRICS_PORT, REDIS_TARGET_PORT, REDIS_PORT)" >&2
+            "NOUSAGE_PORT, GUNI1_PORT, GUNI2_PORT, BASE_PORT, LIMITS_PORT, NOMETRICS_PORT, REDIS_TARGET_PORT, REDIS_PORT," \
+            "TWIN_PORT, NOUSAGE_TWIN_PORT)" >&2
         exit 1
     fi
 done
@@ -116,6 +125,8 @@ gen() {  # gen NAME PORT [--no-usage]
 gen ccm "$TARGET_PORT"
 gen ccm-nousage "$NOUSAGE_PORT" --no-usage
 gen ccm-limits "$LIMITS_PORT" --limits
+gen ccm-twin "$TWIN_PORT"
+gen ccm-nousage-twin "$NOUSAGE_TWIN_PORT" --no-usage
 gen ccm-nometrics "$NOMETRICS_PORT"
 gen gunicorn-w1 "$GUNI1_PORT"
 gen gunicorn-w2 "$GUNI2_PORT"
@@ -154,10 +165,12 @@ start() {  # start NAME PORT COMMAND...
     pids+=("$!")
     extra+=(--target "$name=http://127.0.0.1:$port,pid=$!")
 }
-start gevent "$GEVENT_PORT" "$PY" "$BENCH_DIR/minimal_gevent_proxy.py" --port "$GEVENT_PORT" --upstream "$UPSTREAM_URL"
 start ccm-nousage "$NOUSAGE_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-nousage.json"
 start ccm-limits "$LIMITS_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-limits.json"
+start ccm-twin "$TWIN_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-twin.json"
+start ccm-nousage-twin "$NOUSAGE_TWIN_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-nousage-twin.json"
 CCM_METRICS=off start ccm-nometrics "$NOMETRICS_PORT" "$PY" -m ccm_wsgi serve -c "$OUT_DIR/ccm-nometrics.json"
+start gevent "$GEVENT_PORT" "$PY" "$BENCH_DIR/minimal_gevent_proxy.py" --port "$GEVENT_PORT" --upstream "$UPSTREAM_URL"
 gunicorn_cmd=("$(dirname "$PY")/gunicorn" -c "$root/conf/gunicorn.conf.py" ccm_wsgi.wsgi:app)
 if [ -n "${CCM_BASE:-}" ]; then
     [ -d "$CCM_BASE/ccm_wsgi" ] || { echo "CCM_BASE=$CCM_BASE has no ccm_wsgi/ directory" >&2; exit 1; }
