@@ -28,6 +28,7 @@ import gevent.lock
 
 MINUTE = 60.0
 POLL = 0.05  # seconds between looks for a free lease in a store shared by processes
+SET_UP_ATTEMPTS = 200  # a worker's first use of the host's counts file, tried about 10 s
 
 
 @dataclass(slots=True)
@@ -130,6 +131,21 @@ class HostCounters(OneAtATime):
         self.path = path
         # set-up, once per worker at its start, may wait for the other workers' (blocking: nothing runs yet)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+        for attempt in range(SET_UP_ATTEMPTS):
+            try:
+                self._set_up()
+                break
+            except sqlite3.OperationalError as exc:
+                # workers starting together: SQLite answers "locked" at once, without waiting, to the one of
+                # two that would otherwise wait for each other (switching the new file to WAL); it tries again
+                if "locked" not in str(exc) or attempt == SET_UP_ATTEMPTS - 1:
+                    raise
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                time.sleep(POLL)
+        self._db.execute("PRAGMA busy_timeout=0")  # from now on a lock is waited for cooperatively
+
+    def _set_up(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")  # counts of the moment: nothing to keep across a crash
         self._db.executescript("""
@@ -139,7 +155,6 @@ class HostCounters(OneAtATime):
             CREATE INDEX IF NOT EXISTS leases_user ON leases (user);
             CREATE INDEX IF NOT EXISTS hits_user ON hits (user, t);
             COMMIT;""")
-        self._db.execute("PRAGMA busy_timeout=0")  # from now on a lock is waited for cooperatively
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
