@@ -11,22 +11,27 @@ RECHECK seconds in case the lock file itself was replaced by hand.
 
 A process reads its own records back too, so that every record reaches its ledger in journal order; its
 store lists the lines it appended (`mine`, in the order it wrote them), and a line read that is the next of
-those is taken as the record it was written from, without decoding it. (Two processes writing byte-identical
-lines is harmless: the record taken is the same either way.) A store thus never asks where its line landed
-(no `lseek` per record) and reads its own records in batches. Lines it appended that never show up (the
-journal removed by hand) are forgotten when the follower stops, or by the store once too many are unread.
+those is taken as the record it was written from, without decoding it; when the journal grew by exactly its
+lines (nobody else appended: a single `ccm-wsgi serve`), they are taken all at once. (Two processes writing
+byte-identical lines is harmless: the record taken is the same either way.) A store thus never asks where
+its line landed (no `lseek` per record) and reads its own records in batches. Lines it appended that never
+show up (the journal removed by hand) are forgotten when the follower stops, or by the store once too many
+are unread.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import time
 from collections import deque
 from collections.abc import Callable
+from itertools import repeat
 
 from .. import files
 from . import journal, seals
+from .reading import Located
 from .records import Record
 
 RECHECK = 1.0
@@ -34,10 +39,11 @@ RECHECK = 1.0
 # request) usually finds one line, so it is kept well under the size where the allocator maps fresh pages
 READ_SIZE = 1 << 16
 Mine = deque[tuple[bytes, Record, int]]  # lines this process appended and has not read back: line, record, time
+_LINE, _RECORD, _TIME = (operator.itemgetter(i) for i in range(3))
 
 
 class Follower:
-    def __init__(self, path: str, lock_path: str, apply: Callable[[Record, int, str], None], log: logging.Logger,
+    def __init__(self, path: str, lock_path: str, apply: Callable[[list[Located]], None], log: logging.Logger,
                  shared: bool = False):
         self.path = path
         self.lock_path = lock_path
@@ -131,13 +137,21 @@ class Follower:
             return
         data = b"".join(chunks)
         mine = self.mine
+        found: list[Located] = []
         at = 0  # records are "\n{...}": each starts with its line break
+        if mine:
+            own = b"".join(map(_LINE, mine))
+            if data.startswith(own):  # nobody else appended since the last look (a single `serve`): all at once
+                if not self.shared:
+                    found = list(zip(map(_RECORD, mine), map(_TIME, mine), repeat("")))
+                mine.clear()
+                at = len(own)
         while at < read:
             if mine and data.startswith(mine[0][0], at):  # the next line this process wrote: taken as it is
                 line, rec, t_ns = mine.popleft()
                 at += len(line)
                 if not self.shared:
-                    self.apply(rec, t_ns, "")
+                    found.append((rec, t_ns, ""))
                 continue
             end = data.find(b"\n", at + 1)
             raw = data[at:end if end >= 0 else read]
@@ -146,11 +160,13 @@ class Follower:
             if end < 0 and entry is None:
                 break  # still being written, or damaged at the very end: looked at again next time
             if entry is not None:
-                self.apply(*entry, self._ident(self.position + at))
+                found.append((*entry, self._ident(self.position + at)))
             elif not blank:
                 self.log.warning("usage journal %s: skipped a damaged line (a write cut short)", self.path)
             at = end if end >= 0 else read
         self.position += at
+        if found:
+            self.apply(found)
 
     def _ident(self, offset: int) -> str:
         return journal.ident(self.generation, offset) if self.shared else ""

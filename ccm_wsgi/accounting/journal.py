@@ -72,7 +72,9 @@ def decode(raw: bytes) -> tuple[Record, int] | None:
         if type(readings) is not list or not _NUMBER_TYPES.issuperset(map(type, readings)):
             return None
         readings = tuple(map(float, readings))
-    return Record(user, model, ints[0], ints[1], ints[2], Tokens(*ints[3:]), float(cost), readings), t
+    tokens = Tokens(*ints[3:])
+    tokens.cache_creation_input_tokens = tokens.cache_creation  # a line with the split alone (written by hand)
+    return Record(user, model, ints[0], ints[1], ints[2], tokens, float(cost), readings), t
 
 
 _ints = operator.itemgetter(*_INT_FIELDS)

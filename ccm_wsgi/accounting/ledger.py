@@ -20,15 +20,25 @@ and as exact as they are, and every process that reads the same journal (gunicor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import compress
+from typing import TYPE_CHECKING, Any
 
-from .periods import day_name, day_number, day_of, oldest_day_kept
-from .tokens import Tokens
+from .periods import DAY, day_name, day_number, oldest_day_kept
+
+if TYPE_CHECKING:
+    from .pricing import Pricing
+    from .records import Record
 
 WINDOWS = ("five_hour", "weekly")
 COUNTS = ("requests", "input", "output", "cache_read", "cache_write")
+_COUNTED = operator.attrgetter("tokens.input_tokens", "tokens.output_tokens", "tokens.cache_read_input_tokens",
+                               "tokens.cache_creation_input_tokens")  # the token counts of COUNTS, by record
+_COST = operator.attrgetter("cost")
+_NO_COUNTS = (0,) * len(COUNTS)
 RESET_JITTER = 60.0  # resets from different sources differ by seconds; a new window moves by hours
 
 
@@ -58,9 +68,6 @@ class Window:
             self.points[name] = self.points.get(name, 0.0) + share
         self.pending.clear()
         self.seen = utilization
-
-    def used(self, user: str, now: float) -> float:
-        return 0.0 if 0 < self.reset <= now else self.points.get(user, 0.0)
 
     def to_json(self) -> dict[str, Any]:
         return {"reset": _plain(self.reset), "seen": _plain(self.seen),
@@ -101,32 +108,42 @@ class Ledger:
         self.counts: dict[str, dict[int, list[int]]] = {}  # user -> UTC day number -> COUNTS
         self.windows = {name: Window() for name in WINDOWS}
 
-    def apply(self, user: str, when: float, cost: float, readings: Sequence[float], tokens: Tokens) -> None:
-        """Add one usage record: its user, time, cost, tokens and what its response reported (a record's
-        `readings`: the 5-hour window's utilisation, reset and utilisation before, then the weekly window's;
-        a window with no reset was not reported)."""
-        day = day_of(when)
-        days = self.spend.get(user)
-        if days is None:
-            days = self.spend[user] = {}
-        days[day] = days.get(day, 0.0) + cost
-        by_day = self.counts.get(user)
-        if by_day is None:
-            by_day = self.counts[user] = {}
-        counts = by_day.get(day)
-        if counts is None:
-            counts = by_day[day] = [0] * len(COUNTS)
-        counts[0] += 1
-        counts[1] += tokens.input_tokens
-        counts[2] += tokens.output_tokens
-        counts[3] += tokens.cache_read_input_tokens
-        counts[4] += tokens.cache_creation
-        if not user or len(readings) < 3:
-            return
-        if readings[1] > 0:
-            self.windows["five_hour"].observe(user, cost, readings[0], readings[1], readings[2])
-        if len(readings) >= 6 and readings[4] > 0:
-            self.windows["weekly"].observe(user, cost, readings[3], readings[4], readings[5])
+    def add_all(self, entries: Iterable[tuple[Record, int]], pricing: Pricing) -> None:
+        """Add usage records in journal order: each one's user, time (ns), cost (its own, else priced) and
+        tokens, and what its response reported (`readings`: the 5-hour window's utilisation, reset and
+        utilisation before, then the weekly window's; a window with no reset was not reported). A user's day
+        gets its records' costs added in their order, as adding them one by one would, whatever the batch."""
+        groups: dict[tuple[str, int], list[Record]] = {}
+        five_hour, weekly = self.windows["five_hour"], self.windows["weekly"]
+        for rec, t_ns in entries:
+            user = rec.user
+            key = (user, int(t_ns / 1e9 // DAY))  # the UTC day, as `day_of` tells it
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [rec]
+            else:
+                group.append(rec)
+            readings = rec.readings
+            if user and len(readings) >= 3:
+                cost = rec.cost or pricing.cost(rec.model, rec.context_window, rec.tokens)
+                if readings[1] > 0:
+                    five_hour.observe(user, cost, readings[0], readings[1], readings[2])
+                if len(readings) >= 6 and readings[4] > 0:
+                    weekly.observe(user, cost, readings[3], readings[4], readings[5])
+        for (user, day), recs in groups.items():
+            costs = list(map(_COST, recs))
+            if not all(costs):  # records without a cost of their own (none of this version's)
+                costs = [cost or pricing.cost(rec.model, rec.context_window, rec.tokens)
+                         for cost, rec in zip(costs, recs, strict=True)]
+            days = self.spend.get(user)
+            if days is None:
+                days = self.spend[user] = {}
+            days[day] = functools.reduce(operator.add, costs, days.get(day, 0.0))
+            by_day = self.counts.get(user)
+            if by_day is None:
+                by_day = self.counts[user] = {}
+            sums = (len(recs), *map(sum, zip(*map(_COUNTED, recs), strict=True)))
+            by_day[day] = list(map(operator.add, by_day.get(day, _NO_COUNTS), sums))
 
     def copy(self) -> Ledger:
         """An independent copy (a few small dicts: far cheaper than `copy.deepcopy`)."""
@@ -138,13 +155,12 @@ class Ledger:
         return twin
 
     def spent(self, user: str, first_days: Sequence[int]) -> list[float]:
-        """USD spent by `user` from the start of each of `first_days` on (one pass over the user's days)."""
-        totals = [0.0] * len(first_days)
-        for day, usd in self.spend.get(user, {}).items():
-            for i, first in enumerate(first_days):
-                if day >= first:
-                    totals[i] += usd
-        return totals
+        """USD spent by `user` from the start of each of `first_days` on (its days' spend added in their order)."""
+        days = self.spend.get(user)
+        if not days:
+            return [0.0] * len(first_days)
+        spend = days.values()
+        return [sum(compress(spend, map(first.__le__, days)), 0.0) for first in first_days]
 
     def since(self, user: str, first_day: int) -> Used:
         """What `user` used from the start of day `first_day` on."""
@@ -162,7 +178,8 @@ class Ledger:
 
     def used(self, user: str, window: str, now: float) -> float:
         """Points of the current `window` attributed to `user`."""
-        return self.windows[window].used(user, now)
+        found = self.windows[window]
+        return 0.0 if 0 < found.reset <= now else found.points.get(user, 0.0)
 
     def reset(self, window: str) -> float:
         return self.windows[window].reset

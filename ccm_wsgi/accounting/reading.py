@@ -36,8 +36,14 @@ def dumps(doc: dict[str, Any]) -> str:
 
 
 def apply(ledger: Ledger, pricing: Pricing, rec: Record, t_ns: int) -> None:
-    cost = rec.cost or pricing.cost(rec.model, rec.context_window, rec.tokens)
-    ledger.apply(rec.user, t_ns / 1e9, cost, rec.readings, rec.tokens)
+    """Add one record to a ledger (the usage stream's, record by record)."""
+    ledger.add_all(((rec, t_ns),), pricing)
+
+
+def add_records(totals: Totals, ledger: Ledger, pricing: Pricing, entries: list[tuple[Record, int]]) -> None:
+    """Add records, in journal order, to the totals and the ledger of a usage file."""
+    totals.add_all(entries)
+    ledger.add_all(entries, pricing)
 
 
 def read_bytes(path: str) -> bytes | None:
@@ -138,6 +144,5 @@ def load_totals(path: str, log: logging.Logger, extra: Iterable[Located] = ()) -
 def load_ledger(path: str, log: logging.Logger, pricing: Pricing, extra: Iterable[Located] = ()) -> Ledger:
     """Read-only: the ledger of file + journals (+ `extra`), as a running store would hold it (see `_load`)."""
     _, ledger, entries = _load(path, log, extra)
-    for rec, t_ns, _ in entries:
-        apply(ledger, pricing, rec, t_ns)
+    ledger.add_all(((rec, t_ns) for rec, t_ns, _ in entries), pricing)
     return ledger

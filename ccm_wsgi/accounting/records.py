@@ -12,10 +12,11 @@ from __future__ import annotations
 import calendar
 import functools
 import math
+import operator
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,8 @@ class Shape(Exception):
 @dataclass(slots=True)
 class Record:
     """One response, ready to be added to a bucket; `cost` and `readings` feed the ledger (spend and window
-    shares) and are not part of the usage file."""
+    shares) and are not part of the usage file. Its tokens' `cache_creation_input_tokens` is the total of its
+    cache writes (`make_record` and `journal.decode` see to it), so that sums need no rule per record."""
 
     user: str
     model: str
@@ -47,6 +49,14 @@ class Record:
     tokens: Tokens
     cost: float = 0.0
     readings: tuple[float, ...] = ()  # 5h utilisation, reset, before; weekly utilisation, reset, before
+
+
+_COLUMNS = operator.attrgetter("messages_count", *(f"tokens.{name}" for name in TOKEN_NAMES))
+
+
+def column_sums(recs: Sequence[Record]) -> tuple[int, ...]:
+    """The sums of the records' messages and six token counters (one C-level pass per column)."""
+    return tuple(map(sum, zip(*map(_COLUMNS, recs), strict=True)))
 
 
 def has_context_1m(anthropic_beta: str | None) -> bool:
@@ -113,10 +123,18 @@ class Stats:
     messages_count: int = 0
     tokens: Tokens = field(default_factory=Tokens)
 
-    def add(self, rec: Record) -> None:
-        self.request_count += 1
-        self.messages_count += rec.messages_count
-        self.tokens.add(rec.tokens)
+    def add_sums(self, count: int, sums: Sequence[int]) -> None:
+        """Add `count` records whose messages and six token counters sum to `sums` (see `column_sums`)."""
+        messages, input_tokens, output, cache_read, cache_write, write_5m, write_1h = sums
+        self.request_count += count
+        self.messages_count += messages
+        t = self.tokens
+        t.input_tokens += input_tokens
+        t.output_tokens += output
+        t.cache_read_input_tokens += cache_read
+        t.cache_creation_input_tokens += cache_write
+        t.cache_creation_5m_input_tokens += write_5m
+        t.cache_creation_1h_input_tokens += write_1h
 
     def merge(self, other: Stats, sign: int = 1) -> None:
         self.request_count += sign * other.request_count
@@ -200,25 +218,36 @@ class Totals:
         self.last_updated_ns = last_updated_ns
         self.buckets: dict[tuple[str, int, int], Bucket] = {}
 
-    def add(self, rec: Record, t_ns: int) -> None:
-        if not rec.model or rec.context_window <= 0:
-            return
-        key = (rec.model, rec.context_window, rec.week_start_unix)
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = Bucket(*key)
-        bucket.total.add(rec)
-        if rec.user:
-            user = bucket.by_user.get(rec.user)
-            if user is None:
-                user = bucket.by_user[rec.user] = Stats()
-            user.add(rec)
-        if t_ns > self.last_updated_ns:
-            self.last_updated_ns = t_ns
-
     def add_all(self, entries: Iterable[tuple[Record, int]]) -> None:
+        """Add records (with their times): what adding them one by one does, summed per bucket and user in
+        one pass (the records of a fold, or of a follower's read, mostly share both)."""
+        groups: dict[tuple[str, int, int, str], list[Record]] = {}
+        last = self.last_updated_ns
         for rec, t_ns in entries:
-            self.add(rec, t_ns)
+            if not rec.model or rec.context_window <= 0:
+                continue
+            key = (rec.model, rec.context_window, rec.week_start_unix, rec.user)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [rec]
+            else:
+                group.append(rec)
+            if t_ns > last:
+                last = t_ns
+        self.last_updated_ns = last
+        buckets = self.buckets
+        for key, recs in groups.items():  # in first-seen order, so buckets and users are too
+            sums = column_sums(recs)
+            bucket = buckets.get(key[:3])
+            if bucket is None:
+                bucket = buckets[key[:3]] = Bucket(*key[:3])
+            bucket.total.add_sums(len(recs), sums)
+            user = key[3]
+            if user:
+                stats = bucket.by_user.get(user)
+                if stats is None:
+                    stats = bucket.by_user[user] = Stats()
+                stats.add_sums(len(recs), sums)
 
     @classmethod
     def parse(cls, doc: Any, now_ns: int) -> tuple[Totals, Marker | None]:

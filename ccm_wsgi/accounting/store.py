@@ -21,7 +21,9 @@ file format (key for key, plus two keys of its own, `journal` and `ledger`) and 
   what this store last wrote, and the one sealed journal is the one it just sealed, the live state at the
   seal *is* the folded file: it is written without reading the journal back (a single `ccm-wsgi serve`,
   every minute). Otherwise (another process folded, perhaps with records it kept in memory) the journals
-  are folded as described, and the live state goes on from what that fold wrote.
+  are folded as described, and the live state goes on from what that fold wrote. Records reach the live
+  state in batches, as they are read back (at most READ_BACK_MAX at a time), summed per user, day and bucket
+  in one pass; the ledger is brought up to date whenever it is read (before every limited request).
 * **Crash points.** Killed before the file rename: the old file plus the sealed journal, folded again
   later. Killed after it: the file's marker names the sealed journal, which is then removed unread. Every
   state on disk is "old file + journals" or "new file + a marker that says what it holds": none counts a
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import operator
 import os
 import time
 from collections.abc import Callable
@@ -66,7 +69,7 @@ from .reading import (
     FOLD_LOCK_TIMEOUT,
     Located,
     UsageFileError,
-    apply,
+    add_records,
     dumps,
     file_mode,
     head,
@@ -81,6 +84,7 @@ from .records import Cursor, Marker, Record, Shape, Totals, render
 if TYPE_CHECKING:
     from ..state.usage import SharedUsage
 
+_PAIR = operator.itemgetter(0, 1)  # (record, time) of a record read
 READ_BACK_MAX = 512  # own records appended before they are read back anyway (else when the ledger is read)
 SAVE_INTERVAL = 60.0
 
@@ -122,6 +126,8 @@ class UsageStore:
         self.totals = Totals(0)  # with the ledger, the live state: the file as folded + every record since
         self._file_bytes: bytes | None = None  # the file when it held exactly the live state (see _quick_document)
         self._applied = 0  # records applied to the live state so far
+        self._unsettled: list[tuple[Record, int]] = []  # applied, not yet in the totals (nor in the ledger,
+        self._ledger_at = 0  # from this index on)
         self._follower = Follower(self.journal_path, self.lock_path, self._apply, log, shared=shared is not None)
         self._pending: list[Located] = []  # records the journal refused, folded at the next save
         self._kept = 0  # how many records were kept in memory (their identities)
@@ -172,7 +178,7 @@ class UsageStore:
             identity = journal.ident(f"kept-{os.getpid()}-{id(self):x}", self._kept)
             self._pending.append((rec, t_ns, identity))
             self._follower.catch_up()  # what was journaled before it comes first
-            self._apply(rec, t_ns, identity)  # this process counts it now; the others once it is folded
+            self._apply([(rec, t_ns, identity)])  # this process counts it now; the others once it is folded
             if shared is not None:
                 shared.push_later(identity, line[1:])
             self.log.error(
@@ -187,6 +193,7 @@ class UsageStore:
             mine.append((line, rec, t_ns))
             if len(mine) >= READ_BACK_MAX:
                 follower.catch_up()
+                self._settle()
                 if len(mine) >= READ_BACK_MAX:  # not in the journal followed (it was removed or replaced by hand)
                     self.log.warning("usage: %d records appended to %s are not in it any more", len(mine),
                                      self.journal_path)
@@ -199,7 +206,10 @@ class UsageStore:
         """The ledger with every record appended so far, by any process (and with shared state, every
         record the usage stream has shown, by any node)."""
         self._follower.catch_up()
-        return self.ledger if self.shared is None else self.shared.view()
+        if self.shared is not None:
+            return self.shared.view()
+        self._settle(totals=False)
+        return self.ledger
 
     def sync(self) -> None:
         """Before a budget is checked: with shared state, read what other nodes recorded (one round trip)."""
@@ -253,13 +263,25 @@ class UsageStore:
 
     # internals
 
-    def _apply(self, rec: Record, t_ns: int, identity: str) -> None:
+    def _apply(self, entries: list[Located]) -> None:
         if self.shared is None:
-            apply(self.ledger, self.pricing, rec, t_ns)
-            self.totals.add(rec, t_ns)
-            self._applied += 1
-        else:  # the shared ledger counts it when the stream shows it
+            self._unsettled += map(_PAIR, entries)
+            self._applied += len(entries)
+            return
+        for rec, t_ns, identity in entries:  # the shared ledger counts it when the stream shows it
             self.shared.local(rec, t_ns, identity)
+
+    def _settle(self, totals: bool = True) -> None:
+        """Add the records applied since the last look to the live ledger, and to the live totals when `totals`
+        or when many wait (the ledger is read before every limited request, the totals at a fold), each in one
+        pass: records read together mostly share a user, a day and a bucket."""
+        unsettled = self._unsettled
+        if self._ledger_at < len(unsettled):
+            self.ledger.add_all(unsettled[self._ledger_at:], self.pricing)
+            self._ledger_at = len(unsettled)
+        if unsettled and (totals or len(unsettled) >= READ_BACK_MAX):
+            self.totals.add_all(unsettled)
+            self._unsettled, self._ledger_at = [], 0
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -321,6 +343,7 @@ class UsageStore:
         marker names the sealed journal, so a crash before it is removed never counts it twice."""
         if journal.sealed(self.journal_path) != [sealed_name]:
             return None
+        self._settle()
         doc = render(self.totals, self.pricing, marker, {"ledger": self.ledger.to_json(time.time())})
         return _Quick(doc, sealed_name, len(self._pending))
 
@@ -341,9 +364,7 @@ class UsageStore:
             found = journal.read(name)
             new = found.entries(marker, self.log, name) if found is not None else []
             if found is not None and (new or not exists):
-                for rec, t_ns in new:
-                    totals.add(rec, t_ns)
-                    apply(ledger, self.pricing, rec, t_ns)
+                add_records(totals, ledger, self.pricing, new)
                 marker = Marker(found.generation, len(found.data))
                 self._write(totals, marker, ledger, mode)
                 exists = True
@@ -361,6 +382,7 @@ class UsageStore:
         if seal.applied is not None and seal.applied == self._applied:
             # nothing was applied since the seal: the file now holds exactly the live state; go on from it
             self.totals, self.ledger, self._file_bytes = totals, ledger, read_bytes(self.path)
+            self._unsettled, self._ledger_at = [], 0  # applied before the seal: the file holds them
         return totals, ledger
 
     def _quick_fold(self, quick: _Quick) -> tuple[Totals, Ledger]:
@@ -377,9 +399,7 @@ class UsageStore:
                    entries: list[tuple[Record, int]]) -> None:
         """Add `entries` (unsealed records and those kept in memory) and write the file if anything changed."""
         if entries or not exists:
-            for rec, t_ns in entries:
-                totals.add(rec, t_ns)
-                apply(ledger, self.pricing, rec, t_ns)
+            add_records(totals, ledger, self.pricing, entries)
             self._write(totals, marker, ledger, mode)
         kept = {(id(rec), t_ns) for rec, t_ns in entries}
         self._pending[:] = [entry for entry in self._pending if (id(entry[0]), entry[1]) not in kept]
@@ -403,9 +423,9 @@ class UsageStore:
         self.shared.absorb(pulled)  # the live ledger moves on with what the fold read anyway
         live = journal.generation_of(head(self.journal_path))
         on_disk = {live} if sealed_all else {live, *(journal.generation_of(head(name)) for name in sealed)}
-        for stream_id, identity, rec, t_ns in decoded(pulled):
-            totals.add(rec, t_ns)
-            apply(ledger, self.pricing, rec, t_ns)
+        records = decoded(pulled)
+        add_records(totals, ledger, self.pricing, [(rec, t_ns) for _, _, rec, t_ns in records])
+        for stream_id, identity, _, _ in records:
             generation, _, offset = identity.rpartition(":")
             if generation in on_disk and offset.isdigit():
                 cursor.absorbed.setdefault(generation, set()).add(int(offset))

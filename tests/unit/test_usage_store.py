@@ -357,7 +357,8 @@ def test_a_ledger_saved_before_counts_were_kept_still_loads() -> None:
     ledger = Ledger.from_json(old)
     since = ledger.since("alice", day_number("2026-11-03"))
     assert (since.requests, since.input, since.usd) == (0, 0, 0.25)  # spend only: those days have no counts
-    ledger.apply("alice", day_number("2026-11-03") * 86400 + 60, 0.5, {}, Tokens(10, 20, 30, 40))
+    ledger.add_all([(Record("alice", "claude-sonnet-4-5", 200_000, 0, 1, Tokens(10, 20, 30, 40), 0.5),
+                     (day_number("2026-11-03") * 86400 + 60) * 10**9)], Pricing())
     since = ledger.since("alice", day_number("2026-11-03"))
     assert (since.requests, since.input, since.output, since.cache_read, since.cache_write) == (1, 10, 20, 30, 40)
     assert since.usd == 0.75
