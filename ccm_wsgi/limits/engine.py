@@ -54,7 +54,7 @@ class Admission:
     lease: Lease | None = None
     released: bool = False
     ledgers: dict[int, Ledger] = field(default_factory=dict)  # id(usage store) -> its ledger, caught up
-    spent: dict[str, float] = field(default_factory=dict)  # budget period -> USD spent in it
+    fullest: tuple[float, str] = (0.0, "")  # the fullest budget: the part of it spent, its period
 
     def ledger(self, store: UsageStore) -> Ledger:
         found = self.ledgers.get(id(store))
@@ -115,10 +115,14 @@ class Limits:
 
         def check_budgets() -> None:
             if limits.budget:
-                admission.spent = self._spending(user.name, limits.periods, now, admission.ledger)
-                for budget in limits.budget:
-                    if admission.spent[budget.per] >= budget.usd:
+                fullest = (-1.0, "")
+                for budget, usd in zip(limits.budget, self._spending(user.name, limits.periods, now, admission.ledger),
+                                       strict=True):
+                    if usd >= budget.usd:
                         raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
+                    if usd / budget.usd > fullest[0]:
+                        fullest = (usd / budget.usd, budget.per)
+                admission.fullest = fullest
 
         if limits.max_concurrent is None and limits.requests_per_minute is None:
             check_budgets()
@@ -189,14 +193,12 @@ class Limits:
     @staticmethod
     def _budget_standing(admission: Admission | None, now: float) -> BudgetStanding | None:
         """The fullest budget, from what the admission read, when it is close enough to its end to be reported."""
-        if admission is None or admission.limits is None or not admission.limits.budget:
+        if admission is None:
             return None
-        spent = admission.spent
-        fullest = max(admission.limits.budget, key=lambda b: spent[b.per] / b.usd)
-        utilization = spent[fullest.per] / fullest.usd
+        utilization, per = admission.fullest
         if utilization < BUDGET_WARNINGS[-1]:
-            return None  # nothing to report (and no period end to work out)
-        return BudgetStanding(utilization, ends(fullest.per, now), fullest.per)
+            return None  # nothing to report, or no budget (and no period end to work out)
+        return BudgetStanding(utilization, ends(per, now), per)
 
     # -- what users and admins see --------------------------------------------------------------
 
@@ -208,16 +210,20 @@ class Limits:
 
     def spent(self, user: str, per: str, now: float) -> float:
         """USD `user` spent in the current UTC `per` (day, week or month), over every usage ledger."""
-        return self._spending(user, (per,), now, lambda store: store.current_ledger())[per]
+        return self._spending(user, (per,), now, lambda store: store.current_ledger())[0]
 
     def _spending(self, user: str, periods: tuple[str, ...], now: float,
-                  ledger_of: Callable[[UsageStore], Ledger]) -> dict[str, float]:
+                  ledger_of: Callable[[UsageStore], Ledger]) -> list[float]:
+        """USD `user` spent in each of the current `periods`, over every usage ledger."""
         firsts = first_days(periods, day_of(now))
+        stores = self._ledgered().stores
+        if len(stores) == 1:  # the usual case
+            return ledger_of(stores[0]).spent(user, firsts)
         totals = [0.0] * len(periods)
-        for store in self._ledgered().stores:
+        for store in stores:
             for i, usd in enumerate(ledger_of(store).spent(user, firsts)):
                 totals[i] += usd
-        return dict(zip(periods, totals, strict=True))
+        return totals
 
     def _ledgered(self) -> Ledgered:
         """Each usage store once, with an account that records into it (with shared state, credentials
