@@ -91,10 +91,14 @@ def post_request(worker, req, environ, resp):
 
 
 def post_worker_init(worker):
-    """In the worker, with its service built: follow gunicorn's stop (see `wsgi.drain_when_stopping`)."""
+    """In the worker, with its service built: follow gunicorn's stop (see `wsgi.drain_when_stopping`), and leave
+    what was built out of the garbage collector's full collections (it lasts as long as the worker)."""
+    import gc
+
     import gevent
 
     gevent.spawn(sys.modules["ccm_wsgi.wsgi"].drain_when_stopping, lambda: worker.alive)
+    gc.freeze()
 
 
 def on_starting(server):

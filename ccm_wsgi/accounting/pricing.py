@@ -114,6 +114,7 @@ class Pricing:
         self._fallback = table.fallback
         self._families = table.families
         self._memo: dict[str, Row] = {}
+        self._rates: dict[tuple[str, int], Rates] = {}
         self._labels: dict[str, str] = {}
 
     def row(self, model: str) -> Row:
@@ -146,13 +147,16 @@ class Pricing:
         return label
 
     def rates(self, model: str, context_window: int) -> Rates:
+        """The rates of `model` at a context window (remembered with the row: asked for every response)."""
         row = self.row(model)
-        return row.premium if row.premium is not None and context_window >= LONG_CONTEXT else row.standard
+        found = row.premium if row.premium is not None and context_window >= LONG_CONTEXT else row.standard
+        self._rates[(model, context_window)] = found
+        return found
 
     def cost(self, model: str, context_window: int, tokens: Tokens) -> float:
         """Unrounded USD. Cache writes without a 5m/1h split (older data) are priced at the 5m rate, also the
         part of a bucket's writes that mixes such data with split data."""
-        r = self.rates(model, context_window)
+        r = self._rates.get((model, context_window)) or self.rates(model, context_window)
         c5m, c1h = tokens.cache_creation_5m_input_tokens, tokens.cache_creation_1h_input_tokens
         unsplit = max(0, tokens.cache_creation - c5m - c1h)
         input_, output, cache_read, write_5m, write_1h = r.scaled

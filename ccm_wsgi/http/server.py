@@ -7,6 +7,7 @@ ssl and socket are cooperative. Shutdown on SIGTERM/SIGINT is graceful (see `shu
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -177,6 +178,7 @@ def run(config_path: str | None) -> int:
         server.start()
         scheme = "https" if service.cfg.tls is not None else "http"
         log.info("service %s listening on %s://%s:%d", service.tag, scheme, server.server_host, server.server_port)
+    gc.freeze()  # what startup built lasts as long as the process: full collections need not go through it again
     stop = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
