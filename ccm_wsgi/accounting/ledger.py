@@ -28,6 +28,7 @@ from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 from .periods import DAY, day_name, day_number, oldest_day_kept
+from .records import column_sums
 
 if TYPE_CHECKING:
     from .pricing import Pricing
@@ -132,7 +133,7 @@ class Ledger:
                     weekly.observe(user, cost, readings[3], readings[4], readings[5])
         for (user, day), recs in groups.items():
             costs = list(map(_COST, recs))
-            if not all(costs):  # records without a cost of their own (none of this version's)
+            if not all(costs):  # a record without a cost of its own (a journal line without one) is priced
                 costs = [cost or pricing.cost(rec.model, rec.context_window, rec.tokens)
                          for cost, rec in zip(costs, recs, strict=True)]
             days = self.spend.get(user)
@@ -142,7 +143,7 @@ class Ledger:
             by_day = self.counts.get(user)
             if by_day is None:
                 by_day = self.counts[user] = {}
-            sums = (len(recs), *map(sum, zip(*map(_COUNTED, recs), strict=True)))
+            sums = (len(recs), *column_sums(_COUNTED, recs))
             by_day[day] = list(map(operator.add, by_day.get(day, _NO_COUNTS), sums))
 
     def copy(self) -> Ledger:

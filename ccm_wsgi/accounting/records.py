@@ -16,7 +16,7 @@ import operator
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,9 +54,10 @@ class Record:
 _COLUMNS = operator.attrgetter("messages_count", *(f"tokens.{name}" for name in TOKEN_NAMES))
 
 
-def column_sums(recs: Sequence[Record]) -> tuple[int, ...]:
-    """The sums of the records' messages and six token counters (one C-level pass per column)."""
-    return tuple(map(sum, zip(*map(_COLUMNS, recs), strict=True)))
+def column_sums(columns: Callable[[Record], tuple[int, ...]], recs: Sequence[Record]) -> tuple[int, ...]:
+    """The sums over `recs` of the counts `columns` picks from a record (an `attrgetter` of several names), one
+    C-level pass per column."""
+    return tuple(map(sum, zip(*map(columns, recs), strict=True)))
 
 
 def has_context_1m(anthropic_beta: str | None) -> bool:
@@ -124,7 +125,7 @@ class Stats:
     tokens: Tokens = field(default_factory=Tokens)
 
     def add_sums(self, count: int, sums: Sequence[int]) -> None:
-        """Add `count` records whose messages and six token counters sum to `sums` (see `column_sums`)."""
+        """Add `count` records whose messages and six token counters sum to `sums`."""
         messages, input_tokens, output, cache_read, cache_write, write_5m, write_1h = sums
         self.request_count += count
         self.messages_count += messages
@@ -237,7 +238,7 @@ class Totals:
         self.last_updated_ns = last
         buckets = self.buckets
         for key, recs in groups.items():  # in first-seen order, so buckets and users are too
-            sums = column_sums(recs)
+            sums = column_sums(_COLUMNS, recs)
             bucket = buckets.get(key[:3])
             if bucket is None:
                 bucket = buckets[key[:3]] = Bucket(*key[:3])
