@@ -126,7 +126,7 @@ class Ledger:
                 group.append(rec)
             readings = rec.readings
             if user and len(readings) >= 3:
-                cost = rec.cost or pricing.cost(rec.model, rec.context_window, rec.tokens)
+                cost = rec.cost or pricing.cost_of(rec)
                 if readings[1] > 0:
                     five_hour.observe(user, cost, readings[0], readings[1], readings[2])
                 if len(readings) >= 6 and readings[4] > 0:
@@ -134,8 +134,7 @@ class Ledger:
         for (user, day), recs in groups.items():
             costs = list(map(_COST, recs))
             if not all(costs):  # a record without a cost of its own (a journal line without one) is priced
-                costs = [cost or pricing.cost(rec.model, rec.context_window, rec.tokens)
-                         for cost, rec in zip(costs, recs, strict=True)]
+                costs = [cost or pricing.cost_of(rec) for cost, rec in zip(costs, recs, strict=True)]
             days = self.spend.get(user)
             if days is None:
                 days = self.spend[user] = {}

@@ -22,11 +22,14 @@ import re
 from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Price
 from ..config import Rates as PriceRates
 from .tokens import Tokens
+
+if TYPE_CHECKING:
+    from .records import Record
 
 LONG_CONTEXT = 1_000_000
 _CENT = Decimal("0.01")
@@ -152,6 +155,10 @@ class Pricing:
         found = row.premium if row.premium is not None and context_window >= LONG_CONTEXT else row.standard
         self._rates[(model, context_window)] = found
         return found
+
+    def cost_of(self, rec: Record) -> float:
+        """A usage record's unrounded USD."""
+        return self.cost(rec.model, rec.context_window, rec.tokens)
 
     def cost(self, model: str, context_window: int, tokens: Tokens) -> float:
         """Unrounded USD. Cache writes without a 5m/1h split (older data) are priced at the 5m rate, also the

@@ -369,7 +369,7 @@ class Proxy:
             record = make_record(ex.user, ex.usage, ex.facts.model, ex.facts.messages_count, ex.beta,
                                  ex.week_reset)
             if record is not None:
-                cost = record.cost = self.pricing.cost(record.model, record.context_window, record.tokens)
+                cost = record.cost = self.pricing.cost_of(record)
                 record.readings = ex.readings
                 ex.account.usage.record(record)
         if ex.refused:

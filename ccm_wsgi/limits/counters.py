@@ -138,7 +138,7 @@ class HostCounters(OneAtATime):
             except sqlite3.OperationalError as exc:
                 # workers starting together: SQLite answers "locked" at once, without waiting, to the one of
                 # two that would otherwise wait for each other (switching the new file to WAL); it tries again
-                if "locked" not in str(exc) or attempt == SET_UP_ATTEMPTS - 1:
+                if not _contended(exc) or attempt == SET_UP_ATTEMPTS - 1:
                     raise
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -163,7 +163,7 @@ class HostCounters(OneAtATime):
                 self._db.execute("BEGIN IMMEDIATE")
                 break
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
+                if not _contended(exc):
                     raise
                 gevent.sleep(0.005 if attempt < 100 else POLL)
         else:
@@ -225,3 +225,8 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _contended(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused because another process holds the file's lock (worth trying again)."""
+    return "locked" in str(exc) or "busy" in str(exc)
