@@ -97,11 +97,13 @@ def test_two_holders_refresh_nothing_while_redis_is_down(
 def test_a_refresh_answer_lost_on_one_node_is_not_sent_again_by_another(
         tmp_path: Path, fake: FakeUpstream, redis_server: RedisServer, start_proxy: Callable[..., Proxy]) -> None:
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=3600)
+    # The first refresh is sent and no answer ever comes back. Set before the nodes start: a node's quota
+    # poller may ask for a token (and so refresh it) a second after the node starts, before any request.
+    fake.configure(token_endpoint={"reset": True, "times": 1})
     nodes = []
     for name in ("first", "second"):
         write_credentials(tmp_path / name / ".credentials.json", ACCESS, REFRESH, expires_in=4 * 60)
         nodes.append(start_proxy(node_config(fake, redis_server, tmp_path, name), name=name))
-    fake.configure(token_endpoint={"reset": True, "times": 1})  # sent, and no answer ever comes back
     ask(nodes[0], ALICE)  # served on the current token; the refresh token may be spent
     for _ in range(3):
         ask(nodes[1], BOB)
