@@ -176,10 +176,11 @@ class Ledger:
         """Everyone with a record in the days kept ("" for requests without a user)."""
         return set(self.spend) | set(self.counts)
 
-    def used(self, user: str, window: str, now: float) -> float:
-        """Points of the current `window` attributed to `user`."""
-        found = self.windows[window]
-        return 0.0 if 0 < found.reset <= now else found.points.get(user, 0.0)
+    def shares(self, user: str, now: float) -> tuple[float, float]:
+        """Points of the current 5-hour and weekly windows attributed to `user` (a window over counts none)."""
+        five_hour, weekly = self.windows["five_hour"], self.windows["weekly"]
+        return (0.0 if 0 < five_hour.reset <= now else five_hour.points.get(user, 0.0),
+                0.0 if 0 < weekly.reset <= now else weekly.points.get(user, 0.0))
 
     def reset(self, window: str) -> float:
         return self.windows[window].reset

@@ -36,6 +36,11 @@ class WindowShare(Section):
         if not read.given:
             yield Problem((), "needs five_hour, weekly or both")
 
+    @functools.cached_property
+    def percents(self) -> tuple[float | None, float | None]:
+        """(five_hour, weekly): the order of the ledger's windows."""
+        return self.five_hour, self.weekly
+
 
 class Limits(Section):
     budget: tuple[Budget, ...] = Field(default=(), description="USD per day, week or month (at most one per period)")
@@ -71,6 +76,11 @@ class Limits(Section):
     def periods(self) -> tuple[str, ...]:
         """The budgets' periods, in the budgets' order."""
         return tuple(budget.per for budget in self.budget)
+
+    @functools.cached_property
+    def amounts(self) -> tuple[float, ...]:
+        """The budgets' USD, in the budgets' order."""
+        return tuple(budget.usd for budget in self.budget)
 
     @functools.cached_property
     def _models(self) -> re.Pattern[str] | None:

@@ -20,8 +20,10 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import truediv
 from typing import TYPE_CHECKING, Any
 
+from ..accounting.ledger import WINDOWS
 from ..accounting.periods import ADJECTIVE, day_of, ends, first_days
 from ..pool.balancer import aggregate_status
 from . import refusals
@@ -40,7 +42,6 @@ if TYPE_CHECKING:
 QUEUE_WAIT = 10.0  # seconds a request over max_concurrent waits for a slot before it is refused
 QUEUE_WAIT_ENV = "CCM_QUEUE_WAIT"  # the same in seconds, from the environment (tests, unusual clients)
 BUSY_RETRY = 2.0  # the retry-after then
-WINDOWS = ("five_hour", "weekly")
 
 
 @dataclass(slots=True)
@@ -55,12 +56,22 @@ class Admission:
     released: bool = False
     ledgers: dict[int, Ledger] = field(default_factory=dict)  # id(usage store) -> its ledger, caught up
     fullest: tuple[float, str] = (0.0, "")  # the fullest budget: the part of it spent, its period
+    shares_of: UsageStore | None = None  # the usage store `shares` were read from
+    shares: tuple[float, float] = (0.0, 0.0)  # points of the current 5-hour and weekly windows the user used
 
     def ledger(self, store: UsageStore) -> Ledger:
         found = self.ledgers.get(id(store))
         if found is None:
             found = self.ledgers[id(store)] = store.current_ledger()
         return found
+
+    def used(self, store: UsageStore, now: float) -> tuple[float, float]:
+        """The user's points of the current 5-hour and weekly windows in `store`'s ledger (the screen and the
+        answer's headers ask for the same store's)."""
+        if self.shares_of is not store:
+            self.shares = self.ledger(store).shares(self.user, now)
+            self.shares_of = store
+        return self.shares
 
     def release(self) -> None:
         if not self.released:
@@ -115,14 +126,7 @@ class Limits:
 
         def check_budgets() -> None:
             if limits.budget:
-                fullest = (-1.0, "")
-                for budget, usd in zip(limits.budget, self._spending(user.name, limits.periods, now, admission.ledger),
-                                       strict=True):
-                    if usd >= budget.usd:
-                        raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
-                    if usd / budget.usd > fullest[0]:
-                        fullest = (usd / budget.usd, budget.per)
-                admission.fullest = fullest
+                self._check_budgets(admission, limits, now)
 
         if limits.max_concurrent is None and limits.requests_per_minute is None:
             check_budgets()
@@ -135,6 +139,17 @@ class Limits:
             if admission.lease is None and limits.max_concurrent is not None:
                 raise refusals.concurrency(limits.max_concurrent, BUSY_RETRY)
         return admission
+
+    def _check_budgets(self, admission: Admission, limits: LimitsConfig, now: float) -> None:
+        """Refuse when a budget is reached; note the fullest one (for the answer's headers)."""
+        spent = self._spending(admission.user, limits.periods, now, admission.ledger)
+        parts = list(map(truediv, spent, limits.amounts))
+        fullest = max(parts)
+        if fullest >= 1.0:  # a part rounds to 1.0 a little before its budget is reached: the budgets decide
+            for budget, usd in zip(limits.budget, spent, strict=True):
+                if usd >= budget.usd:
+                    raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
+        admission.fullest = (fullest, limits.periods[parts.index(fullest)])
 
     def screen(self, admission: Admission | None, accounts: Sequence[Account]) -> tuple[frozenset[str], Refusal | None]:
         """The credentials this request must not go to (the user's share of its window used up, or its paid
@@ -151,12 +166,11 @@ class Limits:
                 continue
             if share is None or admission is None or account.usage is None:
                 continue
-            ledger = admission.ledger(account.usage)
-            for window in WINDOWS:
-                percent = getattr(share, window)
-                if percent is not None and ledger.used(admission.user, window, now) >= percent:
+            for window, percent, used in zip(WINDOWS, share.percents, admission.used(account.usage, now), strict=True):
+                if percent is not None and used >= percent:
                     excluded.add(account.tag)
-                    refusal = refusal or refusals.share(window, percent, ledger.reset(window), now)
+                    reset = admission.ledger(account.usage).reset(window)
+                    refusal = refusal or refusals.share(window, percent, reset, now)
         return frozenset(excluded), refusal
 
     # -- the answer ------------------------------------------------------------------------------
@@ -182,12 +196,11 @@ class Limits:
         limits = admission.limits if admission is not None else None
         share = limits.window_share if limits is not None else None
         if share is not None and admission is not None and account.usage is not None:
-            ledger = admission.ledger(account.usage)
-            for window in WINDOWS:
-                percent = getattr(share, window)
-                mine = ledger.used(admission.user, window, now) / percent if percent else 0.0
+            for window, percent, used in zip(WINDOWS, share.percents, admission.used(account.usage, now), strict=True):
+                mine = used / percent if percent else 0.0
                 if mine > standing[window].utilization:
-                    standing[window] = Standing(mine, ledger.reset(window) or standing[window].reset)
+                    reset = admission.ledger(account.usage).reset(window)
+                    standing[window] = Standing(mine, reset or standing[window].reset)
         return {w: s for w, s in standing.items() if s.reset > 0}
 
     @staticmethod
@@ -267,8 +280,8 @@ class Limits:
         found: dict[str, Any] = {}
         for account, store in self._ledgered().pairs:
             ledger = store.current_ledger()
-            found[account.tag] = {w: {"share": getattr(share, w), "used": round(ledger.used(user.name, w, now), 4),
-                                      "resets": ledger.reset(w) or None}
-                                  for w in WINDOWS if getattr(share, w) is not None}
+            found[account.tag] = {w: {"share": percent, "used": round(used, 4), "resets": ledger.reset(w) or None}
+                                  for w, percent, used in zip(WINDOWS, share.percents, ledger.shares(user.name, now),
+                                                              strict=True) if percent is not None}
         return found
 

@@ -27,10 +27,10 @@ def test_a_copy_counts_on_without_changing_the_original() -> None:
     copy = ledger.copy()
     copy.add_all([(record("alice", 2.0, (12.0, NOW + 3600, 0.0)), NOW_NS), (record("bob", 4.0), NOW_NS)], PRICING)
     assert ledger.spent("alice", [0]) == [1.0] and ledger.spent("bob", [0]) == [0.0]
-    assert ledger.used("alice", "five_hour", NOW) == 2.0
+    assert ledger.shares("alice", NOW) == (2.0, 0.0)
     assert ledger.since("alice", 0).requests == 1 and ledger.since("bob", 0).requests == 0
     assert copy.spent("alice", [0]) == [3.0] and copy.spent("bob", [0]) == [4.0]
-    assert copy.used("alice", "five_hour", NOW) == 4.0
+    assert copy.shares("alice", NOW) == (4.0, 0.0)
     assert copy.since("alice", 0).input == 20 and copy.since("bob", 0).output == 5
     assert ledger.to_json(NOW) != copy.to_json(NOW)
 
