@@ -50,45 +50,28 @@ class Appender:
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
         self._lock_id: tuple[int, int] | None = None
-        self._lock_checked = -LOCK_RECHECK
+        self._checked = -LOCK_RECHECK  # when the lock file path was last looked at (monotonic)
         self._seals: seals.SealView | None = None
         self._seals_seen = b""
         self._pid = 0
 
-    def append(self, line: bytes) -> None:
-        """Append `line` to the live journal under the shared lock."""
-        self._write(line)
-
-    def append_at(self, line: bytes) -> int:
-        """Append `line` like `append`; returns where it starts in the journal (its identity across nodes)."""
-        return os.lseek(self._write(line), 0, os.SEEK_CUR) - len(line)
-
-    def _write(self, line: bytes) -> int:
-        """Write `line` under the shared lock; returns the journal's descriptor (its offset is the line's end)."""
+    def append(self, line: bytes) -> int:
+        """Append `line` to the live journal under the shared lock; returns the journal's descriptor (its
+        offset is the line's end)."""
+        lock_fd, view, fd = self._lock_fd, self._seals, self._journal_fd
         now = time.monotonic()
-        if self._pid != _Pid.value:
-            self._lock_fd = self._journal_fd = self._seals = None  # the parent's: never unlock or close those
-            self._pid = _Pid.value
-        lock_fd = self._lock_fd
-        recheck = now - self._lock_checked >= LOCK_RECHECK
-        if recheck:
-            self._lock_checked = now
-            if lock_fd is not None and files.identity(self.lock_path) != self._lock_id:
-                self.close()
-                lock_fd = None
-        view = self._seals
-        if lock_fd is None or view is None:
-            lock_fd, view = self._open_lock()
+        if lock_fd is None or view is None or fd is None or self._pid != _Pid.value or \
+                now - self._checked >= LOCK_RECHECK:
+            lock_fd, view = self._check(now)
+            fd = None  # the journal path is asked about under the lock
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the usual case: no seal in progress
-            locked = True
         except OSError:
-            locked = False
-        if not locked and not files.acquire(lock_fd, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
-            raise UsageFileError(f"timed out after {APPEND_LOCK_TIMEOUT:g}s waiting for the lock {self.lock_path}")
+            if not files.acquire(lock_fd, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
+                raise UsageFileError(
+                    f"timed out after {APPEND_LOCK_TIMEOUT:g}s waiting for the lock {self.lock_path}") from None
         try:
-            fd = self._journal_fd
-            if fd is None or recheck or view.read() != self._seals_seen:
+            if fd is None or view.read() != self._seals_seen:
                 fd = self._live_journal(lock_fd, view)
             written = os.write(fd, line)
             if written != len(line):  # the cut line is skipped when folding; the record is kept in memory
@@ -96,6 +79,25 @@ class Appender:
             return fd
         finally:
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
+
+    def append_at(self, line: bytes) -> int:
+        """Append `line` like `append`; returns where it starts in the journal (its identity across nodes)."""
+        return os.lseek(self.append(line), 0, os.SEEK_CUR) - len(line)
+
+    def _check(self, now: float) -> tuple[int, seals.SealView]:
+        """The kept lock file descriptor and seal view, re-opened after a fork, when missing, or when the lock
+        file path names another file (looked at every LOCK_RECHECK seconds)."""
+        if self._pid != _Pid.value:
+            self._lock_fd = self._journal_fd = self._seals = None  # the parent's: never unlock or close those
+            self._pid = _Pid.value
+        if now - self._checked >= LOCK_RECHECK:
+            self._checked = now
+            if self._lock_fd is not None and files.identity(self.lock_path) != self._lock_id:
+                self.close()
+        lock_fd, view = self._lock_fd, self._seals
+        if lock_fd is None or view is None:
+            lock_fd, view = self._open_lock()
+        return lock_fd, view
 
     def close(self) -> None:
         """Close the kept descriptors (the next append opens fresh ones)."""

@@ -33,8 +33,10 @@ _LINE = b'\n{"t":%d,"user":%b,"model":%b,' + b",".join(b'"%b":%%d' % k.encode() 
 def line(rec: Record, t_ns: int) -> bytes:
     """The journal line of a record: "\n" and its JSON object, filled into a template (on the path of every
     response: no dictionary is built for it)."""
-    text = _LINE % (t_ns, _quoted(rec.user), _quoted(rec.model), rec.context_window,
-                    rec.week_start_unix, rec.messages_count, *rec.tokens.values(), fastjson.dumps(float(rec.cost)))
+    known = _QUOTED.get
+    text = _LINE % (t_ns, known(rec.user) or _quoted(rec.user), known(rec.model) or _quoted(rec.model),
+                    rec.context_window, rec.week_start_unix, rec.messages_count, *rec.tokens.values(),
+                    fastjson.dumps(float(rec.cost)))
     if rec.readings:
         text += b',"readings":' + fastjson.dumps([float(v) for v in rec.readings])
     return text + b"}"
@@ -45,12 +47,10 @@ _QUOTED_KEPT = 1024  # user and model names recur; an unbounded stream of new on
 
 
 def _quoted(text: str) -> bytes:
-    """`text` as a JSON string."""
-    quoted = _QUOTED.get(text)
-    if quoted is None:
-        quoted = fastjson.dumps(text)
-        if len(_QUOTED) < _QUOTED_KEPT:
-            _QUOTED[text] = quoted
+    """`text` as a JSON string, remembered (`line` looks in `_QUOTED` first)."""
+    quoted = fastjson.dumps(text)
+    if len(_QUOTED) < _QUOTED_KEPT:
+        _QUOTED[text] = quoted
     return quoted
 
 

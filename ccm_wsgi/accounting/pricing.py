@@ -157,15 +157,19 @@ class Pricing:
         return found
 
     def cost_of(self, rec: Record) -> float:
-        """A usage record's unrounded USD."""
-        return self.cost(rec.model, rec.context_window, rec.tokens)
+        """A usage record's unrounded USD (a record's cache writes are already their total)."""
+        tokens = rec.tokens
+        return self._cost(rec.model, rec.context_window, tokens, tokens.cache_creation_input_tokens)
 
     def cost(self, model: str, context_window: int, tokens: Tokens) -> float:
         """Unrounded USD. Cache writes without a 5m/1h split (older data) are priced at the 5m rate, also the
         part of a bucket's writes that mixes such data with split data."""
+        return self._cost(model, context_window, tokens, tokens.cache_creation)
+
+    def _cost(self, model: str, context_window: int, tokens: Tokens, cache_writes: int) -> float:
         r = self._rates.get((model, context_window)) or self.rates(model, context_window)
         c5m, c1h = tokens.cache_creation_5m_input_tokens, tokens.cache_creation_1h_input_tokens
-        unsplit = max(0, tokens.cache_creation - c5m - c1h)
+        unsplit = max(0, cache_writes - c5m - c1h)
         input_, output, cache_read, write_5m, write_1h = r.scaled
         total = (tokens.input_tokens * input_ + tokens.output_tokens * output
                  + tokens.cache_read_input_tokens * cache_read + (c5m + unsplit) * write_5m + c1h * write_1h)

@@ -31,10 +31,8 @@ _MARK = b'"message_'
 _BOUNDARY = b"\n\n"
 _COUNTERS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 _INTS = frozenset({int})
-_SPLIT = (
-    ("ephemeral_5m_input_tokens", "cache_creation_5m_input_tokens"),
-    ("ephemeral_1h_input_tokens", "cache_creation_1h_input_tokens"),
-)
+_SPLIT_KEYS = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")  # in a usage's cache_creation
+_SPLIT_ATTRS = ("cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens")  # the Tokens they go to
 
 
 @dataclass(slots=True)
@@ -63,8 +61,11 @@ def _merge_usage(usage: Usage, raw: Any) -> None:
                 setattr(tokens, key, value)
     split = get("cache_creation")
     if isinstance(split, dict):
-        for key, attr in _SPLIT:
-            value = split.get(key)
+        values = tuple(map(split.get, _SPLIT_KEYS))
+        if _INTS.issuperset(map(type, values)) and min(values) >= 0 and max(values) < MAX_COUNT:  # both, as usual
+            tokens.cache_creation_5m_input_tokens, tokens.cache_creation_1h_input_tokens = values
+            return
+        for attr, value in zip(_SPLIT_ATTRS, values, strict=True):
             if type(value) is int and 0 <= value < MAX_COUNT:
                 setattr(tokens, attr, value)
 
