@@ -264,6 +264,9 @@ def test_two_processes_refresh_once(tmp_path, fake, start_proxy, claude_lock):
     fake.add_account(access_token=ACCESS, refresh_token=REFRESH, expires_in=30)
     home = tmp_path / "home"
     path = write_credentials(home / "claude" / ".credentials.json", ACCESS, REFRESH, expires_in=30)
+    # Set before the processes start: a process's quota poller asks for a token (and so refreshes it) a second
+    # after it starts; had that refresh gone through, the second process would find the new login in the file.
+    fake.configure(token_endpoint={"hold": "refresh"})
     with contextlib.nullcontext() if claude_lock else immutable(home):
         proxies = [start_proxy({"services": [service_config(fake.url, path)]}, name=f"p{i}") for i in range(2)]
         refresh_once(fake, path, proxies)
@@ -272,8 +275,8 @@ def test_two_processes_refresh_once(tmp_path, fake, start_proxy, claude_lock):
 
 
 def refresh_once(fake, path, proxies):
-    """Four requests through the first process and one through the second, all needing the same refresh."""
-    fake.configure(token_endpoint={"hold": "refresh"})
+    """Four requests through the first process and one through the second, all needing the same refresh, which
+    the token endpoint holds until the second process is inside its refresh too."""
     errors = []
 
     def hit(p):
