@@ -125,17 +125,12 @@ class Follower:
 
     def _read_to_end(self) -> None:
         assert self.fd is not None
-        chunks: list[bytes] = []
-        read = 0
-        while True:
-            chunk = os.pread(self.fd, READ_SIZE, self.position + read)
-            chunks.append(chunk)
-            read += len(chunk)
-            if len(chunk) < READ_SIZE:  # the end of the file as it is now (a later append is read next time)
-                break
-        if not read:
+        data = os.pread(self.fd, READ_SIZE, self.position)
+        if len(data) == READ_SIZE:  # more than one read holds (a batch read back)
+            data = self._read_rest(data)
+        elif not data:
             return
-        data = b"".join(chunks)
+        read = len(data)
         mine = self.mine
         found: list[Located] = []
         at = 0  # records are "\n{...}": each starts with its line break
@@ -167,6 +162,16 @@ class Follower:
         self.position += at
         if found:
             self.apply(found)
+
+    def _read_rest(self, first: bytes) -> bytes:
+        """`first` and what follows it up to the end of the file as it is now (a later append is read next time)."""
+        assert self.fd is not None
+        chunks = [first]
+        read = len(first)
+        while len(chunks[-1]) == READ_SIZE:
+            chunks.append(os.pread(self.fd, READ_SIZE, self.position + read))
+            read += len(chunks[-1])
+        return b"".join(chunks)
 
     def _ident(self, offset: int) -> str:
         return journal.ident(self.generation, offset) if self.shared else ""

@@ -107,8 +107,11 @@ class MemoryCounters(OneAtATime):
         self._slots[(lease.user, lease.most)].release()
 
     def hit(self, user: str, per_minute: int, now: float) -> float:
-        hits = self._hits.setdefault(user, collections.deque())
-        while hits and hits[0] <= now - MINUTE:
+        hits = self._hits.get(user)
+        if hits is None:
+            hits = self._hits[user] = collections.deque()
+        gone = now - MINUTE
+        while hits and hits[0] <= gone:
             hits.popleft()
         if len(hits) >= per_minute:
             return hits[len(hits) - per_minute] + MINUTE - now

@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from operator import truediv
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
 QUEUE_WAIT = 10.0  # seconds a request over max_concurrent waits for a slot before it is refused
 QUEUE_WAIT_ENV = "CCM_QUEUE_WAIT"  # the same in seconds, from the environment (tests, unusual clients)
 BUSY_RETRY = 2.0  # the retry-after then
+
+
+def _no_check() -> None:
+    """The budget check of limits without a budget."""
 
 
 @dataclass(slots=True)
@@ -124,10 +129,7 @@ class Limits:
         if limits.needs_ledger:  # with shared state: what other nodes recorded up to now, in the one trip
             self.sync()
 
-        def check_budgets() -> None:
-            if limits.budget:
-                self._check_budgets(admission, limits, now)
-
+        check_budgets = partial(self._check_budgets, admission, limits, now) if limits.budget else _no_check
         if limits.max_concurrent is None and limits.requests_per_minute is None:
             check_budgets()
         else:
