@@ -323,9 +323,11 @@ def test_a_refreshed_login_that_cannot_be_saved_is_kept_and_never_replaced(
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
     env = {"XDG_RUNTIME_DIR": str(run)}
+    # Held before the processes start: the first one's quota poller refreshes a second after it starts, which
+    # may come before the second process is up.
+    fake.configure(token_endpoint={"hold": "answer", "times": 1})
     first = serve(start_proxy, fake, expired, name="first", env=env)
     second = serve(start_proxy, fake, expired, name="second", env=env)  # another process on the same file
-    fake.configure(token_endpoint={"hold": "answer", "times": 1})
     done = in_background(lambda: post(first))
     wait_for(lambda: token_posts(fake), 15, what="the refresh request")
     with immutable(expired):  # the save fails (as on EIO or a read-only remount) after the token was spent
