@@ -70,6 +70,10 @@ class Window:
         self.pending.clear()
         self.seen = utilization
 
+    def used(self, user: str, now: float) -> float:
+        """Points attributed to `user` in this window; none once it is over."""
+        return 0.0 if 0 < self.reset <= now else self.points.get(user, 0.0)
+
     def to_json(self) -> dict[str, Any]:
         return {"reset": _plain(self.reset), "seen": _plain(self.seen),
                 "points": {k: _plain(v) for k, v in self.points.items()},
@@ -177,10 +181,8 @@ class Ledger:
         return set(self.spend) | set(self.counts)
 
     def shares(self, user: str, now: float) -> tuple[float, float]:
-        """Points of the current 5-hour and weekly windows attributed to `user` (a window over counts none)."""
-        five_hour, weekly = self.windows["five_hour"], self.windows["weekly"]
-        return (0.0 if 0 < five_hour.reset <= now else five_hour.points.get(user, 0.0),
-                0.0 if 0 < weekly.reset <= now else weekly.points.get(user, 0.0))
+        """Points of the current 5-hour and weekly windows attributed to `user`."""
+        return self.windows["five_hour"].used(user, now), self.windows["weekly"].used(user, now)
 
     def reset(self, window: str) -> float:
         return self.windows[window].reset
