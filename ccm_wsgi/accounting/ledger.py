@@ -24,7 +24,6 @@ import functools
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 from .periods import DAY, day_name, day_number, oldest_day_kept
@@ -113,13 +112,31 @@ class Ledger:
         self.counts: dict[str, dict[int, list[int]]] = {}  # user -> UTC day number -> COUNTS
         self.windows = {name: Window() for name in WINDOWS}
 
+    def add(self, rec: Record, t_ns: int, pricing: Pricing) -> None:
+        """Add one usage record (a limited request's own, read back before the next check): what `add_all` of it
+        alone adds, without grouping."""
+        user = rec.user
+        cost = rec.cost or pricing.cost_of(rec)
+        if user:
+            self._observe(user, cost, rec.readings)
+        day = int(t_ns / 1e9 // DAY)
+        days = self.spend.get(user)
+        if days is None:
+            days = self.spend[user] = {}
+        days[day] = days.get(day, 0.0) + cost
+        by_day = self.counts.get(user)
+        if by_day is None:
+            by_day = self.counts[user] = {}
+        n = by_day.get(day, _NO_COUNTS)
+        tokens = rec.tokens
+        by_day[day] = [n[0] + 1, n[1] + tokens.input_tokens, n[2] + tokens.output_tokens,
+                       n[3] + tokens.cache_read_input_tokens, n[4] + tokens.cache_creation_input_tokens]
+
     def add_all(self, entries: Iterable[tuple[Record, int]], pricing: Pricing) -> None:
         """Add usage records in journal order: each one's user, time (ns), cost (its own, else priced) and
-        tokens, and what its response reported (`readings`: the 5-hour window's utilisation, reset and
-        utilisation before, then the weekly window's; a window with no reset was not reported). A user's day
-        gets its records' costs added in their order, as adding them one by one would, whatever the batch."""
+        tokens, and what its response reported (see `_observe`). A user's day gets its records' costs added in
+        their order, as adding them one by one would, whatever the batch."""
         groups: dict[tuple[str, int], list[Record]] = {}
-        five_hour, weekly = self.windows["five_hour"], self.windows["weekly"]
         for rec, t_ns in entries:
             user = rec.user
             key = (user, int(t_ns / 1e9 // DAY))  # the UTC day, as `day_of` tells it
@@ -128,13 +145,8 @@ class Ledger:
                 groups[key] = [rec]
             else:
                 group.append(rec)
-            readings = rec.readings
-            if user and len(readings) >= 3:
-                cost = rec.cost or pricing.cost_of(rec)
-                if readings[1] > 0:
-                    five_hour.observe(user, cost, readings[0], readings[1], readings[2])
-                if len(readings) >= 6 and readings[4] > 0:
-                    weekly.observe(user, cost, readings[3], readings[4], readings[5])
+            if user and rec.readings:
+                self._observe(user, rec.cost or pricing.cost_of(rec), rec.readings)
         for (user, day), recs in groups.items():
             costs = list(map(_COST, recs))
             if not all(costs):  # a record without a cost of its own (a journal line without one) is priced
@@ -149,6 +161,14 @@ class Ledger:
             sums = (len(recs), *column_sums(_COUNTED, recs))
             by_day[day] = list(map(operator.add, by_day.get(day, _NO_COUNTS), sums))
 
+    def _observe(self, user: str, cost: float, readings: tuple[float, ...]) -> None:
+        """What a response of `user` that cost `cost` reported (`readings`: the 5-hour window's utilisation,
+        reset and utilisation before, then the weekly window's; a window with no reset was not reported)."""
+        if len(readings) >= 3 and readings[1] > 0:
+            self.windows["five_hour"].observe(user, cost, readings[0], readings[1], readings[2])
+        if len(readings) >= 6 and readings[4] > 0:
+            self.windows["weekly"].observe(user, cost, readings[3], readings[4], readings[5])
+
     def copy(self) -> Ledger:
         """An independent copy (a few small dicts: far cheaper than `copy.deepcopy`)."""
         twin = Ledger()
@@ -160,11 +180,15 @@ class Ledger:
 
     def spent(self, user: str, first_days: Sequence[int]) -> list[float]:
         """USD spent by `user` from the start of each of `first_days` on (its days' spend added in their order)."""
-        days = self.spend.get(user)
-        if not days:
-            return [0.0] * len(first_days)
-        spend = days.values()
-        return [sum(compress(spend, map(first.__le__, days)), 0.0) for first in first_days]
+        days = self.spend.get(user) or {}
+        totals = []
+        for first in first_days:  # one user's few periods and days (every limited request): plain loops
+            total = 0.0
+            for day in days:
+                if day >= first:
+                    total += days[day]
+            totals.append(total)
+        return totals
 
     def since(self, user: str, first_day: int) -> Used:
         """What `user` used from the start of day `first_day` on."""

@@ -37,7 +37,7 @@ def dumps(doc: dict[str, Any]) -> str:
 
 def apply(ledger: Ledger, pricing: Pricing, rec: Record, t_ns: int) -> None:
     """Add one record to a ledger (the usage stream's, record by record)."""
-    ledger.add_all(((rec, t_ns),), pricing)
+    ledger.add(rec, t_ns, pricing)
 
 
 def add_records(totals: Totals, ledger: Ledger, pricing: Pricing, entries: list[tuple[Record, int]]) -> None:

@@ -1,5 +1,5 @@
 """The usage ledger and totals: a copy (the view with this host's records on top of the shared stream's) is
-independent, and records added in batches of any size come out as added one by one."""
+independent, and records added in batches of any size come out as added one by one (`Ledger.add`)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_records_in_batches_add_up_as_one_by_one(entries: list[tuple[Record, int
     one_by_one, batched = (Totals(0), Ledger()), (Totals(0), Ledger())
     for entry in entries:
         one_by_one[0].add_all([entry])
-        one_by_one[1].add_all([entry], PRICING)
+        one_by_one[1].add(*entry, PRICING)  # a record read back alone
     at = 0
     for size in [*sizes, len(entries)]:
         batch = entries[at:at + size]
