@@ -27,7 +27,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from itertools import repeat
 
 from .. import files
 from . import journal, seals
@@ -39,7 +38,7 @@ RECHECK = 1.0
 # request) usually finds one line, so it is kept well under the size where the allocator maps fresh pages
 READ_SIZE = 1 << 16
 Mine = deque[tuple[bytes, Record, int]]  # lines this process appended and has not read back: line, record, time
-_LINE, _RECORD, _TIME = (operator.itemgetter(i) for i in range(3))
+_LINE = operator.itemgetter(0)
 
 
 class Follower:
@@ -138,7 +137,7 @@ class Follower:
             own = b"".join(map(_LINE, mine))
             if data.startswith(own):  # nobody else appended since the last look (a single `serve`): all at once
                 if not self.shared:
-                    found = list(zip(map(_RECORD, mine), map(_TIME, mine), repeat("")))
+                    found = [(rec, t_ns, "") for _, rec, t_ns in mine]
                 mine.clear()
                 at = len(own)
         while at < read:

@@ -37,9 +37,10 @@ class WindowShare(Section):
             yield Problem((), "needs five_hour, weekly or both")
 
     @functools.cached_property
-    def percents(self) -> tuple[float | None, float | None]:
-        """(five_hour, weekly): the order of the ledger's windows."""
-        return self.five_hour, self.weekly
+    def windows(self) -> tuple[tuple[int, str, float], ...]:
+        """(place in the ledger's windows, name, percent) of each window with a share."""
+        both = (("five_hour", self.five_hour), ("weekly", self.weekly))  # the order of the ledger's windows
+        return tuple((place, name, percent) for place, (name, percent) in enumerate(both) if percent is not None)
 
 
 class Limits(Section):

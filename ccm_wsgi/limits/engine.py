@@ -21,10 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from operator import truediv
 from typing import TYPE_CHECKING, Any
 
-from ..accounting.ledger import WINDOWS
 from ..accounting.periods import ADJECTIVE, day_of, ends, first_days
 from ..pool.balancer import aggregate_status
 from . import refusals
@@ -126,10 +124,9 @@ class Limits:
             return admission
         if not limits.allows(model):
             raise refusals.model(model, limits.models)
-        if limits.needs_ledger:  # with shared state: what other nodes recorded up to now, in the one trip
-            self.sync()
-
-        check_budgets = partial(self._check_budgets, admission, limits, now) if limits.budget else _no_check
+        # with shared state: what other nodes recorded up to now, in the one trip
+        stores = self.sync() if limits.needs_ledger else []
+        check_budgets = partial(self._check_budgets, admission, limits, now, stores) if limits.budget else _no_check
         if limits.max_concurrent is None and limits.requests_per_minute is None:
             check_budgets()
         else:
@@ -142,16 +139,19 @@ class Limits:
                 raise refusals.concurrency(limits.max_concurrent, BUSY_RETRY)
         return admission
 
-    def _check_budgets(self, admission: Admission, limits: LimitsConfig, now: float) -> None:
+    def _check_budgets(self, admission: Admission, limits: LimitsConfig, now: float, stores: list[UsageStore]) -> None:
         """Refuse when a budget is reached; note the fullest one (for the answer's headers)."""
-        spent = self._spending(admission.user, limits.periods, now, admission.ledger)
-        parts = list(map(truediv, spent, limits.amounts))
-        fullest = max(parts)
+        spent = self._spending(admission.user, limits.periods, now, stores, admission.ledger)
+        fullest, at = 0.0, 0
+        for place, amount in enumerate(limits.amounts):  # a limited request's few numbers: a plain loop
+            part = spent[place] / amount
+            if part > fullest:
+                fullest, at = part, place
         if fullest >= 1.0:  # a part rounds to 1.0 a little before its budget is reached: the budgets decide
             for budget, usd in zip(limits.budget, spent, strict=True):
                 if usd >= budget.usd:
                     raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
-        admission.fullest = (fullest, limits.periods[parts.index(fullest)])
+        admission.fullest = (fullest, limits.periods[at])
 
     def screen(self, admission: Admission | None, accounts: Sequence[Account]) -> tuple[frozenset[str], Refusal | None]:
         """The credentials this request must not go to (the user's share of its window used up, or its paid
@@ -168,8 +168,9 @@ class Limits:
                 continue
             if share is None or admission is None or account.usage is None:
                 continue
-            for window, percent, used in zip(WINDOWS, share.percents, admission.used(account.usage, now), strict=True):
-                if percent is not None and used >= percent:
+            used = admission.used(account.usage, now)
+            for place, window, percent in share.windows:
+                if used[place] >= percent:
                     excluded.add(account.tag)
                     reset = admission.ledger(account.usage).reset(window)
                     refusal = refusal or refusals.share(window, percent, reset, now)
@@ -198,8 +199,9 @@ class Limits:
         limits = admission.limits if admission is not None else None
         share = limits.window_share if limits is not None else None
         if share is not None and admission is not None and account.usage is not None:
-            for window, percent, used in zip(WINDOWS, share.percents, admission.used(account.usage, now), strict=True):
-                mine = used / percent if percent else 0.0
+            used = admission.used(account.usage, now)
+            for place, window, percent in share.windows:
+                mine = used[place] / percent
                 if mine > standing[window].utilization:
                     reset = admission.ledger(account.usage).reset(window)
                     standing[window] = Standing(mine, reset or standing[window].reset)
@@ -217,21 +219,23 @@ class Limits:
 
     # -- what users and admins see --------------------------------------------------------------
 
-    def sync(self) -> None:
+    def sync(self) -> list[UsageStore]:
         """With shared state, let every usage ledger read what other nodes recorded: inside a request's batch,
-        with its one round trip before forwarding; else at once (status views)."""
-        for store in self._ledgered().shared:
+        with its one round trip before forwarding; else at once (status views). Returns every usage store."""
+        known = self._ledgered()
+        for store in known.shared:
             store.sync()
+        return known.stores
 
     def spent(self, user: str, per: str, now: float) -> float:
         """USD `user` spent in the current UTC `per` (day, week or month), over every usage ledger."""
-        return self._spending(user, (per,), now, lambda store: store.current_ledger())[0]
+        return self._spending(user, (per,), now, self._ledgered().stores, lambda store: store.current_ledger())[0]
 
-    def _spending(self, user: str, periods: tuple[str, ...], now: float,
+    @staticmethod
+    def _spending(user: str, periods: tuple[str, ...], now: float, stores: list[UsageStore],
                   ledger_of: Callable[[UsageStore], Ledger]) -> list[float]:
-        """USD `user` spent in each of the current `periods`, over every usage ledger."""
+        """USD `user` spent in each of the current `periods`, over the ledgers of `stores` (every usage store)."""
         firsts = first_days(periods, day_of(now))
-        stores = self._ledgered().stores
         if len(stores) == 1:  # the usual case
             return ledger_of(stores[0]).spent(user, firsts)
         totals = [0.0] * len(periods)
@@ -282,8 +286,9 @@ class Limits:
         found: dict[str, Any] = {}
         for account, store in self._ledgered().pairs:
             ledger = store.current_ledger()
-            found[account.tag] = {w: {"share": percent, "used": round(used, 4), "resets": ledger.reset(w) or None}
-                                  for w, percent, used in zip(WINDOWS, share.percents, ledger.shares(user.name, now),
-                                                              strict=True) if percent is not None}
+            used = ledger.shares(user.name, now)
+            found[account.tag] = {name: {"share": percent, "used": round(used[place], 4),
+                                         "resets": ledger.reset(name) or None}
+                                  for place, name, percent in share.windows}
         return found
 
