@@ -34,7 +34,7 @@ from ..observe.refusals import Recent, Refused
 from ..patches import abandon
 from ..pool.balancer import NoCredential
 from ..pool.quota import is_quota_429
-from ..upstream.request import request_headers, response_headers, send
+from ..upstream.request import header, request_headers, response_headers, send
 from .auth import Authenticator
 from .drain import SHUTDOWN, Drain
 from .relay import Relay, body_usage, usage_tap
@@ -202,12 +202,12 @@ class Proxy:
         ex.account, ex.status = account, upstream.status
         ex.beta = environ.get("HTTP_ANTHROPIC_BETA", "")
         headers = upstream.headers
-        sse = headers.get("content-type", "").startswith("text/event-stream")
+        sse = (header(headers, "content-type") or "").startswith("text/event-stream")
         counted = account.usage is not None and upstream.status == 200  # its usage is recorded
         if counted:
-            ex.week_reset = headers.get(WEEK_RESET)
+            ex.week_reset = header(headers, WEEK_RESET)
         extra: list[tuple[str, str]] = CLOSE if self.drain.draining else []
-        length = headers.get("content-length")
+        length = header(headers, "content-length")
         whole = not sse and length is not None and length.isdigit() and int(length) <= SMALL_BODY
         standing = self.limits.headers(ex.admission, allow_external, account, provider.accounts)
         answer = response_headers(upstream, keep_length=not sse and not whole, keep_limits=standing is None)
@@ -217,7 +217,7 @@ class Proxy:
             return self._whole(upstream, ex, counted, start_response, answer + extra)
         ex.streamed = True
         start_response(status_line(upstream.status, upstream.reason), answer + extra)
-        tap = usage_tap(sse, headers.get("content-encoding")) if counted else None
+        tap = usage_tap(sse, header(headers, "content-encoding")) if counted else None
         relay = Relay(upstream, sse, tap, lambda relay: self._finish_relay(ex, relay), self.settings.idle_timeout)
         self.drain.track(relay)
         return relay
@@ -332,7 +332,7 @@ class Proxy:
             raise ProxyError(502, "api_error", "the upstream connection was lost while reading the response") from None
         upstream.release_conn()
         if counted:
-            ex.usage = body_usage(data, upstream.headers.get("content-encoding"))
+            ex.usage = body_usage(data, header(upstream.headers, "content-encoding"))
         ex.sent = len(data)
         start_response(status_line(upstream.status, upstream.reason), [*headers, ("Content-Length", str(len(data)))])
         self._finish(ex)

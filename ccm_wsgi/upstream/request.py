@@ -83,6 +83,12 @@ def response_headers(upstream: urllib3.BaseHTTPResponse, keep_length: bool,
             if (name := k.lower()) not in drop and not name.startswith(RATELIMIT_PREFIX)]
 
 
+def header(headers: urllib3.HTTPHeaderDict, name: str) -> str | None:
+    """A response header's value; None when it is absent (looked up without the `KeyError` that `.get` raises
+    and catches inside urllib3 for every absent header)."""
+    return headers[name] if name in headers else None  # noqa: SIM401 (see above)
+
+
 _TIMEOUTS: dict[tuple[float, float], urllib3.Timeout] = {}
 
 
