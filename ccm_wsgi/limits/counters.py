@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import sqlite3
 import time
@@ -27,6 +28,7 @@ import gevent
 import gevent.lock
 
 MINUTE = 60.0
+TENTHS = 10  # a request's time in the sliding minute of one process: the end of its tenth of a second
 POLL = 0.05  # seconds between looks for a free lease in a store shared by processes
 SET_UP_ATTEMPTS = 200  # a worker's first use of the host's counts file, tried about 10 s
 
@@ -87,11 +89,46 @@ class OneAtATime:
         return lease, 0.0
 
 
+class Minute:
+    """One user's admitted requests in the sliding minute, counted per tenth of a second and each dated at the end
+    of its tenth, so a request leaves the minute at most a tenth of a second late (never early). A busy user
+    keeps at most 600 counts, where a time per request kept a minute's worth of objects alive (100,000 at 1,700
+    requests a second), which slowed every request of the process."""
+
+    __slots__ = ("counts", "tenths", "total")
+
+    def __init__(self) -> None:
+        self.tenths: collections.deque[int] = collections.deque()  # each count's tenth (its end, in tenths)
+        self.counts: collections.deque[int] = collections.deque()
+        self.total = 0
+
+    def hit(self, per_minute: int, now: float) -> float:
+        tenths, counts = self.tenths, self.counts
+        gone = (now - MINUTE) * TENTHS
+        while tenths and tenths[0] <= gone:
+            tenths.popleft()
+            self.total -= counts.popleft()
+        if self.total >= per_minute:
+            need = self.total - per_minute + 1  # requests that must leave the minute before one more fits
+            for tenth, count in zip(tenths, counts, strict=True):
+                need -= count
+                if need <= 0:
+                    return tenth / TENTHS + MINUTE - now
+        tenth = math.ceil(now * TENTHS)
+        if tenths and tenths[-1] == tenth:
+            counts[-1] += 1
+        else:
+            tenths.append(tenth)
+            counts.append(1)
+        self.total += 1
+        return 0.0
+
+
 class MemoryCounters(OneAtATime):
     def __init__(self) -> None:
         self._slots: dict[tuple[str, int], gevent.lock.BoundedSemaphore] = {}
         self._held: collections.Counter[str] = collections.Counter()
-        self._hits: dict[str, collections.deque[float]] = {}
+        self._minutes: dict[str, Minute] = {}
 
     def acquire(self, user: str, most: int, wait: float) -> Lease | None:
         slots = self._slots.get((user, most))
@@ -107,16 +144,10 @@ class MemoryCounters(OneAtATime):
         self._slots[(lease.user, lease.most)].release()
 
     def hit(self, user: str, per_minute: int, now: float) -> float:
-        hits = self._hits.get(user)
-        if hits is None:
-            hits = self._hits[user] = collections.deque()
-        gone = now - MINUTE
-        while hits and hits[0] <= gone:
-            hits.popleft()
-        if len(hits) >= per_minute:
-            return hits[len(hits) - per_minute] + MINUTE - now
-        hits.append(now)
-        return 0.0
+        minute = self._minutes.get(user)
+        if minute is None:
+            minute = self._minutes[user] = Minute()
+        return minute.hit(per_minute, now)
 
     def in_flight(self, user: str) -> int:
         return self._held[user]
