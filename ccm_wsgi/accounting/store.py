@@ -277,7 +277,7 @@ class UsageStore:
         pass: records read together mostly share a user, a day and a bucket."""
         unsettled = self._unsettled
         at = self._ledger_at
-        if at == len(unsettled) - 1:  # a limited request's one record: the usual case with limits
+        if at == len(unsettled) - 1:  # one record read back alone (limited requests, one after another)
             self.ledger.add(*unsettled[at], self.pricing)
             self._ledger_at += 1
         elif at < len(unsettled):
