@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -113,8 +113,7 @@ class Ledger:
         self.windows = {name: Window() for name in WINDOWS}
 
     def add(self, rec: Record, t_ns: int, pricing: Pricing) -> None:
-        """Add one usage record (a limited request's own, read back before the next check): what `add_all` of it
-        alone adds, without grouping."""
+        """Add one usage record: what `add_all` adds for each record of a batch, without grouping."""
         user = rec.user
         cost = rec.cost or pricing.cost_of(rec)
         if user:
@@ -132,10 +131,13 @@ class Ledger:
         by_day[day] = [n[0] + 1, n[1] + tokens.input_tokens, n[2] + tokens.output_tokens,
                        n[3] + tokens.cache_read_input_tokens, n[4] + tokens.cache_creation_input_tokens]
 
-    def add_all(self, entries: Iterable[tuple[Record, int]], pricing: Pricing) -> None:
+    def add_all(self, entries: Sequence[tuple[Record, int]], pricing: Pricing) -> None:
         """Add usage records in journal order: each one's user, time (ns), cost (its own, else priced) and
         tokens, and what its response reported (see `_observe`). A user's day gets its records' costs added in
         their order, as adding them one by one would, whatever the batch."""
+        if len(entries) == 1:  # a limited request's own record, read back alone: no grouping
+            self.add(*entries[0], pricing)
+            return
         groups: dict[tuple[str, int], list[Record]] = {}
         for rec, t_ns in entries:
             user = rec.user

@@ -144,5 +144,5 @@ def load_totals(path: str, log: logging.Logger, extra: Iterable[Located] = ()) -
 def load_ledger(path: str, log: logging.Logger, pricing: Pricing, extra: Iterable[Located] = ()) -> Ledger:
     """Read-only: the ledger of file + journals (+ `extra`), as a running store would hold it (see `_load`)."""
     _, ledger, entries = _load(path, log, extra)
-    ledger.add_all(((rec, t_ns) for rec, t_ns, _ in entries), pricing)
+    ledger.add_all([(rec, t_ns) for rec, t_ns, _ in entries], pricing)
     return ledger

@@ -276,12 +276,8 @@ class UsageStore:
         or when many wait (the ledger is read before every limited request, the totals at a fold), each in one
         pass: records read together mostly share a user, a day and a bucket."""
         unsettled = self._unsettled
-        at = self._ledger_at
-        if at == len(unsettled) - 1:  # one record read back alone (limited requests, one after another)
-            self.ledger.add(*unsettled[at], self.pricing)
-            self._ledger_at += 1
-        elif at < len(unsettled):
-            self.ledger.add_all(unsettled[at:], self.pricing)
+        if self._ledger_at < len(unsettled):
+            self.ledger.add_all(unsettled[self._ledger_at:], self.pricing)
             self._ledger_at = len(unsettled)
         if unsettled and (totals or len(unsettled) >= READ_BACK_MAX):
             self.totals.add_all(unsettled)
