@@ -54,6 +54,10 @@ class Follower:
         self.generation = ""
         self._seals: seals.SealView | None = None
         self._seen = b""  # the seal count when the followed file was last checked against the path
+        self._opened = b""  # the seal count when the followed file was opened
+        # Journals came and went unread (sealed and folded by another process while this one did not look):
+        # what this follower applied misses their records, until its store rebuilds its state from the file.
+        self.lost = False
         self._recheck = 0.0  # when to check the path whatever the count says (monotonic)
         self.mine: Mine = deque()
         # With shared state, records are applied with their identity, and this process's own were counted
@@ -69,7 +73,7 @@ class Follower:
                 self._seals = seals.SealView(lock_fd)
             finally:
                 files.close(lock_fd)  # the mapping stays
-        self._seen = self._seals.read()
+        self._seen = self._opened = self._seals.read()
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         st = os.fstat(fd)
         first = os.pread(fd, 4096, 0)
@@ -112,6 +116,9 @@ class Follower:
         current = files.identity(self.path)
         if current is not None and current != self.identity:
             self._read_to_end()  # the sealed journal: nothing is appended to it any more
+            # the journal that follows it is the one there now only when the count moved by one since it was
+            # opened; else others came (and may be folded and gone) in between
+            self.lost = self.lost or not seals.successive(self._opened, seen)
             if not counted:  # replaced without a change of the count: map the lock file that is there now
                 self.close()
             try:

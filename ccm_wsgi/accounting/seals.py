@@ -32,6 +32,12 @@ def bump(fd: int) -> None:
     os.pwrite(fd, _COUNT.pack((count + 1) % (1 << 64)), 0)
 
 
+def successive(before: bytes, after: bytes) -> bool:
+    """Whether the count `after` is the one that follows `before` (one journal replaced between them)."""
+    return len(before) == len(after) == SIZE and \
+        _COUNT.unpack(after)[0] == (_COUNT.unpack(before)[0] + 1) % (1 << 64)
+
+
 class SealView:
     """A read-only shared mapping of the count in the lock file `fd` (opened read-write)."""
 

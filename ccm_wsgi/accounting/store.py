@@ -29,7 +29,9 @@ file format (key for key, plus two keys of its own, `journal` and `ledger`) and 
   state on disk is "old file + journals" or "new file + a marker that says what it holds": none counts a
   line twice or drops one. Stale temp files are removed by the next fold.
 * **Several processes** (gunicorn workers) may share one path: each line is appended once and folded once,
-  whoever folds it. Lock attempts never block the gevent hub.
+  whoever folds it. Lock attempts never block the gevent hub. A process that was not reading while others
+  sealed and folded journals (two seals or more: one of them went by unread) folds at its next ledger read,
+  so that its live state is the file's again, with their records.
 * **Corrupt file.** A usage file that is not valid JSON or has the wrong shape is never overwritten: it is
   renamed to `<path>.corrupt-<unix ts>` (kept byte for byte), an error is logged, and the store starts
   from empty plus every journal, so the two files together still hold every record. If it cannot be
@@ -87,6 +89,7 @@ if TYPE_CHECKING:
 _PAIR = operator.itemgetter(0, 1)  # (record, time) of a record read
 READ_BACK_MAX = 512  # own records appended before they are read back anyway (else when the ledger is read)
 SAVE_INTERVAL = 60.0
+RECOVER_RETRY = 10.0
 
 
 @dataclass(slots=True)
@@ -136,6 +139,7 @@ class UsageStore:
         self._stop = Event()
         self._saver: gevent.Greenlet | None = None
         self._appender = Appender(self.journal_path, self.lock_path, path)
+        self._recover_after = 0.0  # when the next `_recover` may fold (monotonic)
 
     # public API
 
@@ -205,11 +209,25 @@ class UsageStore:
     def current_ledger(self) -> Ledger:
         """The ledger with every record appended so far, by any process (and with shared state, every
         record the usage stream has shown, by any node)."""
-        self._follower.catch_up()
+        follower = self._follower
+        follower.catch_up()
         if self.shared is not None:
-            return self.shared.view()
+            return self.shared.view()  # what the follower missed reaches it through the usage stream
+        if follower.lost:
+            self._recover()
         self._settle(totals=False)
         return self.ledger
+
+    def _recover(self) -> None:
+        """The follower missed journals (sealed and folded by other processes while this one did not look), so
+        the live state lacks their records: a fold now makes it the file's again (tried again after
+        RECOVER_RETRY seconds when it fails)."""
+        now = time.monotonic()
+        if now >= self._recover_after:
+            self._recover_after = now + RECOVER_RETRY
+            self.log.info("usage: journals of %s were folded by another process unread here; folding to count them",
+                          self.path)
+            self.save()
 
     def sync(self) -> None:
         """Before a budget is checked: with shared state, read what other nodes recorded (one round trip)."""
@@ -331,7 +349,7 @@ class UsageStore:
                 self._follower.catch_up()  # the sealed journal to its end (nobody appends to it), then the new one
                 if self._follower.fd is not None:
                     seal.applied = self._applied
-                    if renamed is not None and self._file_bytes is not None:
+                    if renamed is not None and self._file_bytes is not None and not self._follower.lost:
                         seal.quick = self._quick_document(*renamed)
             return seal
 
@@ -383,6 +401,7 @@ class UsageStore:
             # nothing was applied since the seal: the file now holds exactly the live state; go on from it
             self.totals, self.ledger, self._file_bytes = totals, ledger, read_bytes(self.path)
             self._unsettled, self._ledger_at = [], 0  # applied before the seal: the file holds them
+            self._follower.lost = False  # whatever it missed is in the file
         return totals, ledger
 
     def _quick_fold(self, quick: _Quick) -> tuple[Totals, Ledger]:

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import gevent
 import gevent.event
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ccm_wsgi.accounting.ledger import Ledger
 from ccm_wsgi.accounting.periods import day_number
@@ -364,3 +367,41 @@ def test_a_ledger_saved_before_counts_were_kept_still_loads() -> None:
     assert since.usd == 0.75
     again = Ledger.from_json(json.loads(json.dumps(ledger.to_json(day_number("2026-11-03") * 86400.0))))
     assert again.since("alice", 0) == ledger.since("alice", 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["alice", "bob"]), st.sampled_from(["check", "record", "record", "save"]),
+                          st.floats(0.001, 5.0)), min_size=1, max_size=40))
+def test_stores_reading_their_ledger_between_records_count_each_record_once_in_journal_order(
+        steps: list[tuple[str, str, float]]) -> None:
+    """Two stores on one file (two workers): alice's requests go through one, bob's through the other. Each
+    step is a limited request of one of them reading its store's ledger (its check), a response recorded, or
+    a fold. Whatever the order, both ledgers and the file come out as every record added one by one in the
+    order appended: also a store that was not reading while the other folded twice (one journal came and went
+    unread), and a store that counts its own record at once or reads it back later."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "u.json"
+        stores = {"alice": store_at(path), "bob": store_at(path)}
+        for store in stores.values():
+            store.open()
+        expected = Ledger()
+        recorded = {"": 0, "alice": 0, "bob": 0}
+        for user, step, cost in steps:
+            if step == "check":
+                stores[user].current_ledger()
+            elif step == "save":
+                assert stores[user].save()
+            else:
+                record = rec(user)
+                record.cost = cost
+                stores[user].record(record)
+                expected.add(record, time.time_ns(), Pricing())
+                recorded[""] += 1
+                recorded[user] += 1
+        for store in stores.values():
+            ledger = store.current_ledger()
+            for user in stores:
+                assert ledger.spent(user, [0]) == expected.spent(user, [0])
+                assert ledger.since(user, 0) == expected.since(user, 0)
+            store.close()
+        assert requests(path) == {user: n for user, n in recorded.items() if n or not user}
