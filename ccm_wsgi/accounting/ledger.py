@@ -116,7 +116,7 @@ class Ledger:
         """Add one usage record: what `add_all` adds for each record of a batch, without grouping."""
         user = rec.user
         cost = rec.cost or pricing.cost_of(rec)
-        if user:
+        if user and rec.readings:
             self._observe(user, cost, rec.readings)
         day = int(t_ns / 1e9 // DAY)
         days = self.spend.get(user)

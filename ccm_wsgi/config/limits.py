@@ -19,6 +19,7 @@ from .base import REF, REQUIRED, Loc, Problem, Reading, Section, claim, entries,
 from .values import choice, each, integer, number, plain, strings
 
 PERIODS = ("day", "week", "month")
+ANSWERS_KEPT = 256  # model names whose `allows` answer is kept, per limits object
 Percent = Annotated[float | None, number(0.0, 100.0, above=True)]
 
 
@@ -90,7 +91,18 @@ class Limits(Section):
             return None
         return re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in self.models))
 
+    @functools.cached_property
+    def _answers(self) -> dict[str, bool]:
+        """`allows` answers by model name (clients ask for a few models, again and again)."""
+        return {}
+
     def allows(self, model: str) -> bool:
         """Whether the user may ask for `model`: it matches one of the `models` patterns (none: any model)."""
-        models = self._models
-        return models is None or models.match(model) is not None
+        answers = self._answers
+        found = answers.get(model)
+        if found is None:
+            models = self._models
+            found = models is None or models.match(model) is not None
+            if len(answers) < ANSWERS_KEPT:  # names a client makes up are matched each time, not kept
+                answers[model] = found
+        return found

@@ -33,7 +33,7 @@ POLL = 0.05  # seconds between looks for a free lease in a store shared by proce
 SET_UP_ATTEMPTS = 200  # a worker's first use of the host's counts file, tried about 10 s
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
     user: str
     most: int
@@ -126,22 +126,20 @@ class Minute:
 
 class MemoryCounters(OneAtATime):
     def __init__(self) -> None:
-        self._slots: dict[tuple[str, int], gevent.lock.BoundedSemaphore] = {}
-        self._held: collections.Counter[str] = collections.Counter()
+        # per user and limit value (a reload that changes it starts a new count): the slots, and the one lease
+        # every request holding one of them shows (it only names them)
+        self._slots: dict[tuple[str, int], tuple[gevent.lock.BoundedSemaphore, Lease]] = {}
         self._minutes: dict[str, Minute] = {}
 
     def acquire(self, user: str, most: int, wait: float) -> Lease | None:
-        slots = self._slots.get((user, most))
-        if slots is None:  # per limit value: a reload that changes it starts a new count
-            slots = self._slots[(user, most)] = gevent.lock.BoundedSemaphore(most)
-        if not slots.acquire(timeout=wait):
-            return None
-        self._held[user] += 1
-        return Lease(user, most)
+        found = self._slots.get((user, most))
+        if found is None:
+            found = self._slots[(user, most)] = (gevent.lock.BoundedSemaphore(most), Lease(user, most))
+        slots, lease = found
+        return lease if slots.acquire(timeout=wait) else None
 
     def release(self, lease: Lease) -> None:
-        self._held[lease.user] -= 1
-        self._slots[(lease.user, lease.most)].release()
+        self._slots[(lease.user, lease.most)][0].release()
 
     def hit(self, user: str, per_minute: int, now: float) -> float:
         minute = self._minutes.get(user)
@@ -150,7 +148,7 @@ class MemoryCounters(OneAtATime):
         return minute.hit(per_minute, now)
 
     def in_flight(self, user: str) -> int:
-        return self._held[user]
+        return sum(most - slots.counter for (name, most), (slots, _) in self._slots.items() if name == user)
 
 
 class HostCounters(OneAtATime):

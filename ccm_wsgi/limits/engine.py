@@ -131,7 +131,7 @@ class Limits:
             check_budgets()
         else:
             admission.lease, wait = self.counters.admit(user.name, limits.max_concurrent, limits.requests_per_minute,
-                                                        self.queue_wait, self.clock(), check_budgets)
+                                                        self.queue_wait, now, check_budgets)
             if wait > 0:
                 assert limits.requests_per_minute is not None
                 raise refusals.rate(limits.requests_per_minute, wait)
