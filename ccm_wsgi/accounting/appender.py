@@ -2,7 +2,7 @@
 
 A record is one `os.write` of one line on an `O_APPEND` descriptor, under a shared `flock` on the lock
 file that a seal (`store.py`) takes exclusively for its renames. This runs at the end of every response, so
-it is kept to the system calls it needs (lock, write, unlock; with shared state, also where the line landed):
+it is kept to the system calls it needs (lock, write, unlock; the store may then ask where the line landed):
 
 * The lock file and journal descriptors stay open from one record to the next. The lock is taken and
   released on the kept descriptor; no greenlet switch can happen while it is held, so greenlets sharing it
@@ -45,7 +45,7 @@ class Appender:
         self.journal_path = journal_path
         self.lock_path = lock_path
         self.usage_path = usage_path  # new journals get its mode
-        self._journal_id: tuple[int, int] | None = None  # (inode, device) of the journal appended to
+        self.journal_id: tuple[int, int] | None = None  # (inode, device) of the journal appended to
         self.generation = ""  # of that journal
         self._lock_fd: int | None = None
         self._journal_fd: int | None = None
@@ -79,10 +79,6 @@ class Appender:
             return fd
         finally:
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
-
-    def append_at(self, line: bytes) -> int:
-        """Append `line` like `append`; returns where it starts in the journal (its identity across nodes)."""
-        return os.lseek(self.append(line), 0, os.SEEK_CUR) - len(line)
 
     def _check(self, now: float) -> tuple[int, seals.SealView]:
         """The kept lock file descriptor and seal view, re-opened after a fork, when missing, or when the lock
@@ -124,7 +120,7 @@ class Appender:
         seen = view.read()
         current = files.identity(self.journal_path)
         fd = self._journal_fd
-        if fd is not None and current != self._journal_id:
+        if fd is not None and current != self.journal_id:
             self._journal_fd = None  # sealed (or removed) since the last record
             files.close(fd)
             fd = None
@@ -135,7 +131,7 @@ class Appender:
                 seen = view.read()
             fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
             st = os.fstat(fd)
-            self._journal_fd, self._journal_id = fd, (st.st_ino, st.st_dev)
+            self._journal_fd, self.journal_id = fd, (st.st_ino, st.st_dev)
             self.generation = journal.generation_of(os.pread(fd, 4096, 0))
         self._seals_seen = seen
         return fd

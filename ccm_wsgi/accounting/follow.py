@@ -9,14 +9,16 @@ once it is sealed - and moves on to the new one. Whether the journal path still 
 asked of the file system when the seal count in the lock file (`seals.py`) has changed, and once every
 RECHECK seconds in case the lock file itself was replaced by hand.
 
-A process reads its own records back too, so that every record reaches its ledger in journal order; its
-store lists the lines it appended (`mine`, in the order it wrote them), and a line read that is the next of
-those is taken as the record it was written from, without decoding it; when the journal grew by exactly its
-lines (nobody else appended: a single `ccm-wsgi serve`), they are taken all at once. (Two processes writing
-byte-identical lines is harmless: the record taken is the same either way.) A store thus never asks where
-its line landed (no `lseek` per record) and reads its own records in batches. Lines it appended that never
-show up (the journal removed by hand) are forgotten when the follower stops, or by the store once too many
-are unread.
+Every record reaches a process's ledger in journal order, its own included. Its store lists the lines it
+appended (`mine`, in the order it wrote them), and a line read that is the next of those is taken as the
+record it was written from, without decoding it; when the journal grew by exactly its lines (nobody else
+appended: a single `ccm-wsgi serve`), they are taken all at once. (Two processes writing byte-identical
+lines is harmless: the record taken is the same either way.) So a store need not ask where its line landed
+(an `lseek` per record) and reads its own records in batches. When its ledger is read between records
+(limits check every request against it), it asks instead: a line that landed exactly where the follower
+has read to is the next record in journal order, and is counted at once, not read back (`take`). Lines it
+appended that never show up (the journal removed by hand) are forgotten when the follower stops, or by the
+store once too many are unread.
 """
 
 from __future__ import annotations
@@ -82,6 +84,16 @@ class Follower:
         self.position = len(first) if end < 0 else end
         self.generation = journal.generation_of(first)
 
+    def take(self, line: bytes, start: int, journal: tuple[int, int] | None) -> bool:
+        """This process just appended `line` at `start` of the journal `journal`. When that is where this
+        follower has read to (so nothing, its own lines included, waits to be read before it), the line is the
+        next record in journal order: it counts as read, and True tells the store to count its record now.
+        Otherwise the store lists it in `mine`, to be met when it is read."""
+        if start != self.position or journal != self.identity:
+            return False
+        self.position = start + len(line)
+        return True
+
     def stop(self) -> None:
         """Stop reading; lines of this process not read back yet are forgotten (nothing will read them)."""
         self.mine.clear()
@@ -100,18 +112,18 @@ class Follower:
         if self.fd is None:
             return
         try:
-            self._catch_up()
+            self._read_to_end()
+            assert self._seals is not None
+            seen, now = self._seals.read(), time.monotonic()
+            if seen != self._seen or now >= self._recheck:
+                self._follow_path(seen, now)
         except OSError as exc:  # the journal cannot be read: a fold reads it instead
             self.log.error("usage: cannot follow %s: %s", self.path, exc.strerror or exc)
             self.stop()
 
-    def _catch_up(self) -> None:
-        assert self.fd is not None
-        self._read_to_end()
-        assert self._seals is not None
-        seen, now = self._seals.read(), time.monotonic()
-        if seen == self._seen and now < self._recheck:
-            return
+    def _follow_path(self, seen: bytes, now: float) -> None:
+        """The seal count changed (or RECHECK passed): when the journal path names another file now, finish the
+        followed one and follow that."""
         counted, self._seen, self._recheck = seen != self._seen, seen, now + RECHECK
         current = files.identity(self.path)
         if current is not None and current != self.identity:

@@ -22,8 +22,9 @@ file format (key for key, plus two keys of its own, `journal` and `ledger`) and 
   seal *is* the folded file: it is written without reading the journal back (a single `ccm-wsgi serve`,
   every minute). Otherwise (another process folded, perhaps with records it kept in memory) the journals
   are folded as described, and the live state goes on from what that fold wrote. Records reach the live
-  state in batches, as they are read back (at most READ_BACK_MAX at a time), summed per user, day and bucket
-  in one pass; the ledger is brought up to date whenever it is read (before every limited request).
+  state in batches as they are read back, or at once when the ledger is read between records (`follow.py`),
+  and are summed into it at most READ_BACK_MAX at a time, per user, day and bucket in one pass; the ledger is
+  brought up to date whenever it is read (before every limited request).
 * **Crash points.** Killed before the file rename: the old file plus the sealed journal, folded again
   later. Killed after it: the file's marker names the sealed journal, which is then removed unread. Every
   state on disk is "old file + journals" or "new file + a marker that says what it holds": none counts a
@@ -87,7 +88,7 @@ if TYPE_CHECKING:
     from ..state.usage import SharedUsage
 
 _PAIR = operator.itemgetter(0, 1)  # (record, time) of a record read
-READ_BACK_MAX = 512  # own records appended before they are read back anyway (else when the ledger is read)
+READ_BACK_MAX = 512  # records this process appended or read before they are summed into the live state anyway
 SAVE_INTERVAL = 60.0
 RECOVER_RETRY = 10.0
 
@@ -139,6 +140,7 @@ class UsageStore:
         self._stop = Event()
         self._saver: gevent.Greenlet | None = None
         self._appender = Appender(self.journal_path, self.lock_path, path)
+        self._ledger_read = False  # since the last record
         self._recover_after = 0.0  # when the next `_recover` may fold (monotonic)
 
     # public API
@@ -169,15 +171,15 @@ class UsageStore:
             return
         self._changes += 1
         shared = self.shared
-        identity = ""  # a record's identity is needed with shared state only (it costs an `lseek`)
+        appender = self._appender
+        start = -1  # where the line landed: its identity with shared state, and whether the follower can take it
         try:
-            if shared is None:
-                self._appender.append(line)
-            else:
-                start = self._appender.append_at(line)
-                identity = journal.ident(self._appender.generation, start)  # (of the journal appended to)
+            fd = appender.append(line)
+            if shared is not None or self._ledger_read:  # (an `lseek`: not asked when nobody needs it)
+                start = os.lseek(fd, 0, os.SEEK_CUR) - len(line)
+                self._ledger_read = False
         except Exception as exc:
-            self._appender.close()  # start from fresh descriptors next time
+            appender.close()  # start from fresh descriptors next time
             self._kept += 1
             identity = journal.ident(f"kept-{os.getpid()}-{id(self):x}", self._kept)
             self._pending.append((rec, t_ns, identity))
@@ -192,23 +194,33 @@ class UsageStore:
             )
             return
         follower = self._follower
-        if follower.fd is not None:  # read back (in journal order, with other processes' records) in batches
-            mine = follower.mine
-            mine.append((line, rec, t_ns))
-            if len(mine) >= READ_BACK_MAX:
-                follower.catch_up()
-                self._settle()
-                if len(mine) >= READ_BACK_MAX:  # not in the journal followed (it was removed or replaced by hand)
-                    self.log.warning("usage: %d records appended to %s are not in it any more", len(mine),
-                                     self.journal_path)
-                    mine.clear()
+        if follower.fd is not None:
+            if start >= 0 and follower.take(line, start, appender.journal_id):
+                if shared is None:  # the next record in journal order: counted now, never read back
+                    unsettled = self._unsettled
+                    unsettled.append((rec, t_ns))
+                    self._applied += 1
+                    if len(unsettled) >= READ_BACK_MAX:
+                        self._settle()
+            else:  # read back in journal order, with the records other processes appended before it
+                mine = follower.mine
+                mine.append((line, rec, t_ns))
+                if len(mine) >= READ_BACK_MAX:
+                    follower.catch_up()
+                    self._settle()
+                    if len(mine) >= READ_BACK_MAX:  # not in the journal followed (removed or replaced by hand)
+                        self.log.warning("usage: %d records appended to %s are not in it any more", len(mine),
+                                         self.journal_path)
+                        mine.clear()
         if shared is not None:
+            identity = journal.ident(appender.generation, start)  # (of the journal appended to)
             shared.local(rec, t_ns, identity)
             shared.push_later(identity, line[1:])
 
     def current_ledger(self) -> Ledger:
         """The ledger with every record appended so far, by any process (and with shared state, every
         record the usage stream has shown, by any node)."""
+        self._ledger_read = True
         follower = self._follower
         follower.catch_up()
         if self.shared is not None:
