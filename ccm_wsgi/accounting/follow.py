@@ -14,7 +14,7 @@ appended (`mine`, in the order it wrote them), and a line read that is the next 
 record it was written from, without decoding it; when the journal grew by exactly its lines (nobody else
 appended: a single `ccm-wsgi serve`), they are taken all at once. (Two processes writing byte-identical
 lines is harmless: the record taken is the same either way.) So a store need not ask where its line landed
-(an `lseek` per record) and reads its own records in batches. When its ledger is read between records
+(an `lseek` per record) and reads its own records in batches. While its ledger is read between records
 (limits check every request against it), it asks instead: a line that landed exactly where the follower
 has read to is the next record in journal order, and is counted at once, not read back (`take`). Lines it
 appended that never show up (the journal removed by hand) are forgotten when the follower stops, or by the

@@ -89,6 +89,7 @@ if TYPE_CHECKING:
 
 _PAIR = operator.itemgetter(0, 1)  # (record, time) of a record read
 READ_BACK_MAX = 512  # records this process appended or read before they are summed into the live state anyway
+TAKE_WHILE_READ = 64  # records are taken at once (`Follower.take`) while the ledger was read this few records ago
 SAVE_INTERVAL = 60.0
 RECOVER_RETRY = 10.0
 
@@ -140,7 +141,7 @@ class UsageStore:
         self._stop = Event()
         self._saver: gevent.Greenlet | None = None
         self._appender = Appender(self.journal_path, self.lock_path, path)
-        self._ledger_read = False  # since the last record
+        self._unread = READ_BACK_MAX  # records appended since the ledger was last read
         self._recover_after = 0.0  # when the next `_recover` may fold (monotonic)
 
     # public API
@@ -175,9 +176,9 @@ class UsageStore:
         start = -1  # where the line landed: its identity with shared state, and whether the follower can take it
         try:
             fd = appender.append(line)
-            if shared is not None or self._ledger_read:  # (an `lseek`: not asked when nobody needs it)
+            if shared is not None or self._unread < TAKE_WHILE_READ:  # (an `lseek`: not when nobody needs it)
                 start = os.lseek(fd, 0, os.SEEK_CUR) - len(line)
-                self._ledger_read = False
+            self._unread += 1
         except Exception as exc:
             appender.close()  # start from fresh descriptors next time
             self._kept += 1
@@ -220,7 +221,7 @@ class UsageStore:
     def current_ledger(self) -> Ledger:
         """The ledger with every record appended so far, by any process (and with shared state, every
         record the usage stream has shown, by any node)."""
-        self._ledger_read = True
+        self._unread = 0
         follower = self._follower
         follower.catch_up()
         if self.shared is not None:
