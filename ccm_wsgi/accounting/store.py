@@ -66,6 +66,7 @@ from ..state.usage import decoded
 from . import journal, seals
 from .appender import Appender
 from .follow import Follower
+from .housekeeping import remove_stale_temps, set_aside
 from .ledger import Ledger
 from .pricing import Pricing
 from .reading import (
@@ -89,7 +90,7 @@ if TYPE_CHECKING:
 
 _PAIR = operator.itemgetter(0, 1)  # (record, time) of a record read
 READ_BACK_MAX = 512  # records this process appended or read before they are summed into the live state anyway
-TAKE_WHILE_READ = 64  # records are taken at once (`Follower.take`) while the ledger was read this few records ago
+TAKE_WHILE_READ = 64  # records are taken at once (`Follower.take`) while the ledger was read fewer records ago
 SAVE_INTERVAL = 60.0
 RECOVER_RETRY = 10.0
 
@@ -339,7 +340,7 @@ class UsageStore:
         with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT,
                           mode_if_created=file_mode(self.path)) as lock_fd:
             assert lock_fd is not None
-            self._remove_stale_temps()
+            remove_stale_temps(self.path)
             live = journal.read(self.journal_path)
             seal, renamed = _Seal(), None
             if live is not None and len(live.data) > live.body:
@@ -489,37 +490,6 @@ class UsageStore:
         try:
             totals, marker, ledger, cursor = parse(raw, now)
         except Shape as exc:
-            self._set_aside(str(exc))
+            set_aside(self.path, str(exc), self.log)
             return Totals(now), None, Ledger(), mode, False, None
         return totals, marker, ledger, mode, True, cursor
-
-    def _set_aside(self, problem: str) -> None:
-        """Never overwrite a corrupt usage file: move it to `<path>.corrupt-<unix ts>`."""
-        stamp = int(time.time())
-        target = f"{self.path}.corrupt-{stamp}"
-        suffix = 0
-        while os.path.lexists(target):
-            suffix += 1
-            target = f"{self.path}.corrupt-{stamp}-{suffix}"
-        try:
-            os.rename(self.path, target)
-        except OSError as exc:
-            message = f"usage file {self.path} is corrupt ({problem}) and cannot be moved aside: {exc.strerror}"
-            raise UsageFileError(message) from None
-        self.log.error(
-            "usage file %s is corrupt (%s); kept it as %s and started new totals", self.path, problem, target
-        )
-        files.fsync_dir(os.path.dirname(self.path) or ".")
-
-    def _remove_stale_temps(self) -> None:
-        """Temp files of folds or journal creations that were killed (we hold both locks: none is in use)."""
-        directory = os.path.dirname(self.path) or "."
-        base = os.path.basename(self.path)
-        prefixes = (base + ".tmp-", base + ".journal.tmp-")
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            return
-        for name in names:
-            if name.startswith(prefixes):
-                files.unlink(os.path.join(directory, name))
