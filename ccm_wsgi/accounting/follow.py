@@ -84,12 +84,12 @@ class Follower:
         self.position = len(first) if end < 0 else end
         self.generation = journal.generation_of(first)
 
-    def take(self, line: bytes, start: int, journal: tuple[int, int] | None) -> bool:
-        """This process just appended `line` at `start` of the journal `journal`. When that is where this
-        follower has read to (so nothing, its own lines included, waits to be read before it), the line is the
-        next record in journal order: it counts as read, and True tells the store to count its record now.
-        Otherwise the store lists it in `mine`, to be met when it is read."""
-        if start != self.position or journal != self.identity:
+    def take(self, line: bytes, start: int, appended_to: tuple[int, int] | None) -> bool:
+        """This process just appended `line` at `start` of the journal whose identity is `appended_to`. When that
+        is where this follower has read to (so nothing, its own lines included, waits to be read before it), the
+        line is the next record in journal order: it counts as read, and True tells the store to count its record
+        now. Otherwise the store lists it in `mine`, to be met when it is read."""
+        if start != self.position or appended_to != self.identity:
             return False
         self.position = start + len(line)
         return True
