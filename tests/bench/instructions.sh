@@ -33,9 +33,9 @@ measure() {  # measure NAME: warm-up (and the first token refresh), zero, the co
     local name=$1 url="http://127.0.0.1:${port[$1]}/"
     for _ in $(seq 600); do curl -s -o /dev/null "$url" && break; sleep 0.5; done
     "$PY" "$here/instructions.py" load "${port[$name]}" 400 8 || exit 1
-    callgrind_control -z "${pid[$name]}" >/dev/null
+    callgrind_control -z "${pid[$name]}" >/dev/null 2>&1
     "$PY" "$here/instructions.py" load "${port[$name]}" "$requests" 8 || exit 1
-    callgrind_control -d "${pid[$name]}" >/dev/null
+    callgrind_control -d "${pid[$name]}" >/dev/null 2>&1
 }
 loads=()
 for name in "${names[@]}"; do
