@@ -19,7 +19,6 @@ from .base import REF, REQUIRED, Loc, Problem, Reading, Section, claim, entries,
 from .values import choice, each, integer, number, plain, strings
 
 PERIODS = ("day", "week", "month")
-ANSWERS_KEPT = 256  # model names whose `allows` answer is kept, per limits object
 Percent = Annotated[float | None, number(0.0, 100.0, above=True)]
 
 
@@ -67,7 +66,7 @@ class Limits(Section):
         if "models" in read.given and read.valid("models") and not self.models:
             yield Problem(("models",), "must name at least one model pattern")
 
-    # -- what every limited request asks (worked out once per config) --------------------------------
+    # -- derived once per config ----------------------------------------------------------------------
 
     @functools.cached_property
     def needs_ledger(self) -> bool:
@@ -75,34 +74,9 @@ class Limits(Section):
         return bool(self.budget) or self.window_share is not None
 
     @functools.cached_property
-    def periods(self) -> tuple[str, ...]:
-        """The budgets' periods, in the budgets' order."""
-        return tuple(budget.per for budget in self.budget)
-
-    @functools.cached_property
-    def amounts(self) -> tuple[float, ...]:
-        """The budgets' USD, in the budgets' order."""
-        return tuple(budget.usd for budget in self.budget)
-
-    @functools.cached_property
-    def _models(self) -> re.Pattern[str] | None:
-        """The `models` patterns as one regular expression (fnmatch's own translation, case-sensitive)."""
+    def pattern(self) -> re.Pattern[str] | None:
+        """The `models` patterns as one regular expression (fnmatch's own translation, case-sensitive); None:
+        any model."""
         if not self.models:
             return None
         return re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in self.models))
-
-    @functools.cached_property
-    def _answers(self) -> dict[str, bool]:
-        """`allows` answers by model name (clients ask for a few models, again and again)."""
-        return {}
-
-    def allows(self, model: str) -> bool:
-        """Whether the user may ask for `model`: it matches one of the `models` patterns (none: any model)."""
-        answers = self._answers
-        found = answers.get(model)
-        if found is None:
-            models = self._models
-            found = models is None or models.match(model) is not None
-            if len(answers) < ANSWERS_KEPT:  # names a client makes up are matched each time, not kept
-                answers[model] = found
-        return found

@@ -17,6 +17,7 @@ pool moves on to another credential, a single credential refuses. Open services 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,15 +37,59 @@ if TYPE_CHECKING:
     from ..config import Limits as LimitsConfig
     from ..config import Service as ServiceConfig
     from ..config import User
+    from ..config.limits import Budget
     from ..pool.providers import Account
 
 QUEUE_WAIT = 10.0  # seconds a request over max_concurrent waits for a slot before it is refused
 QUEUE_WAIT_ENV = "CCM_QUEUE_WAIT"  # the same in seconds, from the environment (tests, unusual clients)
 BUSY_RETRY = 2.0  # the retry-after then
+ANSWERS_KEPT = 256  # model names whose answer (allowed or not) a user's rules keep
 
 
 def _no_check() -> None:
     """The budget check of limits without a budget."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """One user's limits as every request of theirs reads them: plain values taken from the config once per
+    config (an attribute of a config object costs several times a plain one to read)."""
+
+    user: User  # the config object they were taken from
+    name: str
+    disabled: bool
+    expires: float | None  # epoch seconds
+    limits: LimitsConfig | None
+    needs_ledger: bool = False
+    budgets: tuple[Budget, ...] = ()
+    periods: tuple[str, ...] = ()  # the budgets' periods and USD, in their order
+    amounts: tuple[float, ...] = ()
+    most: int | None = None  # max_concurrent
+    per_minute: int | None = None  # requests_per_minute
+    windows: tuple[tuple[int, str, float], ...] = ()  # the window shares: (place in the ledger, window, percent)
+    pattern: re.Pattern[str] | None = None  # the models allowed (None: any)
+    answers: dict[str, bool] = field(default_factory=dict)  # by model name (clients ask for a few, again and again)
+
+    @classmethod
+    def of(cls, user: User, limits: LimitsConfig | None) -> Rules:
+        expires = user.expires.timestamp() if user.expires is not None else None
+        if limits is None:
+            return cls(user, user.name, user.disabled, expires, None)
+        share = limits.window_share
+        return cls(user, user.name, user.disabled, expires, limits, limits.needs_ledger, limits.budget,
+                   tuple(budget.per for budget in limits.budget), tuple(budget.usd for budget in limits.budget),
+                   limits.max_concurrent, limits.requests_per_minute, share.windows if share is not None else (),
+                   limits.pattern)
+
+    def allows(self, model: str) -> bool:
+        """Whether the user may ask for `model`: it matches one of the `models` patterns (none: any model)."""
+        answers = self.answers
+        found = answers.get(model)
+        if found is None:
+            found = self.pattern is None or self.pattern.match(model) is not None
+            if len(answers) < ANSWERS_KEPT:  # names a client makes up are matched each time, not kept
+                answers[model] = found
+        return found
 
 
 @dataclass(slots=True)
@@ -53,7 +98,7 @@ class Admission:
     (read once per request: the checks before forwarding and the answer's headers share them)."""
 
     user: str
-    limits: LimitsConfig | None
+    rules: Rules
     counters: Counters
     lease: Lease | None = None
     released: bool = False
@@ -102,10 +147,21 @@ class Limits:
         self.clock = clock
         self.queue_wait = float(os.environ.get(QUEUE_WAIT_ENV) or QUEUE_WAIT)
         self._known: Ledgered | None = None
+        self._rules: dict[int, Rules] = {}  # id(user) -> their rules under `cfg`
+        self._deny_overage = cfg.overage == "deny"
 
     def reload(self, cfg: ServiceConfig) -> None:
         """New limits for new requests; requests already admitted keep what they hold."""
         self.cfg = cfg
+        self._rules = {}
+        self._deny_overage = cfg.overage == "deny"
+
+    def rules(self, user: User) -> Rules:
+        """`user`'s rules under the current config (taken from it at the user's first request)."""
+        found = self._rules.get(id(user))
+        if found is None or found.user is not user:
+            found = self._rules[id(user)] = Rules.of(user, self.cfg.limits_for(user))
+        return found
 
     # -- before forwarding ---------------------------------------------------------------------------
 
@@ -114,44 +170,45 @@ class Limits:
         if user is None:
             return None
         now = self.clock()
-        if user.disabled:
-            raise refusals.disabled(user.name)
-        if user.expires is not None and user.expires.timestamp() <= now:
-            raise refusals.expired(user.name, user.expires.timestamp())
-        limits = self.cfg.limits_for(user)
-        admission = Admission(user.name, limits, self.counters)
-        if limits is None:
+        rules = self.rules(user)
+        if rules.disabled:
+            raise refusals.disabled(rules.name)
+        if rules.expires is not None and rules.expires <= now:
+            raise refusals.expired(rules.name, rules.expires)
+        admission = Admission(rules.name, rules, self.counters)
+        if rules.limits is None:
             return admission
-        if not limits.allows(model):
-            raise refusals.model(model, limits.models)
+        if not rules.allows(model):
+            raise refusals.model(model, rules.limits.models)
         # with shared state: what other nodes recorded up to now, in the one trip
-        stores = self.sync() if limits.needs_ledger else []
-        check_budgets = partial(self._check_budgets, admission, limits, now, stores) if limits.budget else _no_check
-        if limits.max_concurrent is None and limits.requests_per_minute is None:
+        stores = self.sync() if rules.needs_ledger else []
+        check_budgets = partial(self._check_budgets, admission, now, stores) if rules.budgets else _no_check
+        if rules.most is None and rules.per_minute is None:
             check_budgets()
         else:
-            admission.lease, wait = self.counters.admit(user.name, limits.max_concurrent, limits.requests_per_minute,
-                                                        self.queue_wait, now, check_budgets)
+            admission.lease, wait = self.counters.admit(rules.name, rules.most, rules.per_minute, self.queue_wait,
+                                                        now, check_budgets)
             if wait > 0:
-                assert limits.requests_per_minute is not None
-                raise refusals.rate(limits.requests_per_minute, wait)
-            if admission.lease is None and limits.max_concurrent is not None:
-                raise refusals.concurrency(limits.max_concurrent, BUSY_RETRY)
+                assert rules.per_minute is not None
+                raise refusals.rate(rules.per_minute, wait)
+            if admission.lease is None and rules.most is not None:
+                raise refusals.concurrency(rules.most, BUSY_RETRY)
         return admission
 
-    def _check_budgets(self, admission: Admission, limits: LimitsConfig, now: float, stores: list[UsageStore]) -> None:
+    def _check_budgets(self, admission: Admission, now: float, stores: list[UsageStore]) -> None:
         """Refuse when a budget is reached; note the fullest one (for the answer's headers)."""
-        spent = self._spending(admission.user, limits.periods, now, stores, admission.ledger)
+        rules = admission.rules
+        spent = self._spending(admission.user, rules.periods, now, stores, admission.ledger)
         fullest, at = 0.0, 0
-        for place, amount in enumerate(limits.amounts):  # a limited request's few numbers: a plain loop
+        for place, amount in enumerate(rules.amounts):  # a limited request's few numbers: a plain loop
             part = spent[place] / amount
             if part > fullest:
                 fullest, at = part, place
         if fullest >= 1.0:  # a part rounds to 1.0 a little before its budget is reached: the budgets decide
-            for budget, usd in zip(limits.budget, spent, strict=True):
+            for budget, usd in zip(rules.budgets, spent, strict=True):
                 if usd >= budget.usd:
                     raise refusals.budget(budget.per, budget.usd, ends(budget.per, now), now)
-        admission.fullest = (fullest, limits.periods[at])
+        admission.fullest = (fullest, rules.periods[at])
 
     def screen(self, admission: Admission | None, accounts: Sequence[Account]) -> tuple[frozenset[str], Refusal | None]:
         """The credentials this request must not go to (the user's share of its window used up, or its paid
@@ -159,17 +216,15 @@ class Limits:
         now = self.clock()
         excluded: set[str] = set()
         refusal: Refusal | None = None
-        limits = admission.limits if admission is not None else None
-        share = limits.window_share if limits is not None else None
         for account in accounts:
-            if self.cfg.overage == "deny" and account.quota.overage_until > now:
+            if self._deny_overage and account.quota.overage_until > now:
                 excluded.add(account.tag)
                 refusal = refusal or refusals.overage(account.quota.overage_until, now)
                 continue
-            if share is None or admission is None or account.usage is None:
+            if admission is None or not admission.rules.windows or account.usage is None:
                 continue
             used = admission.used(account.usage, now)
-            for place, window, percent in share.windows:
+            for place, window, percent in admission.rules.windows:
                 if used[place] >= percent:
                     excluded.add(account.tag)
                     reset = admission.ledger(account.usage).reset(window)
@@ -196,11 +251,9 @@ class Limits:
             five, week = pooled["five_hour_utilization"], pooled["weekly_utilization"]
         standing = {"five_hour": Standing(five / 100, account.quota.five_hour_reset),
                     "weekly": Standing(week / 100, account.quota.weekly_reset)}
-        limits = admission.limits if admission is not None else None
-        share = limits.window_share if limits is not None else None
-        if share is not None and admission is not None and account.usage is not None:
+        if admission is not None and admission.rules.windows and account.usage is not None:
             used = admission.used(account.usage, now)
-            for place, window, percent in share.windows:
+            for place, window, percent in admission.rules.windows:
                 mine = used[place] / percent
                 if mine > standing[window].utilization:
                     reset = admission.ledger(account.usage).reset(window)
