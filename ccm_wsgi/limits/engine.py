@@ -141,14 +141,15 @@ class Ledgered:
 class Limits:
     def __init__(self, cfg: ServiceConfig, counters: Counters, accounts: Callable[[], Sequence[Account]],
                  clock: Callable[[], float] = time.time):
-        self.cfg = cfg
         self.counters = counters
         self.accounts = accounts
         self.clock = clock
         self.queue_wait = float(os.environ.get(QUEUE_WAIT_ENV) or QUEUE_WAIT)
         self._known: Ledgered | None = None
-        self._rules: dict[int, Rules] = {}  # id(user) -> their rules under `cfg`
-        self._deny_overage = cfg.overage == "deny"
+        self.cfg: ServiceConfig
+        self._rules: dict[int, Rules]  # id(user) -> their rules under `cfg`
+        self._deny_overage: bool
+        self.reload(cfg)
 
     def reload(self, cfg: ServiceConfig) -> None:
         """New limits for new requests; requests already admitted keep what they hold."""
