@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import anthropic
 import trustme
 
-from tests.support.clients import ask, first_delta_only, stream_events
+from tests.support.clients import ask, client, conversation, first_delta_only, stream_events
 from tests.support.constants import ACCESS, ALICE, BOB, MODEL, REFRESH, USERS
 from tests.support.procs import (
     GUNICORN_CONF,
@@ -171,6 +172,52 @@ def test_periodic_save_runs_in_every_worker(tmp_path, fake, creds, start_gunicor
                 wait_for(lambda: fold_lock_free(usages), 20, what=f"worker {pid}'s fold to end")
             assert server.request_pids()[-1] == pid
     assert file_requests(usages) == 4
+
+
+def test_folds_go_on_under_sustained_load_and_every_record_counts_once(tmp_path, fake, creds, start_gunicorn):
+    """Under load a worker keeps the journal's shared lock from one response's record to the next within a turn
+    of its event loop; a fold that waits for the exclusive lock says so, and is let in while requests keep
+    coming. Every answered request is in the file once, and no fold is left waiting."""
+    usages = tmp_path / "usages.json"
+    server = start_gunicorn({"services": [service_config(fake.url, creds, usages_path=str(usages))]},
+                            env={"CCM_USAGE_SAVE_INTERVAL": "0.2"})
+    wait_for(lambda: fold_lock_free(usages), 20, what="the start-up folds to end")
+    stop = threading.Event()
+    answered = [0] * 16
+    errors: list[BaseException] = []
+
+    def load(i: int) -> None:
+        try:
+            with client(server, ALICE) as c:
+                for _ in range(5000):
+                    if stop.is_set():
+                        return
+                    c.messages.create(model=MODEL, max_tokens=16, messages=conversation())
+                    answered[i] += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(len(answered))]
+    for t in threads:
+        t.start()
+    grown: list[int] = []  # the file's request count each time a fold made it grow while the load went on
+    try:
+        for _ in range(1200):
+            n = file_requests(usages)
+            if n > (grown[-1] if grown else 0):
+                grown.append(n)
+            if len(grown) >= 3 or errors:
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors[0]
+    assert len(grown) >= 3, f"folds were held up by the load: {grown}"
+    assert server.stop() == 0
+    assert file_requests(usages) == sum(answered) > grown[-1]
+    assert (usages.with_name("usages.json.lock").read_bytes() + b"\0" * 9)[8] == 0  # nobody waits for the lock
 
 
 def test_one_refresh_across_workers(tmp_path, fake, start_gunicorn):

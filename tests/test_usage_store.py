@@ -281,6 +281,42 @@ def test_report_with_config(tmp_path: Path) -> None:
     assert json.loads(done.stdout) == json.loads(FIXTURE.read_text())
 
 
+def test_a_fold_gets_in_while_a_gevent_process_appends_without_pause(tmp_path: Path) -> None:
+    """Under gevent an appender keeps the shared lock until its event loop's next turn. A process whose turn
+    does not end (records appended one after another, nothing waited for) still lets a fold in: the fold says
+    that it waits, and the appender then gives the lock back after each record. Nothing is lost meanwhile."""
+    path = tmp_path / "u.json"
+    stop = tmp_path / "stop"
+    busy = subprocess.Popen([sys.executable, "-c", "from gevent import monkey; monkey.patch_all()\n" + CHILD +
+                             textwrap.dedent("""
+        store.open()
+        n = 0
+        for _ in range(10_000_000):  # one turn of the event loop: nothing here waits
+            store.record(rec("alice", n))
+            n += 1
+            if n == 1:
+                print("appending", flush=True)
+            if os.path.exists(sys.argv[2]):
+                break
+        print(n, flush=True)
+    """), str(path), str(stop)], stdout=subprocess.PIPE, text=True)
+    assert busy.stdout is not None
+    try:
+        assert busy.stdout.readline().strip() == "appending"
+        folder = store_at(path)
+        assert folder.save(), "the fold timed out waiting for the appending process"
+        assert busy.poll() is None  # it was still appending throughout
+        stop.touch()
+        appended = int(busy.stdout.readline())
+        assert busy.wait(30) == 0
+    finally:
+        busy.kill()
+        busy.wait()
+    assert folder.save()
+    assert requests(path)["alice"] == appended
+    assert Path(str(path) + ".lock").read_bytes()[8] == 0  # nobody waits for the lock any more
+
+
 def test_a_slow_fold_in_one_process_never_holds_up_another_s_records(tmp_path: Path) -> None:
     """A worker whose fold is slow (a slow disk) must not stall the responses of the others: they append to
     the journal while it folds, and their records are durable at once."""

@@ -4,12 +4,18 @@ A record is one `os.write` of one line on an `O_APPEND` descriptor, under a shar
 file that a seal (`store.py`) takes exclusively for its renames. This runs at the end of every response, so
 it is kept to the system calls it needs (lock, write, unlock; the store may then ask where the line landed):
 
-* The lock file and journal descriptors stay open from one record to the next. The lock is taken and
-  released on the kept descriptor; no greenlet switch can happen while it is held, so greenlets sharing it
-  never overlap.
+* The lock file and journal descriptors stay open from one record to the next.
+* Under gevent (`ccm-wsgi serve`, gunicorn's workers) the shared lock, once taken, is kept until the event
+  loop's next turn, so the responses that end in one turn (several under load: about five at 16 requests in
+  flight) take and release it once between them; its records are written as they come, so each is in the
+  journal before its response's last byte, as before. A seal that waits for the exclusive lock says so in the
+  lock file (`seals.excluding`); an appender that sees it gives the lock back after each record, so a busy
+  process never holds a fold up for longer than its current turn. Without gevent the lock is released after
+  each record.
 * The journal descriptor is used only while the seal count (`seals.py`) is the one seen when it was checked,
   read under the shared lock, so a seal (here or in another process) cannot move the journal between the
-  check and the write. Reading the count is a memory read, not a `stat`.
+  check and the write. Reading the count is a memory read, not a `stat`; while the lock is kept, no seal can
+  happen, so the count is not read again.
 * Should someone delete or replace the lock file or the journal by hand, that is noticed within
   LOCK_RECHECK seconds (a record appended meanwhile may go to the removed file, or to a journal that a
   fold under the new lock file has sealed, and be lost with it). After a fork (gunicorn's workers),
@@ -22,6 +28,9 @@ import errno
 import fcntl
 import os
 import time
+
+import gevent
+import gevent.monkey
 
 from .. import files
 from . import journal, seals
@@ -54,10 +63,35 @@ class Appender:
         self._seals: seals.SealView | None = None
         self._seals_seen = b""
         self._pid = 0
+        self._held: int | None = None  # the lock file descriptor while the shared lock is kept on it
+        self._defer = False  # keep the lock until the event loop's next turn (set with the descriptors)
+        self._scheduled = False  # a callback at that turn will give it back
 
     def append(self, line: bytes) -> int:
         """Append `line` to the live journal under the shared lock; returns the journal's descriptor (its
         offset is the line's end)."""
+        view, kept = self._seals, self._journal_fd
+        if self._held is None or view is None or kept is None or view.wanted() or self._pid != _Pid.value:
+            self._release()
+            fd = self._lock()
+        else:  # still under the lock taken for an earlier record of this turn
+            fd = kept
+        try:
+            written = os.write(fd, line)
+            if written != len(line):  # the cut line is skipped when folding; the record is kept in memory
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+        except BaseException:
+            self._release()
+            raise
+        if not self._defer or self._seals is None or self._seals.wanted():
+            self._release()
+        elif not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._end_of_turn)
+        return fd
+
+    def _lock(self) -> int:
+        """Take the shared lock (held until `_release`) and find the live journal's descriptor."""
         lock_fd, view, fd = self._lock_fd, self._seals, self._journal_fd
         now = time.monotonic()
         if lock_fd is None or view is None or fd is None or self._pid != _Pid.value or \
@@ -70,21 +104,31 @@ class Appender:
             if not files.acquire(lock_fd, fcntl.LOCK_SH, APPEND_LOCK_TIMEOUT):
                 raise UsageFileError(
                     f"timed out after {APPEND_LOCK_TIMEOUT:g}s waiting for the lock {self.lock_path}") from None
+        self._held = lock_fd
         try:
             if fd is None or view.read() != self._seals_seen:
                 fd = self._live_journal(lock_fd, view)
-            written = os.write(fd, line)
-            if written != len(line):  # the cut line is skipped when folding; the record is kept in memory
-                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
-            return fd
-        finally:
-            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        except BaseException:
+            self._release()
+            raise
+        return fd
+
+    def _release(self) -> None:
+        """Give the shared lock back, when this process holds it on the kept descriptor."""
+        fd, self._held = self._held, None
+        if fd is not None and fd == self._lock_fd and self._pid == _Pid.value:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _end_of_turn(self) -> None:
+        self._scheduled = False
+        self._release()
 
     def _check(self, now: float) -> tuple[int, seals.SealView]:
         """The kept lock file descriptor and seal view, re-opened after a fork, when missing, or when the lock
         file path names another file (looked at every LOCK_RECHECK seconds)."""
         if self._pid != _Pid.value:
-            self._lock_fd = self._journal_fd = self._seals = None  # the parent's: never unlock or close those
+            # the parent's: never unlock or close those
+            self._lock_fd = self._journal_fd = self._seals = self._held = None
             self._pid = _Pid.value
         if now - self._checked >= LOCK_RECHECK:
             self._checked = now
@@ -97,6 +141,7 @@ class Appender:
 
     def close(self) -> None:
         """Close the kept descriptors (the next append opens fresh ones)."""
+        self._release()
         lock_fd, journal_fd, view = self._lock_fd, self._journal_fd, self._seals
         self._lock_fd = self._journal_fd = self._seals = None
         if self._pid == _Pid.value:
@@ -110,6 +155,7 @@ class Appender:
         self.close()
         lock_fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         view = self._seals = seals.SealView(lock_fd)
+        self._defer = gevent.monkey.is_module_patched("socket")  # the hub runs whenever a greenlet waits
         st = os.fstat(lock_fd)
         self._lock_id = (st.st_ino, st.st_dev)
         return lock_fd, view

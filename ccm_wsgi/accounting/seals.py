@@ -6,23 +6,35 @@ the journal path still names the kept file costs a `stat` on every record; inste
 journal (a seal, or creating a missing one) changes this count, under the lock file's lock, and appenders
 read it through a shared mapping of the lock file: one memory read per record, no system call. A changed
 count sends the appender to the file system; an unchanged one means the kept descriptor is the live journal.
+
+The byte after the count says that someone waits for the exclusive lock (`excluding`): appenders that keep
+the shared lock until their event loop's next turn (`appender.py`) give it back after each record while it
+is set. Left set by a process that died while waiting, it only costs appenders that saving, until the next
+wait clears it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 
-SIZE = 8
+from .. import files
+
+SIZE = 8  # the count
+WANTED = SIZE  # the offset of the byte that says an exclusive lock is waited for
+_MAPPED = 16  # what the lock file holds at least
 _COUNT = struct.Struct("<Q")
 
 
 def _ensure_size(fd: int) -> None:
-    """A lock file written before the count existed is empty: make room (only ever grows it, so a count
-    another process has already written stays as it is)."""
-    if os.fstat(fd).st_size < SIZE:
-        os.ftruncate(fd, SIZE)
+    """A lock file written before the count existed is empty, or holds the count alone: make room (only ever
+    grows it, so what another process has already written stays as it is)."""
+    if os.fstat(fd).st_size < _MAPPED:
+        os.ftruncate(fd, _MAPPED)
 
 
 def bump(fd: int) -> None:
@@ -38,15 +50,37 @@ def successive(before: bytes, after: bytes) -> bool:
         _COUNT.unpack(after)[0] == (_COUNT.unpack(before)[0] + 1) % (1 << 64)
 
 
+@contextlib.contextmanager
+def excluding(lock_path: str, timeout: float, mode_if_created: int) -> Iterator[int]:
+    """The exclusive lock of the lock file (appends excluded) on a descriptor that is yielded, waited for with
+    the wanted byte set, so that appenders keeping the shared lock give it back after their next record."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode_if_created)
+    try:
+        _ensure_size(fd)
+        os.pwrite(fd, b"\1", WANTED)
+        try:
+            if not files.acquire(fd, fcntl.LOCK_EX, timeout):
+                raise files.LockTimeout(f"timed out after {timeout:g}s waiting for the lock {lock_path}")
+            yield fd
+        finally:
+            os.pwrite(fd, b"\0", WANTED)
+    finally:
+        files.close(fd)  # (and the lock with it)
+
+
 class SealView:
-    """A read-only shared mapping of the count in the lock file `fd` (opened read-write)."""
+    """A read-only shared mapping of the count and the wanted byte in the lock file `fd` (opened read-write)."""
 
     def __init__(self, fd: int) -> None:
         _ensure_size(fd)
-        self._map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._map = mmap.mmap(fd, _MAPPED, mmap.MAP_SHARED, mmap.PROT_READ)
 
     def read(self) -> bytes:
         return self._map[:SIZE]
+
+    def wanted(self) -> bool:
+        """Whether someone waits for the exclusive lock."""
+        return self._map[WANTED] != 0
 
     def close(self) -> None:
         self._map.close()

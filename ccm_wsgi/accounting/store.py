@@ -11,7 +11,8 @@ file format (key for key, plus two keys of its own, `journal` and `ledger`) and 
 * **Fold.** `save()` (every 60 s when something was recorded, at shutdown, and in `open()`) first *seals*
   the journal: under an exclusive `flock` on `<path>.lock`, held for two renames, the journal becomes
   `<path>.journal.<sequence>-<generation>` and a fresh one takes its place. Appenders hold the same lock
-  shared for one write (`appender.py`), so they never wait for more than that. Then, under
+  shared for one write, or under gevent until their event loop's next turn, which they cut short when a seal
+  says that it waits (`appender.py`), so neither side waits for more than a few writes. Then, under
   `<path>.fold.lock` (one fold at a time; readers hold it shared), each sealed journal in turn is added
   to the file, which is written atomically (unique temp name, fsync, rename, fsync of the directory)
   with `"journal": {"generation": G, "offset": N}` ("journal G is folded up to byte N"), and the sealed
@@ -337,9 +338,7 @@ class UsageStore:
         """Rename the live journal aside (if it holds records) and start a fresh one, appends excluded (`all`
         False when it cannot be renamed, an immutable file: it is then folded where it is, as it grows). The
         live state is brought to this instant (see `_Seal`)."""
-        with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT,
-                          mode_if_created=file_mode(self.path)) as lock_fd:
-            assert lock_fd is not None
+        with seals.excluding(self.lock_path, FOLD_LOCK_TIMEOUT, file_mode(self.path)) as lock_fd:
             remove_stale_temps(self.path)
             live = journal.read(self.journal_path)
             seal, renamed = _Seal(), None
@@ -403,7 +402,7 @@ class UsageStore:
             files.unlink(name)
         pending = [(rec, t_ns) for rec, t_ns, _ in self._pending]
         if not seal.all:
-            with files.locked(self.lock_path, fcntl.LOCK_EX, FOLD_LOCK_TIMEOUT):
+            with seals.excluding(self.lock_path, FOLD_LOCK_TIMEOUT, file_mode(self.path)):
                 live = journal.read(self.journal_path)
                 if live is not None:
                     pending = live.entries(marker, self.log, self.journal_path) + pending
