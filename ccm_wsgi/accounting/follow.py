@@ -14,11 +14,12 @@ appended (`mine`, in the order it wrote them), and a line read that is the next 
 record it was written from, without decoding it; when the journal grew by exactly its lines (nobody else
 appended: a single `ccm-wsgi serve`), they are taken all at once. (Two processes writing byte-identical
 lines is harmless: the record taken is the same either way.) So a store need not ask where its line landed
-(an `lseek` per record) and reads its own records in batches. While its ledger is read between records
-(limits check every request against it), it asks instead: a line that landed exactly where the follower
-has read to is the next record in journal order, and is counted at once, not read back (`take`). Lines it
-appended that never show up (the journal removed by hand) are forgotten when the follower stops, or by the
-store once too many are unread.
+(an `lseek` per record) and reads its own records in batches, or, when its ledger is read between records
+(limits check every request against it), one at a time. With shared state it knows where each line landed
+(the line's identity), and a line that landed exactly where the follower has read to is skipped, not read
+back (`take`): that process counted the record when it recorded it. Lines it appended that never show up
+(the journal removed by hand) are forgotten when the follower stops, or by the store once too many are
+unread.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ class Follower:
     def take(self, line: bytes, start: int, appended_to: tuple[int, int] | None) -> bool:
         """This process just appended `line` at `start` of the journal whose identity is `appended_to`. When that
         is where this follower has read to (so nothing, its own lines included, waits to be read before it), the
-        line is the next record in journal order: it counts as read, and True tells the store to count its record
-        now. Otherwise the store lists it in `mine`, to be met when it is read."""
+        line is the next record in journal order: it counts as read (True; with shared state the store counted it
+        when recording). Otherwise the store lists it in `mine`, to be met when it is read."""
         if start != self.position or appended_to != self.identity:
             return False
         self.position = start + len(line)

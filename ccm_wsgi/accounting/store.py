@@ -91,7 +91,6 @@ if TYPE_CHECKING:
 
 _PAIR = operator.itemgetter(0, 1)  # (record, time) of a record read
 READ_BACK_MAX = 512  # records this process appended or read before they are summed into the live state anyway
-TAKE_WHILE_READ = 64  # records are taken at once (`Follower.take`) while the ledger was read fewer records ago
 SAVE_INTERVAL = 60.0
 RECOVER_RETRY = 10.0
 
@@ -143,7 +142,6 @@ class UsageStore:
         self._stop = Event()
         self._saver: gevent.Greenlet | None = None
         self._appender = Appender(self.journal_path, self.lock_path, path)
-        self._unread = READ_BACK_MAX  # records appended since the ledger was last read
         self._recover_after = 0.0  # when the next `_recover` may fold (monotonic)
 
     # public API
@@ -175,12 +173,11 @@ class UsageStore:
         self._changes += 1
         shared = self.shared
         appender = self._appender
-        start = -1  # where the line landed: its identity with shared state, and whether the follower can take it
+        start = -1  # with shared state, where the line landed: its identity, and the follower skips it
         try:
             fd = appender.append(line)
-            if shared is not None or self._unread < TAKE_WHILE_READ:  # (an `lseek`: not when nobody needs it)
+            if shared is not None:
                 start = os.lseek(fd, 0, os.SEEK_CUR) - len(line)
-            self._unread += 1
         except Exception as exc:
             appender.close()  # start from fresh descriptors next time
             self._kept += 1
@@ -197,24 +194,18 @@ class UsageStore:
             )
             return
         follower = self._follower
-        if follower.fd is not None:
-            if start >= 0 and follower.take(line, start, appender.journal_id):
-                if shared is None:  # the next record in journal order: counted now, never read back
-                    unsettled = self._unsettled
-                    unsettled.append((rec, t_ns))
-                    self._applied += 1
-                    if len(unsettled) >= READ_BACK_MAX:
-                        self._settle()
-            else:  # read back in journal order, with the records other processes appended before it
-                mine = follower.mine
-                mine.append((line, rec, t_ns))
-                if len(mine) >= READ_BACK_MAX:
-                    follower.catch_up()
-                    self._settle()
-                    if len(mine) >= READ_BACK_MAX:  # not in the journal followed (removed or replaced by hand)
-                        self.log.warning("usage: %d records appended to %s are not in it any more", len(mine),
-                                         self.journal_path)
-                        mine.clear()
+        if follower.fd is not None and not (start >= 0 and follower.take(line, start, appender.journal_id)):
+            # read back in journal order, with the records other processes appended before it (recognised by
+            # its bytes: no `lseek` per record to learn where it landed)
+            mine = follower.mine
+            mine.append((line, rec, t_ns))
+            if len(mine) >= READ_BACK_MAX:
+                follower.catch_up()
+                self._settle()
+                if len(mine) >= READ_BACK_MAX:  # not in the journal followed (removed or replaced by hand)
+                    self.log.warning("usage: %d records appended to %s are not in it any more", len(mine),
+                                     self.journal_path)
+                    mine.clear()
         if shared is not None:
             identity = journal.ident(appender.generation, start)  # (of the journal appended to)
             shared.local(rec, t_ns, identity)
@@ -223,7 +214,6 @@ class UsageStore:
     def current_ledger(self) -> Ledger:
         """The ledger with every record appended so far, by any process (and with shared state, every
         record the usage stream has shown, by any node)."""
-        self._unread = 0
         follower = self._follower
         follower.catch_up()
         if self.shared is not None:
