@@ -127,9 +127,9 @@ class Appender:
         """The kept lock file descriptor and seal view, re-opened after a fork, when missing, or when the lock
         file path names another file (looked at every LOCK_RECHECK seconds)."""
         if self._pid != _Pid.value:
-            # the parent's: never unlock or close those
+            # the parent's: never unlock or close those (nor count on a callback the parent's loop was to run)
             self._lock_fd = self._journal_fd = self._seals = self._held = None
-            self._pid = _Pid.value
+            self._pid, self._scheduled = _Pid.value, False
         if now - self._checked >= LOCK_RECHECK:
             self._checked = now
             if self._lock_fd is not None and files.identity(self.lock_path) != self._lock_id:
