@@ -141,15 +141,17 @@ def test_streams_and_exact_usage_across_workers_saved_on_sigterm(tmp_path, fake,
 
 
 def fold_lock_free(usages: Path) -> bool:
-    """Nobody holds the usage file's lock: no fold (or record) is under way in any process."""
-    fd = os.open(str(usages) + ".lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # releases it at once
+    """Nobody holds either of the usage file's locks: no fold (its lock is held until the sealed journal is
+    removed, after the file is written) and no record is under way in any process."""
+    for lock in (".fold.lock", ".lock"):
+        fd = os.open(str(usages) + lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # releases it at once
+    return True
 
 
 def test_periodic_save_runs_in_every_worker(tmp_path, fake, creds, start_gunicorn):
