@@ -39,6 +39,7 @@ _COUNTED = operator.attrgetter("tokens.input_tokens", "tokens.output_tokens", "t
                                "tokens.cache_creation_input_tokens")  # the token counts of COUNTS, by record
 _COST = operator.attrgetter("cost")
 _NO_COUNTS = (0,) * len(COUNTS)
+GROUPED_FROM = 32  # records added together are grouped by user and day from this many on: cheaper, not below
 RESET_JITTER = 60.0  # resets from different sources differ by seconds; a new window moves by hours
 
 
@@ -135,8 +136,9 @@ class Ledger:
         """Add usage records in journal order: each one's user, time (ns), cost (its own, else priced) and
         tokens, and what its response reported (see `_observe`). A user's day gets its records' costs added in
         their order, as adding them one by one would, whatever the batch."""
-        if len(entries) == 1:  # a limited request's own record, read back alone: no grouping
-            self.add(*entries[0], pricing)
+        if len(entries) < GROUPED_FROM:  # (a ledger read before each limited request finds a few)
+            for rec, t_ns in entries:
+                self.add(rec, t_ns, pricing)
             return
         groups: dict[tuple[str, int], list[Record]] = {}
         for rec, t_ns in entries:

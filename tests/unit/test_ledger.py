@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccm_wsgi.accounting.ledger import Ledger
+from ccm_wsgi.accounting.ledger import GROUPED_FROM, Ledger
 from ccm_wsgi.accounting.pricing import Pricing
 from ccm_wsgi.accounting.records import Record, Totals, render
 from ccm_wsgi.accounting.tokens import Tokens
@@ -51,7 +51,8 @@ _records = st.builds(
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(_records, max_size=40), st.lists(st.integers(min_value=1, max_value=8), max_size=20))
+# batches below GROUPED_FROM records are added one by one, larger ones grouped by user and day: both kinds
+@given(st.lists(_records, max_size=100), st.lists(st.integers(min_value=1, max_value=2 * GROUPED_FROM), max_size=8))
 def test_records_in_batches_add_up_as_one_by_one(entries: list[tuple[Record, int]], sizes: list[int]) -> None:
     one_by_one, batched = (Totals(0), Ledger()), (Totals(0), Ledger())
     for entry in entries:
