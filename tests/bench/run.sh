@@ -8,6 +8,7 @@
 #   EXTRA=gevent sh tests/bench/run.sh -- ...   # only some of the extra targets (default: all nine)
 #   CCM_BASE=/tmp/old sh tests/bench/run.sh     # also "ccm-base": the ccm_wsgi package in /tmp/old (e.g.
 #                                               # `git archive OLD ccm_wsgi | tar -x -C /tmp/old`), same config
+#   TOGETHER=0 sh tests/bench/run.sh            # without the closing together.sh measurement (see below)
 #
 # The harness is ../shared/bench (BENCH_DIR to override), used as it is: compare.sh starts the fake
 # upstream (with --strict-tokens, so ccm-wsgi must refresh its expired token before anything works),
@@ -29,6 +30,9 @@
 #
 # Targets run one after another in this order, rotated each repeat, so that the compared configs sit
 # next to each other in time (ccm-wsgi, ccm-nousage, ccm-limits, ccm-twin, ccm-nousage-twin, ccm-nometrics).
+# Then (not with QUICK=1) together.sh measures usage tracking on/off and every limit on every user again,
+# all of those servers loaded in the same windows on one core (12 rounds of 5 s), where a machine whose speed
+# moves from window to window moves them all alike; its figures close summary.md.
 #
 # The clients authenticate with `x-api-key: <user token>`: ccm-wsgi takes it as the user token and
 # sends its own refreshed OAuth token upstream, while direct, nginx and the bare proxy pass it through
@@ -215,5 +219,11 @@ cleanup
 json="$(ls -t "$OUT_DIR"/results-*.json 2>/dev/null | head -1)"
 if [ -n "$json" ]; then
     "$PY" "$here/report.py" "$json" --out-dir "$OUT_DIR" | tee "$OUT_DIR/summary.md"
+    if [ "${QUICK:-}" != 1 ] && [ "${TOGETHER:-1}" != 0 ] && have wrk && have taskset; then
+        # usage tracking and limits once more, every compared server in the same windows on one core
+        { printf '\n### Usage tracking and limits, measured together on one core (together.sh)\n\n```\n'
+          OUT_DIR="$OUT_DIR/together" sh "$here/together.sh" 12 5
+          printf '```\n'; } | tee -a "$OUT_DIR/summary.md"
+    fi
 fi
 exit "$rc"
