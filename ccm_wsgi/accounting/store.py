@@ -229,10 +229,10 @@ class UsageStore:
         RECOVER_RETRY seconds when it fails)."""
         now = time.monotonic()
         if now >= self._recover_after:
-            self._recover_after = now + RECOVER_RETRY
             self.log.info("usage: journals of %s were folded by another process unread here; folding to count them",
                           self.path)
-            self.save()
+            if not self.save():  # a fold that worked is never held back: the next loss is recovered at once
+                self._recover_after = now + RECOVER_RETRY
 
     def sync(self) -> None:
         """Before a budget is checked: with shared state, read what other nodes recorded (one round trip)."""
