@@ -24,10 +24,17 @@ NODE_DEPS := tests/node/node_modules/.package-lock.json
 $(NODE_DEPS): tests/node/package-lock.json
 	npm ci --prefix tests/node --no-audit --no-fund --silent
 
+# The suite on two processes (pytest-xdist, each idle test's waits filled by the other's work), then the scan
+# for leaked secrets on its own, over what every process of the run gathered (tests/support/secrets_guard.py).
+FINAL_SCAN := tests/test_secrets.py::test_no_secret_in_any_log_or_error_body
+
 test: $(STAMP)
 	sh tests/install-system-deps.sh
 	$(MAKE) --no-print-directory $(NODE_DEPS)
-	$(PY) -m pytest -q
+	scan=$$(mktemp -d) && export CCM_TEST_SCAN_DIR=$$scan; \
+	$(PY) -m pytest -q -n 2 --dist worksteal --deselect $(FINAL_SCAN); suite=$$?; \
+	$(PY) -m pytest -q $(FINAL_SCAN); final=$$?; \
+	rm -rf "$$scan"; [ $$suite = 0 ] && [ $$final = 0 ]
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -32,6 +32,7 @@ setup(
             "gunicorn[gevent]>=23.0",
             "pytest>=8.0",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "anthropic>=0.40",
             "trustme>=1.1",

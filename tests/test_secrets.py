@@ -19,18 +19,14 @@ import pytest
 from tests.support import constants, procs
 from tests.support.constants import ACCESS, ALICE, BOB, REFRESH
 from tests.support.procs import request, service_config, write_credentials
-from tests.support.secrets_guard import find_leaks, mask
+from tests.support.secrets_guard import Gathered, find_leaks, mask, scan_dir
 
 ADMIN = "ak-ccm-admin-secret-0123456789"
-def session_texts(basetemp: Path) -> list[tuple[str, str]]:
-    logs = set(procs.LOG_FILES) | set(basetemp.rglob("*.log"))
+def session_texts(gathered: Gathered) -> list[tuple[str, str]]:
+    logs = gathered.logs | {path for root in gathered.roots for path in root.rglob("*.log")}
     texts = [(str(p), p.read_text(errors="replace")) for p in sorted(logs) if p.is_file()]
-    texts += [(where, body.decode("utf-8", "replace")) for where, body in procs.ERROR_BODIES]
+    texts += [(where, body.decode("utf-8", "replace")) for where, body in gathered.bodies]
     return texts
-
-
-def suite_secrets() -> set[str]:
-    return {s for s in procs.SECRETS | set(constants.TOKENS) if len(s) >= procs.MIN_SECRET}
 
 
 # ----------------------------------------------------------------------------------------------- the guard
@@ -134,10 +130,18 @@ def test_error_paths_never_show_a_token(tmp_path: Path, fake: Any, start_proxy: 
 # ------------------------------------------------------------------------------------- the whole session
 
 
-def test_no_secret_in_any_log_or_error_body(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Runs last: every secret of the session against every log and error body of the session."""
-    secrets = suite_secrets()
-    texts = session_texts(tmp_path_factory.getbasetemp())
+def test_no_secret_in_any_log_or_error_body(request: pytest.FixtureRequest,
+                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Runs last: every secret of the session against every log and error body of the session (with
+    CCM_TEST_SCAN_DIR, of every pytest process of the run: `make test` runs this test on its own after the rest)."""
+    gathered = Gathered.here(tmp_path_factory.getbasetemp())
+    directory = scan_dir()
+    if directory is not None:
+        gathered.add_saved(directory)
+        if len(request.session.items) == 1:  # run on its own: the other processes' gatherings are the scan
+            assert gathered.processes > 1, f"no pytest process left what it gathered in {directory}"
+    secrets = {s for s in gathered.secrets | set(constants.TOKENS) if len(s) >= procs.MIN_SECRET}
+    texts = session_texts(gathered)
     assert {ALICE, BOB, ACCESS, REFRESH} <= secrets
     assert texts, "no log file found: the scan would prove nothing"
     leaks = find_leaks(secrets, texts)
