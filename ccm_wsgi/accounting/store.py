@@ -225,13 +225,14 @@ class UsageStore:
 
     def _recover(self) -> None:
         """The follower missed journals (sealed and folded by other processes while this one did not look), so
-        the live state lacks their records: a fold now makes it the file's again (tried again after
-        RECOVER_RETRY seconds when it fails)."""
+        the live state lacks their records: a fold now makes it the file's again. A fold that did so leaves
+        the next loss to be recovered at once; one that failed, or left the follower behind, is tried again
+        after RECOVER_RETRY seconds (not on every limited request)."""
         now = time.monotonic()
         if now >= self._recover_after:
             self.log.info("usage: journals of %s were folded by another process unread here; folding to count them",
                           self.path)
-            if not self.save():  # a fold that worked is never held back: the next loss is recovered at once
+            if not self.save() or self._follower.lost:
                 self._recover_after = now + RECOVER_RETRY
 
     def sync(self) -> None:
