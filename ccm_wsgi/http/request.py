@@ -15,11 +15,11 @@ file's `messages_count`.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..accounting import fastjson
 from ..anthropic import SESSION_HEADER
 
 DECODE_BUDGET = 2 * 1024 * 1024
@@ -54,7 +54,7 @@ def facts(body: bytes, session_header: str | None) -> Facts:
 
 def _decoded(body: bytes) -> tuple[str, int, str]:
     try:
-        request = json.loads(body)
+        request = fastjson.loads(body)
     except (ValueError, RecursionError):
         return "", 0, ""
     if not isinstance(request, dict):
@@ -78,7 +78,7 @@ def _string(match: re.Match[bytes] | None) -> str:
     if match is None:
         return ""
     try:
-        value = json.loads(match.group(1))
+        value = fastjson.loads(match.group(1))
     except ValueError:
         return ""
     return value if isinstance(value, str) else ""
@@ -90,8 +90,8 @@ def _session_of(user_id: str) -> str:
     text = user_id.strip()
     if text.startswith("{"):
         try:
-            inner: Any = json.loads(text).get("session_id")
-        except (ValueError, AttributeError):
+            inner: Any = fastjson.loads(text).get("session_id")
+        except (ValueError, RecursionError, AttributeError):
             inner = None
         return inner.strip() if isinstance(inner, str) else ""
     if "_session_" in text:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from ccm_wsgi.accounting.decoding import Decoder, decoder_for
 from ccm_wsgi.accounting.sse import SSETap, Usage, parse_json_usage
-from ccm_wsgi.http.request import facts
+from ccm_wsgi.http.request import Facts, facts
 from tests.support.usage_store import usage
 
 COUNTERS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
@@ -462,3 +462,8 @@ def test_request_facts() -> None:
     assert (facts(b'{"model": 5, "messages": {}}', None).model, facts(b'{"model": 5}', None).messages_count) == ("", 0)
     for garbage in (b"", b"garbage", b"[]", b"null", b"\x00\xff", b"[" * 100_000):
         assert (facts(garbage, None).model, facts(garbage, None).messages_count) == ("", 0)
+    # a session id that is JSON nested too deep for any decoder: no session, and no error
+    nested = json.dumps({"model": "m", "metadata": {"user_id": '{"a":' + "[" * 100_000}}).encode()
+    assert facts(nested, None) == Facts("m", 0, "")
+    # what orjson refuses and the standard library reads (a lone surrogate) is read all the same
+    assert facts(b'{"model":"m\\ud800","messages":[{}]}', None) == Facts("m\ud800", 1, "")
