@@ -21,6 +21,7 @@ import anthropic
 import pytest
 import urllib3
 
+from ccm_wsgi.accounting.members import ALONE_RECHECK
 from tests.support.clients import ask, client, conversation, knob_headers, post_messages
 from tests.support.constants import ACCESS, ALICE, BOB, MODEL
 from tests.support.fake_upstream import FakeUpstream
@@ -81,6 +82,41 @@ def test_budget_refuses_until_the_period_ends_and_survives_a_restart(
     again = start_proxy(cfg, name="again")
     assert error_of(refusal(lambda: ask(again, ALICE, headers=BIG, stream=stream)))[:2] == (429, "billing_error")
     assert messages_sent(fake) == 3
+
+
+def test_a_budget_counts_at_once_what_another_process_on_the_usage_file_spent(
+        tmp_path: Path, fake: FakeUpstream, creds: Path, start_proxy: Callable[..., Proxy]) -> None:
+    """A `ccm-wsgi serve` that appends alone to its usage journal counts its own records as it writes them
+    and does not read the journal back before a budget check. A second process on the same usage file (a
+    second serve, a worker) is counted in the first one's next check all the same, and what it recorded before
+    it stopped is still counted once the first appends alone again."""
+    cfg = config(fake, creds, tmp_path, [user("alice", ALICE, limits={"budget": [{"usd": 10, "per": "day"}]})])
+    first = start_proxy(cfg)
+
+    def spent() -> float:
+        budget: float = status_of(first, ALICE)["limits"]["budget"][0]["spent"]
+        return budget
+
+    ask(first, ALICE, headers=BIG)  # $3 (the first record: this process joins the journal's appenders)
+    time.sleep(ALONE_RECHECK + 0.2)
+    assert spent() == pytest.approx(3.0, abs=0.01)  # this read finds the process alone
+    ask(first, ALICE, headers=BIG)  # $6, taken as written
+    assert spent() == pytest.approx(6.0, abs=0.01)
+
+    second = start_proxy(cfg, name="second")
+    ask(second, ALICE, headers=BIG)  # admitted at $6; $9
+    assert spent() == pytest.approx(9.0, abs=0.01)  # at once, in the first process
+    ask(second, ALICE, headers=knob_headers(input_tokens=100_000))  # $9.30 (no fold in between)
+    assert spent() == pytest.approx(9.3, abs=0.01)
+    ask(second, ALICE, headers=knob_headers(input_tokens=100_000))  # $9.60, and the second process stops
+    second.stop()
+
+    time.sleep(ALONE_RECHECK + 0.2)
+    assert spent() == pytest.approx(9.6, abs=0.01)  # alone again: what the second recorded before it left is counted
+    ask(first, ALICE, headers=BIG)  # admitted at $9.60; $12.60
+    assert spent() == pytest.approx(12.6, abs=0.01)
+    assert error_of(refusal(lambda: ask(first, ALICE)))[:2] == (429, "billing_error")
+    assert messages_sent(fake) == 6
 
 
 # ------------------------------------------------------------------- rate, models, disabled, expired

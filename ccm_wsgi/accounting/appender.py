@@ -20,6 +20,8 @@ it is kept to the system calls it needs (lock, write, unlock; the store may then
   LOCK_RECHECK seconds (a record appended meanwhile may go to the removed file, or to a journal that a
   fold under the new lock file has sealed, and be lost with it). After a fork (gunicorn's workers),
   everything is re-opened.
+* The lock file descriptor also holds this process's place among the journal's appenders (`members.py`),
+  taken before its first record: the store asks through it whether the process appends alone.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import gevent
 import gevent.monkey
 
 from .. import files
-from . import journal, seals
+from . import journal, members, seals
 from .reading import FILE_MODE, UsageFileError, file_mode
 
 APPEND_LOCK_TIMEOUT = 10.0
@@ -151,10 +153,33 @@ class Appender:
                 if fd is not None:
                     files.close(fd)
 
+    def mark(self) -> bytes | None:
+        """The journal's join mark now (`members.py`); None before this process's first record."""
+        view = self._seals
+        return view.mark() if view is not None and self._pid == _Pid.value else None
+
+    def alone(self) -> bytes | None:
+        """The join mark, read before the kernel is asked whether this process appends alone (one system call);
+        None when it does not, or has not appended yet."""
+        view, fd = self._seals, self._lock_fd
+        if view is None or fd is None or self._pid != _Pid.value:
+            return None
+        mark = view.mark()
+        return mark if members.alone(fd) else None
+
     def _open_lock(self) -> tuple[int, seals.SealView]:
         self.close()
-        lock_fd = self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        view = self._seals = seals.SealView(lock_fd)
+        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        view = None
+        try:
+            view = seals.SealView(lock_fd)
+            members.join(lock_fd)
+        except BaseException:
+            if view is not None:
+                view.close()
+            files.close(lock_fd)
+            raise
+        self._lock_fd, self._seals = lock_fd, view
         self._defer = gevent.monkey.is_module_patched("socket")  # the hub runs whenever a greenlet waits
         st = os.fstat(lock_fd)
         self._lock_id = (st.st_ino, st.st_dev)

@@ -17,7 +17,8 @@ lines is harmless: the record taken is the same either way.) So a store need not
 (an `lseek` per record) and reads its own records in batches, or, when its ledger is read between records
 (limits check every request against it), one at a time. With shared state it knows where each line landed
 (the line's identity), and a line that landed exactly where the follower has read to is skipped, not read
-back (`take`): that process counted the record when it recorded it. Lines it appended that never show up
+back (`take`): that process counted the record when it recorded it; so is the line of a process that appends
+alone (`members.py`), and then a ledger read reads nothing. Lines it appended that never show up
 (the journal removed by hand) are forgotten when the follower stops, or by the store once too many are
 unread.
 """
@@ -108,12 +109,14 @@ class Follower:
         if view is not None:
             view.close()
 
-    def catch_up(self) -> None:
-        """Apply every complete record appended since the last look, following a sealed journal onto the new."""
+    def catch_up(self, read: bool = True) -> None:
+        """Apply every complete record appended since the last look, following a sealed journal onto the new.
+        Without `read` (a store that appends alone and took its own lines) only the latter."""
         if self.fd is None:
             return
         try:
-            self._read_to_end()
+            if read:
+                self._read_to_end()
             assert self._seals is not None
             seen, now = self._seals.read(), time.monotonic()
             if seen != self._seen or now >= self._recheck:

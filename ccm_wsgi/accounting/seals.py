@@ -10,7 +10,7 @@ count sends the appender to the file system; an unchanged one means the kept des
 The byte after the count says that someone waits for the exclusive lock (`excluding`): appenders that keep
 the shared lock until their event loop's next turn (`appender.py`) give it back after each record while it
 is set. Left set by a process that died while waiting, it only costs appenders that saving, until the next
-wait clears it.
+wait clears it. The bytes after it hold the join mark and the byte of the appenders' read locks (`members.py`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import struct
 from collections.abc import Iterator
 
 from .. import files
+from . import members
 
 SIZE = 8  # the count
 WANTED = SIZE  # the offset of the byte that says an exclusive lock is waited for
-_MAPPED = 16  # what the lock file holds at least
+_MAPPED = members.SIZE  # what the lock file holds at least
 _COUNT = struct.Struct("<Q")
 
 
@@ -69,7 +70,8 @@ def excluding(lock_path: str, timeout: float, mode_if_created: int) -> Iterator[
 
 
 class SealView:
-    """A read-only shared mapping of the count and the wanted byte in the lock file `fd` (opened read-write)."""
+    """A read-only shared mapping of the count, the wanted byte and the join mark in the lock file `fd` (opened
+    read-write)."""
 
     def __init__(self, fd: int) -> None:
         _ensure_size(fd)
@@ -81,6 +83,10 @@ class SealView:
     def wanted(self) -> bool:
         """Whether someone waits for the exclusive lock."""
         return self._map[WANTED] != 0
+
+    def mark(self) -> bytes:
+        """The join mark: another value once another process joined."""
+        return self._map[members.MARK:members.LOCKED]
 
     def close(self) -> None:
         self._map.close()

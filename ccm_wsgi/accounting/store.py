@@ -25,7 +25,9 @@ file format (key for key, plus two keys of its own, `journal` and `ledger`) and 
   are folded as described, and the live state goes on from what that fold wrote. Records reach the live
   state in batches as they are read back, or at once when the ledger is read between records (`follow.py`),
   and are summed into it at most READ_BACK_MAX at a time, per user, day and bucket in one pass; the ledger is
-  brought up to date whenever it is read (before every limited request).
+  brought up to date whenever it is read (before every limited request). A process that appends alone
+  (`members.py`: a single `ccm-wsgi serve`) counts its records as it writes them, and its ledger reads read
+  nothing until another process joins.
 * **Crash points.** Killed before the file rename: the old file plus the sealed journal, folded again
   later. Killed after it: the file's marker names the sealed journal, which is then removed unread. Every
   state on disk is "old file + journals" or "new file + a marker that says what it holds": none counts a
@@ -64,7 +66,7 @@ from gevent.event import Event
 from .. import files
 from ..state.connection import Unavailable
 from ..state.usage import decoded
-from . import journal, seals
+from . import journal, members, seals
 from .appender import Appender
 from .follow import Follower
 from .housekeeping import remove_stale_temps, set_aside
@@ -143,6 +145,7 @@ class UsageStore:
         self._saver: gevent.Greenlet | None = None
         self._appender = Appender(self.journal_path, self.lock_path, path)
         self._recover_after = 0.0  # when the next `_recover` may fold (monotonic)
+        self._alone = members.Alone()
 
     # public API
 
@@ -194,7 +197,13 @@ class UsageStore:
             )
             return
         follower = self._follower
-        if follower.fd is not None and not (start >= 0 and follower.take(line, start, appender.journal_id)):
+        if self._alone.holds(appender, follower) and follower.take(line, follower.position, appender.journal_id):
+            # alone, and nobody joined before this append (a joiner changes the mark first): the line is where
+            # the follower stands, and the record is the next in journal order
+            self._apply([(rec, t_ns, "")])
+            if len(self._unsettled) >= READ_BACK_MAX:
+                self._settle()
+        elif follower.fd is not None and not (start >= 0 and follower.take(line, start, appender.journal_id)):
             # read back in journal order, with the records other processes appended before it (recognised by
             # its bytes: no `lseek` per record to learn where it landed)
             mine = follower.mine
@@ -215,9 +224,13 @@ class UsageStore:
         """The ledger with every record appended so far, by any process (and with shared state, every
         record the usage stream has shown, by any node)."""
         follower = self._follower
-        follower.catch_up()
         if self.shared is not None:
+            follower.catch_up()
             return self.shared.view()  # what the follower missed reaches it through the usage stream
+        alone = self._alone.holds(self._appender, follower)
+        follower.catch_up(read=not alone)
+        if not alone:
+            self._alone.ask(self._appender, follower)
         if follower.lost:
             self._recover()
         self._settle(totals=False)

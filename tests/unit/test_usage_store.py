@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import gevent
 import gevent.event
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from ccm_wsgi.accounting import members
 from ccm_wsgi.accounting.ledger import Ledger
 from ccm_wsgi.accounting.periods import day_number
 from ccm_wsgi.accounting.pricing import Pricing
@@ -409,3 +411,72 @@ def test_stores_reading_their_ledger_between_records_count_each_record_once_in_j
                 assert ledger.since(user, 0) == expected.since(user, 0)
             store.close()
         assert requests(path) == {user: n for user, n in recorded.items() if n or not user}
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]),
+                          st.sampled_from(["check", "record", "record", "save", "restart"]), st.floats(0.001, 5.0)),
+                min_size=1, max_size=40))
+# a appends alone and takes its own lines; b joins and records; a's next check must read b's record
+@example(steps=[("a", "record", 1.0), ("a", "check", 1.0), ("a", "record", 1.0), ("b", "record", 2.0),
+                ("a", "check", 1.0)])
+# b records and leaves (a restart) between two checks of a; a is alone at its next check and must still count it
+@example(steps=[("a", "record", 1.0), ("a", "check", 1.0), ("b", "record", 2.0), ("b", "restart", 1.0),
+                ("a", "check", 1.0)])
+def test_a_store_that_appends_alone_counts_every_record_at_every_check(steps: list[tuple[str, str, float]]) -> None:
+    """Two processes' stores on one file that come and go (a restart closes one and opens a new one, whose
+    first record joins the journal's appenders), asking at every ledger read whether they append alone. At
+    every check the ledger holds exactly every record appended so far, by either, in journal order: a store
+    that appends alone takes its own lines as written and reads nothing, and must notice at once that the
+    other joined, and count what the other appended before it left."""
+    with tempfile.TemporaryDirectory() as directory, mock.patch.object(members, "ALONE_RECHECK", 0.0):
+        path = Path(directory) / "u.json"
+        stores = {"a": store_at(path), "b": store_at(path)}
+        for store in stores.values():
+            store.open()
+        expected = Ledger()
+        for who, step, cost in steps:
+            if step == "check":
+                ledger = stores[who].current_ledger()
+                assert ledger.spent(who, [0]) == expected.spent(who, [0])
+                assert ledger.spent("ab".replace(who, ""), [0]) == expected.spent("ab".replace(who, ""), [0])
+            elif step == "save":
+                assert stores[who].save()
+            elif step == "restart":
+                stores[who].close()
+                stores[who] = store_at(path)
+                stores[who].open()
+            else:
+                record = rec(who)
+                record.cost = cost
+                stores[who].record(record)
+                expected.add(record, time.time_ns(), Pricing())
+        for store in stores.values():
+            ledger = store.current_ledger()
+            assert [ledger.spent(user, [0]) for user in "ab"] == [expected.spent(user, [0]) for user in "ab"]
+            store.close()
+
+
+def test_a_store_found_alone_first_reads_what_a_process_that_left_had_appended(tmp_path: Path) -> None:
+    """The other process appended, then closed its journal (and with it its place among the appenders), after
+    this store's last read and before it asked whether it is alone: the answer is yes, and the other's record,
+    which this store never read, is counted before its own lines are taken as written."""
+    path = tmp_path / "u.json"
+    mine, other = store_at(path), store_at(path)
+    mine.open()
+    other.open()
+    mine.record(rec("a"))  # joins
+    with mock.patch.object(members, "ALONE_RECHECK", 3600.0):
+        assert mine.current_ledger().spent("a", [0]) == [rec("a").cost or Pricing().cost_of(rec("a"))]
+    late = rec("b")
+    late.cost = 2.5
+    other.record(late)
+    other._appender.close()  # the other process is gone (no fold: nothing moves the journal)
+    mine._alone.after = 0.0
+    mine._alone.ask(mine._appender, mine._follower)  # asked before it read the journal again
+    mine.record(rec("a"))  # taken as written, after the other's line
+    assert mine.current_ledger().spent("b", [0]) == [2.5]
+    assert mine._alone.mark is not None  # and it does append alone now
+    mine.close()
+    other.close()
+    assert requests(path) == {"": 3, "a": 2, "b": 1}
