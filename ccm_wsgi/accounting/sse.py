@@ -30,8 +30,6 @@ MAX_COUNT = 1 << 63
 _MARK = b'"message_'
 _BOUNDARY = b"\n\n"
 _COUNTERS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-_INTS = frozenset({int})
-_SPLIT_KEYS = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")  # in a usage's cache_creation
 _SPLIT_ATTRS = ("cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens")  # the Tokens they go to
 
 
@@ -46,26 +44,29 @@ class Usage:
 
 def _merge_usage(usage: Usage, raw: Any) -> None:
     """Every well-formed counter present in `raw` (a Messages `usage` object) overrides `usage`. A counter is
-    an integer from 0 below 2**63 (what a journal line holds; more is no real answer)."""
+    an integer from 0 below 2**63 (what a journal line holds; more is no real answer). Plain comparisons: for
+    four values they cost a quarter of what `map`, `min` and `max` over them cost."""
     if not isinstance(raw, dict):
         return
     tokens = usage.tokens
     get = raw.get
-    values: tuple[Any, ...] = tuple(map(get, _COUNTERS))
-    if _INTS.issuperset(map(type, values)) and min(values) >= 0 and max(values) < MAX_COUNT:  # all four, as usual
+    a, b, c, d = get("input_tokens"), get("output_tokens"), get("cache_read_input_tokens"), \
+        get("cache_creation_input_tokens")
+    if type(a) is int and type(b) is int and type(c) is int and type(d) is int and \
+            0 <= a < MAX_COUNT and 0 <= b < MAX_COUNT and 0 <= c < MAX_COUNT and 0 <= d < MAX_COUNT:  # all, as usual
         tokens.input_tokens, tokens.output_tokens, tokens.cache_read_input_tokens, \
-            tokens.cache_creation_input_tokens = values
+            tokens.cache_creation_input_tokens = a, b, c, d
     else:
-        for key, value in zip(_COUNTERS, values, strict=True):
+        for key, value in zip(_COUNTERS, (a, b, c, d), strict=True):
             if type(value) is int and 0 <= value < MAX_COUNT:
                 setattr(tokens, key, value)
     split = get("cache_creation")
     if isinstance(split, dict):
-        values = tuple(map(split.get, _SPLIT_KEYS))
-        if _INTS.issuperset(map(type, values)) and min(values) >= 0 and max(values) < MAX_COUNT:  # both, as usual
-            tokens.cache_creation_5m_input_tokens, tokens.cache_creation_1h_input_tokens = values
+        e, f = split.get("ephemeral_5m_input_tokens"), split.get("ephemeral_1h_input_tokens")
+        if type(e) is int and type(f) is int and 0 <= e < MAX_COUNT and 0 <= f < MAX_COUNT:  # both, as usual
+            tokens.cache_creation_5m_input_tokens, tokens.cache_creation_1h_input_tokens = e, f
             return
-        for attr, value in zip(_SPLIT_ATTRS, values, strict=True):
+        for attr, value in zip(_SPLIT_ATTRS, (e, f), strict=True):
             if type(value) is int and 0 <= value < MAX_COUNT:
                 setattr(tokens, attr, value)
 

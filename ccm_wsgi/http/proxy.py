@@ -395,12 +395,10 @@ def access_line(ex: Exchange, cost: float | None) -> str:
     usage = ex.usage
     if usage is not None and usage.tokens.any:
         t = usage.tokens
-        line += (
-            f" model={usage.model or ex.facts.model} in={t.input_tokens} out={t.output_tokens}"
-            f" cache_read={t.cache_read_input_tokens} cache_write={t.cache_creation}"
-        )
+        line = (f"{line} model={usage.model or ex.facts.model} in={t.input_tokens} out={t.output_tokens}"
+                f" cache_read={t.cache_read_input_tokens} cache_write={t.cache_creation}")
         if cost is not None:
-            line += f" cost=${cost:.4f}"
+            line = f"{line} cost=${cost:.4f}"
     if ex.cut:
         line += f" partial({ex.cut})"
     if ex.refused:
